@@ -1,0 +1,178 @@
+"""Hugging Face checkpoints in and out: a table of key patterns, no model materialised twice.
+
+Loading follows Tunix's recipe: build the model abstractly with `nnx.eval_shape`, then fill
+every variable from a table of regular expressions that map HF keys onto module paths with a
+transform (projections are stored `[out, in]` by HF and `[in, out]` here). Every HF key must be
+used and every variable filled, so a wrong or partial checkpoint is an error, not garbage.
+
+Export writes `config.json` (derived from the model's shapes) and `model.safetensors` into a
+temporary folder beside the target and renames it into place, so no partial output is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nnxprune.errors import UserError
+from nnxprune.models.llama import Llama, LlamaConfig
+
+# (HF key regex, nnxprune path template, "T" if the array is transposed between the two)
+_KEY_TABLE: tuple[tuple[str, str, bool], ...] = (
+    (r"model\.embed_tokens\.weight", "embed_tokens.embedding", False),
+    (r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.weight", r"layers.\1.self_attn.\2_proj.kernel", True),
+    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"layers.\1.mlp.\2_proj.kernel", True),
+    (r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight", r"layers.\1.\2.scale", False),
+    (r"model\.norm\.weight", "norm.scale", False),
+    (r"lm_head\.weight", "lm_head.kernel", True),
+)
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq")  # buffers some old exports carry
+
+
+def hf_key_to_path(key: str) -> tuple[str, bool] | None:
+    """`("layers.0.self_attn.q_proj.kernel", transposed)` for an HF key, or None if unknown."""
+    for pattern, template, transposed in _KEY_TABLE:
+        m = re.fullmatch(pattern, key)
+        if m:
+            return m.expand(template), transposed
+    return None
+
+
+def abstract_model(cfg: LlamaConfig, param_dtype=jnp.float32) -> Llama:
+    """The model's structure with `ShapeDtypeStruct`s in place of arrays (no memory used)."""
+    return nnx.eval_shape(lambda: Llama(cfg, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+
+
+def model_from_tensors(cfg: LlamaConfig, tensors: Iterable[tuple[str, Any]], *,
+                       param_dtype=jnp.float32, source: str = "checkpoint") -> Llama:
+    """Builds a `Llama` from `(hf_key, array)` pairs, filling an abstract model in place.
+
+    `tensors` may be a lazy iterator (one tensor dequantized or read at a time).
+    """
+    graphdef, state = nnx.split(abstract_model(cfg, param_dtype))
+    wanted = {".".join(map(str, path)): var for path, var in nnx.to_flat_state(state)}
+    values: dict[str, Any] = {}
+    for key, array in tensors:
+        if _IGNORED.fullmatch(key):
+            continue
+        found = hf_key_to_path(key)
+        if found is None or found[0] not in wanted:
+            raise UserError(f"{source}: tensor {key!r} has no place in a Llama with "
+                            f"{cfg.num_layers} layers (tied embeddings: {cfg.tie_word_embeddings})")
+        path, transposed = found
+        array = np.asarray(array)
+        if transposed:
+            array = array.T
+        expected = wanted[path].shape
+        if array.shape != tuple(expected):
+            raise UserError(f"{source}: tensor {key!r} has shape {array.shape[::-1] if transposed else array.shape}, "
+                            f"the config implies {tuple(expected)[::-1] if transposed else tuple(expected)}")
+        values[path] = jnp.asarray(array, dtype=wanted[path].dtype)
+    missing = sorted(set(wanted) - set(values))
+    if missing:
+        raise UserError(f"{source}: missing {len(missing)} tensors, e.g. {missing[0]!r}")
+    filled = nnx.map_state(lambda path, v: values[".".join(map(str, path))], state)
+    return nnx.merge(graphdef, filled)
+
+
+def to_hf_tensors(model: Llama) -> dict[str, np.ndarray]:
+    """The model's weights under HF names and layouts (masks folded into kernels)."""
+    out: dict[str, np.ndarray] = {}
+    out["model.embed_tokens.weight"] = np.asarray(model.embed_tokens.embedding[...])
+    for i, layer in enumerate(model.layers):
+        for name in "qkvo":
+            out[f"model.layers.{i}.self_attn.{name}_proj.weight"] = np.asarray(
+                getattr(layer.self_attn, f"{name}_proj").effective_kernel()).T
+        for name in ("gate", "up", "down"):
+            out[f"model.layers.{i}.mlp.{name}_proj.weight"] = np.asarray(
+                getattr(layer.mlp, f"{name}_proj").effective_kernel()).T
+        out[f"model.layers.{i}.input_layernorm.weight"] = np.asarray(layer.input_layernorm.scale[...])
+        out[f"model.layers.{i}.post_attention_layernorm.weight"] = np.asarray(
+            layer.post_attention_layernorm.scale[...])
+    out["model.norm.weight"] = np.asarray(model.norm.scale[...])
+    if model.lm_head is not None:
+        out["lm_head.weight"] = np.asarray(model.lm_head.effective_kernel()).T
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+# -- folders ---------------------------------------------------------------------------------
+def is_hf_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder}: no *.safetensors files (only safetensors checkpoints are read)")
+    return files
+
+
+def iter_safetensors(files: Iterable[Path]) -> Iterable[tuple[str, np.ndarray]]:
+    """Yields `(key, array)` one tensor at a time from safetensors files."""
+    from safetensors import safe_open
+
+    for file in files:
+        if not file.is_file():
+            raise UserError(f"missing checkpoint shard {file}")
+        with safe_open(str(file), framework="numpy") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def load_hf_folder(folder: str | os.PathLike, *, param_dtype=jnp.float32) -> Llama:
+    """Loads a Hugging Face Llama folder (config.json + safetensors, sharded or not)."""
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    try:
+        cfg = LlamaConfig.from_hf(json.loads(config_file.read_text()))
+    except (ValueError, KeyError) as e:
+        raise UserError(f"{config_file}: {e}") from None
+    return model_from_tensors(cfg, iter_safetensors(_safetensors_files(folder)),
+                              param_dtype=param_dtype, source=str(folder))
+
+
+def export_hf(model: Llama, out_dir: str | os.PathLike, *, tokenizer=None,
+              extra_files: Mapping[str, Callable[[Path], None]] | None = None) -> Path:
+    """Writes an HF `LlamaForCausalLM` folder atomically (temporary folder, then rename).
+
+    Masks are folded into the kernels; the config is read from the model's shapes.
+    """
+    from safetensors.numpy import save_file
+
+    out_dir = Path(out_dir)
+    try:
+        hf_config = model.config.to_hf()
+    except ValueError as e:
+        raise UserError(f"cannot export to a plain HF Llama folder: {e}") from None
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        save_file(to_hf_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        for name, write in (extra_files or {}).items():
+            write(tmp / name)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

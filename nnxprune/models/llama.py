@@ -1,0 +1,349 @@
+"""Llama-family decoder as plain Flax NNX modules, with per-layer shapes.
+
+RMSNorm, rotary embeddings (plain and Llama-3 scaled), grouped-query attention, SwiGLU MLP, tied
+or untied embeddings, causal masking and a functional KV cache for generation. Nothing assumes
+uniform layers: each decoder layer reads its number of query heads, KV heads and MLP width from its
+own kernels, and layers can be deleted from `model.layers`. `model.config` is read back from the
+shapes (DESIGN.md, principle 5).
+
+Module names mirror Hugging Face's `LlamaForCausalLM` (`embed_tokens`, `layers[i].self_attn.q_proj`,
+`mlp.gate_proj`, `input_layernorm`, ...) so checkpoint keys map one to one.
+
+Example:
+    >>> cfg = LlamaConfig.uniform(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4,
+    ...                           num_kv_heads=2, intermediate_size=128)
+    >>> model = Llama(cfg, rngs=nnx.Rngs(0))
+    >>> logits = model(jnp.zeros((1, 8), jnp.int32))          # [B, T, V]
+    >>> del model.layers[1]; model.config.num_layers
+    1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nnxprune import layers as L
+from nnxprune.layers import Embed, Linear, RMSNorm
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LayerShape:
+    """The prunable widths of one decoder layer."""
+
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Llama3RopeScaling:
+    """Llama-3.1 frequency-dependent RoPE scaling (`rope_type = "llama3"` in HF configs)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LlamaConfig:
+    """Everything needed to build a `Llama`; `layers` holds one `LayerShape` per decoder layer."""
+
+    vocab_size: int
+    hidden_size: int
+    head_dim: int
+    layers: tuple[LayerShape, ...]
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Llama3RopeScaling | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def is_uniform(self) -> bool:
+        return len(set(self.layers)) <= 1
+
+    @classmethod
+    def uniform(cls, *, num_layers: int, num_heads: int, num_kv_heads: int, intermediate_size: int,
+                hidden_size: int, head_dim: int | None = None, **kwargs) -> "LlamaConfig":
+        """A config whose layers all have the same shape."""
+        shape = LayerShape(num_heads=num_heads, num_kv_heads=num_kv_heads,
+                           intermediate_size=intermediate_size)
+        return cls(hidden_size=hidden_size, head_dim=head_dim or hidden_size // num_heads,
+                   layers=(shape,) * num_layers, **kwargs)
+
+    # -- Hugging Face config.json ------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "LlamaConfig":
+        """Reads a Hugging Face `LlamaConfig` dict (config.json)."""
+        model_type = hf.get("model_type", "llama")
+        if model_type != "llama":
+            raise ValueError(f"model_type {model_type!r} is not supported (only 'llama')")
+        for flag in ("attention_bias", "mlp_bias"):
+            if hf.get(flag):
+                raise ValueError(f"{flag}=true is not supported")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
+        num_heads = hf["num_attention_heads"]
+        shape = LayerShape(num_heads=num_heads,
+                           num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+                           intermediate_size=hf["intermediate_size"])
+        # transformers 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`.
+        rope = dict(hf.get("rope_parameters") or {})
+        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type") not in (None, "default") else None)
+        eos = hf.get("eos_token_id")
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            layers=(shape,) * hf["num_hidden_layers"],
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=_parse_rope_scaling(scaling),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """A Hugging Face `LlamaConfig` dict; only uniform layer shapes map onto it."""
+        if not self.is_uniform or not self.layers:
+            raise ValueError(
+                "layers differ in shape (or there are none); plain Hugging Face Llama configs "
+                "need uniform layers")
+        shape = self.layers[0]
+        rope_scaling = None
+        if self.rope_scaling is not None:
+            rope_scaling = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": shape.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": shape.num_heads,
+            "num_key_value_heads": shape.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "torch_dtype": "float32",
+        }
+
+
+def _parse_rope_scaling(scaling: dict[str, Any] | None) -> Llama3RopeScaling | None:
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return None
+    if kind != "llama3":
+        raise ValueError(f"rope scaling {kind!r} is not supported (only 'llama3')")
+    return Llama3RopeScaling(
+        factor=float(scaling["factor"]),
+        low_freq_factor=float(scaling["low_freq_factor"]),
+        high_freq_factor=float(scaling["high_freq_factor"]),
+        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+    )
+
+
+# -- rotary embeddings -----------------------------------------------------------------------
+def rope_inv_freq(head_dim: int, theta: float, scaling: Llama3RopeScaling | None) -> jax.Array:
+    """Inverse frequencies `[head_dim // 2]`, Llama-3 scaled when `scaling` is given."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotates `x [B, T, H, Dh]` by `positions [B, T]` (HF's rotate-half layout)."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+    cos = jnp.cos(freqs)[:, :, None, :]
+    sin = jnp.sin(freqs)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+# -- blocks ----------------------------------------------------------------------------------
+KVCache = tuple[jax.Array, jax.Array]  # keys and values of one layer, each [B, S, K, Dh]
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention; head counts are read from the kernels, not stored."""
+
+    def __init__(self, cfg: LlamaConfig, shape: LayerShape, *, param_dtype, rngs: nnx.Rngs):
+        d, dh = cfg.hidden_size, cfg.head_dim
+        if shape.num_kv_heads and shape.num_heads % shape.num_kv_heads:
+            raise ValueError(f"{shape.num_heads} query heads do not split into "
+                             f"{shape.num_kv_heads} KV groups")
+        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Linear(d, shape.num_heads * dh, in_space=L.EMBED, out_space=L.Q_HEADS, out_unit=dh, **kw)
+        self.k_proj = Linear(d, shape.num_kv_heads * dh, in_space=L.EMBED, out_space=L.KV_HEADS, out_unit=dh, **kw)
+        self.v_proj = Linear(d, shape.num_kv_heads * dh, in_space=L.EMBED, out_space=L.KV_HEADS, out_unit=dh, **kw)
+        self.o_proj = Linear(shape.num_heads * dh, d, in_space=L.Q_HEADS, out_space=L.EMBED, in_unit=dh, **kw)
+        self.head_dim = dh
+
+    @property
+    def num_heads(self) -> int:
+        return self.q_proj.out_features // self.head_dim
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k_proj.out_features // self.head_dim
+
+    def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """`x [B, T, D]`, `positions [B, T]`; with a cache, writes keys at `positions[0, 0]`."""
+        b, t, _ = x.shape
+        n, k, dh = self.num_heads, self.num_kv_heads, self.head_dim
+        q = apply_rope(self.q_proj(x).reshape(b, t, n, dh), positions, inv_freq)
+        keys = apply_rope(self.k_proj(x).reshape(b, t, k, dh), positions, inv_freq)
+        values = self.v_proj(x).reshape(b, t, k, dh)
+        key_pos = positions
+        if cache is not None:
+            start = positions[0, 0]
+            keys = jax.lax.dynamic_update_slice(cache[0], keys.astype(cache[0].dtype), (0, start, 0, 0))
+            values = jax.lax.dynamic_update_slice(cache[1], values.astype(cache[1].dtype), (0, start, 0, 0))
+            cache = (keys, values)
+            key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
+        q = q.reshape(b, t, k, n // k, dh)  # [B, T, K, G, Dh]
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype),
+                            preferred_element_type=jnp.float32) / math.sqrt(dh)
+        causal = key_pos[:, None, :] <= positions[:, :, None]  # [B, T, S]
+        scores = jnp.where(causal[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, n * dh)
+        return self.o_proj(out), cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU: `down(silu(gate(x)) * up(x))`; the width is read from the kernels."""
+
+    def __init__(self, cfg: LlamaConfig, shape: LayerShape, *, param_dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, shape.intermediate_size
+        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear(d, f, in_space=L.EMBED, out_space=L.MLP, **kw)
+        self.up_proj = Linear(d, f, in_space=L.EMBED, out_space=L.MLP, **kw)
+        self.down_proj = Linear(f, d, in_space=L.MLP, out_space=L.EMBED, **kw)
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.up_proj.out_features
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+
+    def __init__(self, cfg: LlamaConfig, shape: LayerShape, *, param_dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.self_attn = Attention(cfg, shape, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = MLP(cfg, shape, param_dtype=param_dtype, rngs=rngs)
+
+    @property
+    def shape(self) -> LayerShape:
+        return LayerShape(num_heads=self.self_attn.num_heads, num_kv_heads=self.self_attn.num_kv_heads,
+                          intermediate_size=self.mlp.intermediate_size)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        h, cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, cache)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class Llama(nnx.Module):
+    """Llama causal LM. `model(tokens)` gives logits `[B, T, V]`.
+
+    `config` is derived from the current shapes, so it stays true after any surgery.
+    """
+
+    def __init__(self, cfg: LlamaConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, s, param_dtype=param_dtype, rngs=rngs) for s in cfg.layers])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.lm_head: Linear | None = nnx.data(None)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, in_space=L.EMBED, out_space=L.VOCAB,
+                                  param_dtype=param_dtype, rngs=rngs)
+        # Facts not carried by any shape; shapes stay the single source of truth for the rest.
+        self.base_config = dataclasses.replace(cfg, layers=())
+
+    @property
+    def config(self) -> LlamaConfig:
+        vocab, hidden = self.embed_tokens.embedding.shape
+        return dataclasses.replace(self.base_config, vocab_size=vocab, hidden_size=hidden,
+                                   layers=tuple(layer.shape for layer in self.layers))
+
+    @property
+    def inv_freq(self) -> jax.Array:
+        c = self.base_config
+        return rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
+
+    def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
+                      cache: list[KVCache] | None = None) -> tuple[jax.Array, list[KVCache] | None]:
+        """Final-normed hidden states `[B, T, D]` (and the updated cache, if one was given)."""
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        inv_freq = self.inv_freq
+        x = self.embed_tokens(tokens)
+        new_cache = [] if cache is not None else None
+        for i, layer in enumerate(self.layers):
+            x, layer_cache = layer(x, positions, inv_freq, None if cache is None else cache[i])
+            if cache is not None:
+                new_cache.append(layer_cache)
+        return self.norm(x), new_cache
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """Output head (tied to the embedding when there is no `lm_head`)."""
+        if self.lm_head is None:
+            return self.embed_tokens.attend(h)
+        return self.lm_head(h)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        h, _ = self.hidden_states(tokens, positions)
+        return self.logits(h)
+
+
+def init_cache(model: Llama, batch: int, length: int, dtype=jnp.float32) -> list[KVCache]:
+    """Zeroed KV cache: per layer keys and values `[B, S, K_layer, Dh]` (layers may differ)."""
+    dh = model.base_config.head_dim
+    return [(jnp.zeros((batch, length, layer.self_attn.num_kv_heads, dh), dtype),) * 2
+            for layer in model.layers]

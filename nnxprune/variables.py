@@ -1,0 +1,12 @@
+"""Variable types nnxprune adds to Flax NNX's type system.
+
+A `Mask` is state, not a parameter: optimizers built with `wrt=nnx.Param` never see it, and
+`nnx.split(model, nnx.Param, Mask, ...)` separates it. A mask multiplies the kernel it belongs to
+in the forward pass, so a pruned weight stays zero through any later training.
+"""
+
+from flax import nnx
+
+
+class Mask(nnx.Variable):
+    """Boolean keep-mask of a kernel's shape (True = keep). Not an `nnx.Param`."""
