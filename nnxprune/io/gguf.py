@@ -254,7 +254,7 @@ def _hf_name(name: str) -> str | None:
 
 
 def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverse of llama.cpp's `LlamaModel.permute`: (n_head, 2, half) rows back to (n_head, half, 2)."""
+    """Inverse of llama.cpp's `LlamaModel.permute`: rows (head, 2, half) back to (head, half, 2)."""
     rows = w.shape[0]
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 

@@ -1,0 +1,141 @@
+"""Perplexity under a pinned `PerplexityProtocol`.
+
+Each window of `seqlen` tokens is scored on its own (no context carried between windows); the
+model predicts tokens 1..seqlen-1 of it. Perplexity is `exp(sum NLL / predicted tokens)` over all
+windows, which equals the Wanda / SparseGPT reference evaluation (mean of per-window mean losses)
+because every window predicts the same number of tokens.
+
+The scoring function is one `jax.jit` over the model's state, compiled ahead of time once per
+batch shape (the ragged last batch is padded and masked, so there is one shape). Logits are
+computed in token chunks so a batch of long windows never materialises `[B, T, V]` at once.
+
+Example:
+    >>> result = evaluate_perplexity(loaded.model, loaded.tokenizer, protocol_for("wikitext2"),
+    ...                              data_dir="../shared/data")
+    >>> result.ppl, result.protocol.describe()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from nnxprune.errors import UserError
+from nnxprune.evaluate import data as data_lib
+from nnxprune.evaluate.protocol import PerplexityProtocol
+from nnxprune.models.llama import Llama
+
+LOGIT_CHUNK = 256  # tokens per output-head chunk: bounds memory at B * 256 * V floats
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PerplexityResult:
+    """A perplexity number with everything needed to interpret it."""
+
+    ppl: float
+    nll: float  # mean negative log-likelihood per predicted token (nats)
+    tokens: int  # tokens fed to the model (windows * seqlen)
+    predicted_tokens: int
+    windows: int
+    seconds: float  # wall time of the scoring loop, compilation excluded
+    compile_seconds: float
+    protocol: PerplexityProtocol
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["protocol"] = self.protocol.to_dict()
+        d["tokens_per_second"] = self.tokens_per_second
+        return d
+
+
+def token_nll(model: Llama, tokens: jax.Array) -> jax.Array:
+    """Per-token NLL `[B, T-1]` of `tokens [B, T]` under `model`, in float32."""
+    h, _ = model.hidden_states(tokens)
+    h, targets = h[:, :-1], tokens[:, 1:]
+    b, t, d = h.shape
+    chunk = min(LOGIT_CHUNK, t)
+    pad = -t % chunk
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    n = (t + pad) // chunk
+    h_chunks = h.reshape(b, n, chunk, d).swapaxes(0, 1)  # [N, B, C, D]
+    target_chunks = targets.reshape(b, n, chunk).swapaxes(0, 1)
+
+    def chunk_nll(args):
+        hc, tc = args
+        logits = model.logits(hc).astype(jnp.float32)  # [B, C, V]
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+        return logz - picked
+
+    nll = jax.lax.map(chunk_nll, (h_chunks, target_chunks))  # [N, B, C]
+    return nll.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+
+
+def make_scorer(model: Llama):
+    """`score(state, tokens [B, T], weight [B]) -> weighted NLL sum`, jitted over the state."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def score(state, tokens, weight):
+        nll = token_nll(nnx.merge(graphdef, state), tokens)
+        return jnp.sum(nll.sum(axis=1) * weight)
+
+    return score, state
+
+
+def evaluate_perplexity(model: Llama, tokenizer: Any, protocol: PerplexityProtocol, *,
+                        data_dir=None, progress: bool = True) -> PerplexityResult:
+    """Perplexity of `model` under `protocol` (data from `data_dir`, `$NNXPRUNE_DATA_DIR` or the hub)."""
+    context = model.config.max_position_embeddings
+    if protocol.seqlen > context:
+        raise UserError(f"seqlen {protocol.seqlen} is beyond the model's context of {context} tokens")
+    data_dir = data_lib.resolve_data_dir(data_dir)
+    stream = data_lib.token_stream(protocol, tokenizer, data_dir)
+    windows = data_lib.windows(stream, protocol)
+    return score_windows(model, windows, protocol, progress=progress)
+
+
+def score_windows(model: Llama, windows: np.ndarray, protocol: PerplexityProtocol, *,
+                  progress: bool = True) -> PerplexityResult:
+    """Scores pre-cut `windows [N, seqlen]` (the part of `evaluate_perplexity` that runs the model)."""
+    n, seqlen = windows.shape
+    bs = min(protocol.batch_size, n)
+    score, state = make_scorer(model)
+    t0 = time.perf_counter()
+    spec = jax.ShapeDtypeStruct((bs, seqlen), jnp.int32)
+    compiled = score.lower(state, spec, jax.ShapeDtypeStruct((bs,), jnp.float32)).compile()
+    compile_seconds = time.perf_counter() - t0
+
+    total = 0.0
+    t0 = time.perf_counter()
+    bar = tqdm(total=n, desc=f"ppl {protocol.dataset}", unit="win", disable=not progress, leave=False)
+    for start in range(0, n, bs):
+        batch = windows[start:start + bs]
+        weight = np.ones(bs, np.float32)
+        if len(batch) < bs:  # pad the ragged tail to the compiled shape; padded rows weigh 0
+            weight[len(batch):] = 0.0
+            batch = np.concatenate([batch, np.repeat(batch[:1], bs - len(batch), axis=0)])
+        total += float(compiled(state, jnp.asarray(batch, jnp.int32), jnp.asarray(weight)))
+        bar.update(min(bs, n - start))
+    bar.close()
+    seconds = time.perf_counter() - t0
+    predicted = n * (seqlen - 1)
+    nll = total / predicted
+    if not math.isfinite(nll):
+        raise FloatingPointError(f"perplexity is not finite (mean NLL {nll})")
+    return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=n * seqlen, predicted_tokens=predicted,
+                            windows=n, seconds=seconds, compile_seconds=compile_seconds,
+                            protocol=protocol)

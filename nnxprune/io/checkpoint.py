@@ -1,0 +1,125 @@
+"""nnxprune checkpoints: Orbax state plus a JSON config with per-layer shapes and provenance.
+
+Layout of a checkpoint folder:
+
+    nnxprune.json    {"format": "nnxprune-checkpoint", "config": {... per-layer shapes ...},
+                      "masked": [paths of Linears holding a Mask], "provenance": {...}}
+    state/           Orbax `StandardCheckpointer` output of `nnx.state(model)`
+    tokenizer files  (when a tokenizer was given)
+
+It loads without knowing the shapes in advance: the JSON config builds the abstract target
+(`nnx.eval_shape`), masks are attached where the JSON lists them, then Orbax restores into it.
+Writes are atomic: everything goes to a temporary folder that is renamed into place.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nnxprune.errors import UserError
+from nnxprune.layers import Linear
+from nnxprune.models.llama import Llama, LlamaConfig
+from nnxprune.variables import Mask
+
+FORMAT = "nnxprune-checkpoint"
+META_FILE = "nnxprune.json"
+
+
+def is_checkpoint(path: Path) -> bool:
+    return path.is_dir() and (path / META_FILE).is_file()
+
+
+def _masked_paths(model: Llama) -> list[str]:
+    return [".".join(map(str, path)) for path, node in nnx.iter_graph(model)
+            if isinstance(node, Linear) and node.mask is not None]
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("nnxprune", "jax", "flax", "orbax-checkpoint", "transformers"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def save_checkpoint(model: Llama, out_dir: str | os.PathLike, *, tokenizer=None,
+                    provenance: dict[str, Any] | None = None) -> Path:
+    """Saves `model` (masks included) to `out_dir` atomically."""
+    import orbax.checkpoint as ocp
+
+    out_dir = Path(out_dir).absolute()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        meta = {
+            "format": FORMAT,
+            "config": model.config.to_dict(),
+            "param_dtype": str(model.embed_tokens.embedding.dtype),
+            "masked": _masked_paths(model),
+            "provenance": {
+                "saved": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "versions": library_versions(),
+                **(provenance or {}),
+            },
+        }
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / "state", nnx.state(model))
+            ckptr.wait_until_finished()
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not is_checkpoint(path):
+        raise UserError(f"{path}: not an nnxprune checkpoint (no {META_FILE})")
+    meta = json.loads((path / META_FILE).read_text())
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{path / META_FILE}: unknown format {meta.get('format')!r}")
+    return meta
+
+
+def load_checkpoint(path: str | os.PathLike) -> Llama:
+    """Restores a model saved by `save_checkpoint`, shapes and masks from its JSON config."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    meta = read_meta(path)
+    cfg = LlamaConfig.from_dict(meta["config"])
+    dtype = jnp.dtype(meta.get("param_dtype", "float32"))
+    masked = set(meta.get("masked", []))
+
+    def build():
+        model = Llama(cfg, param_dtype=dtype, rngs=nnx.Rngs(0))
+        for p, node in nnx.iter_graph(model):
+            if isinstance(node, Linear) and ".".join(map(str, p)) in masked:
+                node.mask = Mask(jnp.ones(node.kernel.shape, jnp.bool_))
+        return model
+
+    abstract = nnx.eval_shape(build)
+    graphdef, abstract_state = nnx.split(abstract)
+    with ocp.StandardCheckpointer() as ckptr:
+        state = ckptr.restore(path / "state", abstract_state)
+    return nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))

