@@ -10,3 +10,7 @@ from flax import nnx
 
 class Mask(nnx.Variable):
     """Boolean keep-mask of a kernel's shape (True = keep). Not an `nnx.Param`."""
+
+
+class ProjectionInput(nnx.Intermediate):
+    """The input of a `Linear`, sown while calibration statistics are collected (`nnx.capture`)."""

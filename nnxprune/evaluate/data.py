@@ -74,6 +74,20 @@ def load_rows(dataset: str, split: str, data_dir: str | os.PathLike | None) -> l
     return _parquet_text(path)
 
 
+def check_available(dataset: str, split: str, data_dir: str | os.PathLike | None) -> None:
+    """Fails fast (UserError) when `load_rows` could not get the data: a missing local file, or,
+    without a data folder, an unreachable hub. Cheap: reads nothing."""
+    name = _data_file(dataset, split)
+    if data_dir is None:
+        if not _hub_offline() and not _hub_reachable():
+            raise UserError(f"cannot reach the Hugging Face hub to load {dataset}/{split}; "
+                            f"{_HINT.format(file=name)}")
+        return
+    path = Path(data_dir) / name
+    if not path.is_file():
+        raise UserError(f"data file {path} not found (needed for {dataset}/{split})")
+
+
 def _wikitext_rows(path: Path) -> list[str]:
     """One row per LF-terminated line, newline kept; whitespace-only lines become ""."""
     try:

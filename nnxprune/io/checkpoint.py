@@ -3,7 +3,7 @@
 Layout of a checkpoint folder:
 
     nnxprune.json    {"format": "nnxprune-checkpoint", "config": {... per-layer shapes ...},
-                      "masked": [paths of Linears holding a Mask], "provenance": {...}}
+                      "masked": [paths of modules holding a Mask], "provenance": {...}}
     state/           Orbax `StandardCheckpointer` output of `nnx.state(model)`
     tokenizer files  (when a tokenizer was given)
 
@@ -17,8 +17,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +25,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nnxprune.errors import UserError
-from nnxprune.layers import Linear
+from nnxprune.io.atomic import atomic_dir
+from nnxprune.layers import Embed, Linear, RMSNorm
 from nnxprune.models.llama import Llama, LlamaConfig
-from nnxprune.variables import Mask
 
 FORMAT = "nnxprune-checkpoint"
 META_FILE = "nnxprune.json"
@@ -41,7 +39,15 @@ def is_checkpoint(path: Path) -> bool:
 
 def _masked_paths(model: Llama) -> list[str]:
     return [".".join(map(str, path)) for path, node in nnx.iter_graph(model)
-            if isinstance(node, Linear) and node.mask is not None]
+            if isinstance(node, (Linear, Embed, RMSNorm)) and node.mask is not None]
+
+
+def _mask_shape(node) -> tuple[int, ...]:
+    if isinstance(node, Linear):
+        return node.kernel.shape
+    if isinstance(node, Embed):
+        return node.embedding.shape[1:]
+    return node.scale.shape
 
 
 def library_versions() -> dict[str, str]:
@@ -62,9 +68,7 @@ def save_checkpoint(model: Llama, out_dir: str | os.PathLike, *, tokenizer=None,
     import orbax.checkpoint as ocp
 
     out_dir = Path(out_dir).absolute()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         meta = {
             "format": FORMAT,
             "config": model.config.to_dict(),
@@ -82,12 +86,6 @@ def save_checkpoint(model: Llama, out_dir: str | os.PathLike, *, tokenizer=None,
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -114,8 +112,8 @@ def load_checkpoint(path: str | os.PathLike) -> Llama:
     def build():
         model = Llama(cfg, param_dtype=dtype, rngs=nnx.Rngs(0))
         for p, node in nnx.iter_graph(model):
-            if isinstance(node, Linear) and ".".join(map(str, p)) in masked:
-                node.mask = Mask(jnp.ones(node.kernel.shape, jnp.bool_))
+            if ".".join(map(str, p)) in masked:
+                node.set_mask(jnp.ones(_mask_shape(node), jnp.bool_))
         return model
 
     abstract = nnx.eval_shape(build)

@@ -25,8 +25,11 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.metadata
 import math
+import os
 import pathlib
 import re
 from collections.abc import Iterator
@@ -84,12 +87,36 @@ def iter_gguf_tensors(path: str | pathlib.Path) -> Iterator[tuple[str, np.ndarra
     yield from _iter_tensors(reader, config)
 
 
-def gguf_tokenizer(path: str | pathlib.Path):
-    """The tokenizer stored in a GGUF file, rebuilt by transformers as a fast HF tokenizer."""
+def gguf_tokenizer(path: str | pathlib.Path, *, cache: bool = True):
+    """The tokenizer stored in a GGUF file, rebuilt by transformers as a fast HF tokenizer.
+
+    Rebuilding costs seconds, so the result is saved once under `$NNXPRUNE_CACHE` (default
+    `~/.cache/nnxprune`), keyed by the file's path, size and modification time, and reloaded from
+    there (a fraction of a second). `cache=False` always rebuilds.
+    """
     from transformers import AutoTokenizer
 
     path = _check_path(path)
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if not cache:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = pathlib.Path(os.environ.get("NNXPRUNE_CACHE") or pathlib.Path.home() / ".cache" / "nnxprune")
+    folder = root / "tokenizers" / f"{path.stem}-{key}"
+    if (folder / "tokenizer.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(folder))
+        except Exception:  # noqa: BLE001 - a broken cache entry is rebuilt below
+            pass
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        from nnxprune.io.atomic import atomic_dir
+
+        with atomic_dir(folder) as tmp:
+            tokenizer.save_pretrained(str(tmp))
+    except OSError:  # a read-only home is no reason to fail
+        pass
+    return tokenizer
 
 
 def smollm2_gguf_path() -> pathlib.Path:
@@ -119,10 +146,21 @@ def _check_path(path: str | pathlib.Path) -> pathlib.Path:
 
 
 def _open(path: str | pathlib.Path):
-    """Opens the file with `gguf.GGUFReader` (memory-mapped), turning bad input into UserError."""
+    """Opens the file with `gguf.GGUFReader` (memory-mapped), turning bad input into UserError.
+
+    Opening parses every tensor header (seconds for a big file), so the reader of the last few
+    files is kept: reading the config and then the tensors opens the file once.
+    """
+    path = _check_path(path)
+    st = path.stat()
+    return _open_cached(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _open_cached(path_str: str, size: int, mtime_ns: int):
     import gguf
 
-    path = _check_path(path)
+    path = pathlib.Path(path_str)
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":

@@ -7,6 +7,37 @@ used and every variable filled, so a wrong or partial checkpoint is an error, no
 
 Export writes `config.json` (derived from the model's shapes) and `model.safetensors` into a
 temporary folder beside the target and renames it into place, so no partial output is left.
+
+Heterogeneous models. When every decoder layer has the same shape the folder is a plain
+`LlamaForCausalLM` one that transformers, vLLM and the rest load as usual. After structured
+pruning layers usually differ (layer 3 keeps 6 query heads, layer 7 keeps 9, MLP widths differ),
+and a plain Llama config cannot say so: it has one `num_attention_heads`, `num_key_value_heads` and
+`intermediate_size` for all layers. Such models (and models with no layers left) are written in
+nnxprune's own variant of the format:
+
+- `model.safetensors` is unchanged: the same HF key names and `[out, in]` layouts, each tensor
+  with its layer's own shape.
+- `config.json` keeps every usual Llama field, with the three per-layer fields set to their maxima
+  over layers (placeholders when there are no layers), and adds the truth per layer:
+  `"nnxprune_layers": [{"num_heads": 6, "num_kv_heads": 2, "intermediate_size": 1408}, ...]`,
+  one entry per layer, in order. `num_hidden_layers` equals its length.
+- `"model_type": "nnxprune_llama"` and `"architectures": ["NnxpruneLlamaForCausalLM"]`.
+
+Why not a plain Llama config: a reader that ignores the per-layer list would build the wrong
+model. transformers' `AutoModelForCausalLM` / `AutoConfig` / `pipeline` refuse the unknown model
+type with a `ValueError` ("...has model type `nnxprune_llama` but Transformers does not recognize
+this architecture..."), with or without `ignore_mismatched_sizes`, so nothing loads half right.
+Forcing the class, `LlamaForCausalLM.from_pretrained(folder, ignore_mismatched_sizes=True)`, would
+otherwise load: it re-initialises every tensor whose shape differs from the maxima at random and
+returns a model that produces garbage. To stop that too, `config.json` also carries the per-layer
+sizes as transformers' own `per_layer_config` overrides (its `HeterogeneousConfigMixin`); with
+those, transformers >= 5 refuses to build a plain Llama from the config
+(`AmbiguousGlobalPerLayerAttributeError`: "'num_attention_heads' is a per-layer attribute...").
+Versions without that mixin ignore the key; there, forcing the class still warns about the model
+type and fails on the size mismatch unless told to ignore it. nnxprune reads `nnxprune_layers` only.
+
+`load_hf_folder` reads both variants back exactly; `LlamaConfig.from_hf` validates the per-layer
+list (length, positive integers, query heads a multiple of KV heads).
 """
 
 from __future__ import annotations
@@ -14,8 +45,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +54,7 @@ import numpy as np
 from flax import nnx
 
 from nnxprune.errors import UserError
+from nnxprune.io.atomic import atomic_dir
 from nnxprune.models.llama import Llama, LlamaConfig
 
 # (HF key regex, nnxprune path template, "T" if the array is transposed between the two)
@@ -134,7 +164,10 @@ def iter_safetensors(files: Iterable[Path]) -> Iterable[tuple[str, np.ndarray]]:
 
 
 def load_hf_folder(folder: str | os.PathLike, *, param_dtype=jnp.float32) -> Llama:
-    """Loads a Hugging Face Llama folder (config.json + safetensors, sharded or not)."""
+    """Loads a Hugging Face Llama folder (config.json + safetensors, sharded or not).
+
+    Reads plain Llama folders and nnxprune's heterogeneous `nnxprune_llama` ones.
+    """
     folder = Path(folder)
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -149,30 +182,22 @@ def load_hf_folder(folder: str | os.PathLike, *, param_dtype=jnp.float32) -> Lla
 
 def export_hf(model: Llama, out_dir: str | os.PathLike, *, tokenizer=None,
               extra_files: Mapping[str, Callable[[Path], None]] | None = None) -> Path:
-    """Writes an HF `LlamaForCausalLM` folder atomically (temporary folder, then rename).
+    """Writes an HF folder atomically (temporary folder, then rename).
 
-    Masks are folded into the kernels; the config is read from the model's shapes.
+    Masks are folded into the kernels; the config is read from the model's shapes. Uniform layers
+    give a plain `LlamaForCausalLM` folder; layers of different shapes (or none) give nnxprune's
+    `nnxprune_llama` variant, which `load_hf_folder` reads and transformers refuses (module
+    docstring).
     """
     from safetensors.numpy import save_file
 
     out_dir = Path(out_dir)
-    try:
-        hf_config = model.config.to_hf()
-    except ValueError as e:
-        raise UserError(f"cannot export to a plain HF Llama folder: {e}") from None
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    hf_config = model.config.to_hf(allow_heterogeneous=True)
+    with atomic_dir(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         save_file(to_hf_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         for name, write in (extra_files or {}).items():
             write(tmp / name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

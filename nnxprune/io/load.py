@@ -119,7 +119,16 @@ def load_tokenizer(path: Path, kind: str):
         from nnxprune.io.gguf import gguf_tokenizer
 
         return gguf_tokenizer(path)
-    return AutoTokenizer.from_pretrained(str(path))
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 - AutoTokenizer also parses config.json, which
+        # transformers may refuse (heterogeneous nnxprune folders, hidden != heads * head_dim)
+        if (path / "tokenizer.json").is_file():
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(str(path))
+        raise UserError(f"{path}: no usable tokenizer in the folder ({type(e).__name__}); save one "
+                        f"there with tokenizer.save_pretrained") from None
 
 
 def load_model(name_or_path: str | os.PathLike, *, param_dtype=jnp.float32,

@@ -103,19 +103,34 @@ class LlamaConfig:
     # -- Hugging Face config.json ------------------------------------------------------------
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "LlamaConfig":
-        """Reads a Hugging Face `LlamaConfig` dict (config.json)."""
+        """Reads a Hugging Face `LlamaConfig` dict (config.json).
+
+        Also reads nnxprune's heterogeneous variant (`model_type = "nnxprune_llama"`, per-layer
+        shapes in `nnxprune_layers`; the format is described in `nnxprune.io.hf`).
+        """
         model_type = hf.get("model_type", "llama")
-        if model_type != "llama":
-            raise ValueError(f"model_type {model_type!r} is not supported (only 'llama')")
+        if model_type not in ("llama", HETERO_MODEL_TYPE):
+            raise ValueError(f"model_type {model_type!r} is not supported "
+                             f"(only 'llama' and nnxprune's {HETERO_MODEL_TYPE!r})")
         for flag in ("attention_bias", "mlp_bias"):
             if hf.get(flag):
                 raise ValueError(f"{flag}=true is not supported")
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
         num_heads = hf["num_attention_heads"]
-        shape = LayerShape(num_heads=num_heads,
-                           num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-                           intermediate_size=hf["intermediate_size"])
+        if model_type == HETERO_MODEL_TYPE:
+            layers = _parse_hetero_layers(hf)
+        elif HETERO_LAYERS_KEY in hf:
+            raise ValueError(f"{HETERO_LAYERS_KEY!r} is only read with model_type "
+                             f"{HETERO_MODEL_TYPE!r}, but model_type is 'llama'")
+        elif hf.get("per_layer_config"):
+            raise ValueError("per-layer overrides ('per_layer_config') in a 'llama' config are not "
+                             "supported")
+        else:
+            shape = LayerShape(num_heads=num_heads,
+                               num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+                               intermediate_size=hf["intermediate_size"])
+            layers = (shape,) * hf["num_hidden_layers"]
         # transformers 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`.
         rope = dict(hf.get("rope_parameters") or {})
         rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
@@ -125,7 +140,7 @@ class LlamaConfig:
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
             head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
-            layers=(shape,) * hf["num_hidden_layers"],
+            layers=layers,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),
             rope_scaling=_parse_rope_scaling(scaling),
@@ -135,18 +150,34 @@ class LlamaConfig:
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
         )
 
-    def to_hf(self) -> dict[str, Any]:
-        """A Hugging Face `LlamaConfig` dict; only uniform layer shapes map onto it."""
-        if not self.is_uniform or not self.layers:
+    def to_hf(self, *, allow_heterogeneous: bool = False) -> dict[str, Any]:
+        """A Hugging Face `LlamaConfig` dict.
+
+        Uniform layer shapes give a plain `LlamaForCausalLM` config. Layers that differ (or no
+        layers at all) raise `ValueError`, unless `allow_heterogeneous`: then the result is
+        nnxprune's `nnxprune_llama` variant, with one entry per layer in `nnxprune_layers` and the
+        usual per-layer fields set to the maxima over layers (see `nnxprune.io.hf`).
+        """
+        heterogeneous = not self.is_uniform or not self.layers
+        if heterogeneous and not allow_heterogeneous:
             raise ValueError(
                 "layers differ in shape (or there are none); plain Hugging Face Llama configs "
                 "need uniform layers")
-        shape = self.layers[0]
+        if heterogeneous:
+            if self.layers:
+                shape = LayerShape(num_heads=max(s.num_heads for s in self.layers),
+                                   num_kv_heads=max(s.num_kv_heads for s in self.layers),
+                                   intermediate_size=max(s.intermediate_size for s in self.layers))
+            else:  # no layers: placeholders only, nothing reads them
+                heads = max(1, self.hidden_size // self.head_dim)
+                shape = LayerShape(num_heads=heads, num_kv_heads=heads, intermediate_size=0)
+        else:
+            shape = self.layers[0]
         rope_scaling = None
         if self.rope_scaling is not None:
             rope_scaling = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
         eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
-        return {
+        hf = {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
             "vocab_size": self.vocab_size,
@@ -168,6 +199,56 @@ class LlamaConfig:
             "eos_token_id": eos,
             "torch_dtype": "float32",
         }
+        if heterogeneous:
+            hf["architectures"] = [HETERO_ARCHITECTURE]
+            hf["model_type"] = HETERO_MODEL_TYPE
+            hf[HETERO_LAYERS_KEY] = [dataclasses.asdict(s) for s in self.layers]
+            # The same sizes in transformers' own vocabulary (its `HeterogeneousConfigMixin`), for
+            # transformers only: a plain `LlamaForCausalLM.from_pretrained` then refuses even with
+            # `ignore_mismatched_sizes=True`. nnxprune reads `nnxprune_layers` alone.
+            overrides = {}
+            for i, s in enumerate(self.layers):
+                diff = {hf_name: getattr(s, name) for name, hf_name in _HF_LAYER_FIELDS
+                        if getattr(s, name) != getattr(shape, name)}
+                if diff:
+                    overrides[str(i)] = diff
+            if overrides:
+                hf["per_layer_config"] = overrides
+        return hf
+
+
+# nnxprune's Hugging Face config variant for layers of different shapes (see `nnxprune.io.hf`).
+HETERO_MODEL_TYPE = "nnxprune_llama"
+HETERO_ARCHITECTURE = "NnxpruneLlamaForCausalLM"
+HETERO_LAYERS_KEY = "nnxprune_layers"
+_HF_LAYER_FIELDS = (("num_heads", "num_attention_heads"), ("num_kv_heads", "num_key_value_heads"),
+                    ("intermediate_size", "intermediate_size"))
+
+
+def _parse_hetero_layers(hf: dict[str, Any]) -> tuple[LayerShape, ...]:
+    """The validated `nnxprune_layers` list of a `nnxprune_llama` config."""
+    entries = hf.get(HETERO_LAYERS_KEY)
+    if not isinstance(entries, list):
+        raise ValueError(f"model_type {HETERO_MODEL_TYPE!r} needs {HETERO_LAYERS_KEY!r}, a list with "
+                         f"one entry per layer (got {type(entries).__name__})")
+    if len(entries) != hf["num_hidden_layers"]:
+        raise ValueError(f"{HETERO_LAYERS_KEY!r} has {len(entries)} entries but num_hidden_layers "
+                         f"is {hf['num_hidden_layers']}")
+    fields = [f.name for f in dataclasses.fields(LayerShape)]
+    layers = []
+    for i, entry in enumerate(entries):
+        where = f"{HETERO_LAYERS_KEY}[{i}]"
+        if not isinstance(entry, dict) or set(entry) != set(fields):
+            raise ValueError(f"{where} must be an object with exactly the keys {fields}, got {entry!r}")
+        for name in fields:
+            value = entry[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{where}.{name} must be a positive integer, got {value!r}")
+        if entry["num_heads"] % entry["num_kv_heads"]:
+            raise ValueError(f"{where}: num_heads ({entry['num_heads']}) is not a multiple of "
+                             f"num_kv_heads ({entry['num_kv_heads']})")
+        layers.append(LayerShape(**entry))
+    return tuple(layers)
 
 
 def _parse_rope_scaling(scaling: dict[str, Any] | None) -> Llama3RopeScaling | None:

@@ -107,15 +107,18 @@ def test_export_overwrites_existing_folder(tmp_path):
     np.testing.assert_array_equal(logits(load_hf_folder(tmp_path / "hf")), logits(second))
 
 
-def test_heterogeneous_model_cannot_be_exported(tmp_path):
+def test_heterogeneous_model_exports_nnxprune_variant(tmp_path):
+    """Layers of different shapes export as `nnxprune_llama` (tests/io/test_hf_hetero.py has the rest)."""
     model = build()
     model.layers[1].mlp.up_proj.kernel = nnx.Param(model.layers[1].mlp.up_proj.kernel[:, :96])
     model.layers[1].mlp.gate_proj.kernel = nnx.Param(model.layers[1].mlp.gate_proj.kernel[:, :96])
     model.layers[1].mlp.down_proj.kernel = nnx.Param(model.layers[1].mlp.down_proj.kernel[:96])
     assert not model.config.is_uniform
-    with pytest.raises(UserError):
-        export_hf(model, tmp_path / "hf")
-    assert list(tmp_path.iterdir()) == []
+    out = export_hf(model, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "nnxprune_llama"
+    loaded = load_hf_folder(out)
+    assert loaded.config == model.config
+    np.testing.assert_array_equal(logits(loaded), logits(model))
 
 
 # -- sharded checkpoints ---------------------------------------------------------------------------

@@ -1,0 +1,75 @@
+"""Keep-mask selection from importance scores: unstructured and N:M.
+
+Conventions (those of the Wanda and SparseGPT reference code): a kernel is `[in, out]`; an N:M
+pattern prunes (zeroes) the N lowest-scoring weights of every M consecutive weights along the
+INPUT dimension, for each output channel, so its sparsity is N/M ("2:4" = 50%, "3:4" = 75%).
+Ties are broken by position (stable sort), so results are deterministic.
+
+Example:
+    >>> keep = nm_keep(jnp.abs(kernel), n=2, m=4)          # 2:4
+    >>> keep = unstructured_keep(jnp.abs(kernel), 0.5)      # 50% of the whole matrix
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax.numpy as jnp
+import numpy as np
+
+from nnxprune.errors import UserError
+
+
+def parse_nm(pattern: str) -> tuple[int, int]:
+    """`"2:4"` -> `(2, 4)`; requires 0 < N < M."""
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
+    if not match:
+        raise UserError(f"N:M pattern must look like '2:4', got {pattern!r}")
+    n, m = int(match[1]), int(match[2])
+    if not 0 < n < m:
+        raise UserError(f"N:M pattern {pattern!r} needs 0 < N < M")
+    return n, m
+
+
+def check_sparsity(sparsity: float) -> float:
+    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0 <= sparsity < 1:
+        raise UserError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    return float(sparsity)
+
+
+def _num_pruned(count: int, sparsity: float) -> int:
+    return int(count * sparsity)  # the reference code's rounding (floor)
+
+
+def unstructured_keep(scores, sparsity: float, *, per_output: bool = False) -> jnp.ndarray:
+    """Keeps all but the `int(sparsity * count)` lowest scores: over the whole matrix, or per
+    output channel (column of `[in, out]`; Wanda's per-row comparison group) when `per_output`."""
+    sparsity = check_sparsity(sparsity)
+    scores = jnp.asarray(scores)
+    if per_output:
+        k = _num_pruned(scores.shape[0], sparsity)
+        order = jnp.argsort(scores, axis=0, stable=True)
+        ranks = jnp.argsort(order, axis=0, stable=True)
+        return ranks >= k
+    k = _num_pruned(scores.size, sparsity)
+    flat = scores.reshape(-1)
+    ranks = jnp.argsort(jnp.argsort(flat, stable=True), stable=True)
+    return (ranks >= k).reshape(scores.shape)
+
+
+def nm_keep(scores, n: int, m: int) -> jnp.ndarray:
+    """Prunes the `n` lowest of every `m` consecutive scores along axis 0 (the input dim)."""
+    if not 0 < n < m:
+        raise UserError(f"N:M needs 0 < N < M, got {n}:{m}")
+    scores = jnp.asarray(scores)
+    rows, cols = scores.shape
+    if rows % m:
+        raise UserError(f"input dimension {rows} is not a multiple of M={m}")
+    blocks = scores.reshape(rows // m, m, cols)
+    ranks = jnp.argsort(jnp.argsort(blocks, axis=1, stable=True), axis=1, stable=True)
+    return (ranks >= n).reshape(rows, cols)
+
+
+def sparsity_of(keep) -> float:
+    keep = np.asarray(keep)
+    return float(1.0 - keep.mean()) if keep.size else 0.0

@@ -1,0 +1,270 @@
+"""The `nnxprune` command.
+
+    nnxprune eval MODEL --dataset wikitext2 --seqlen 1024 --max-windows 32 --json OUT.json
+    nnxprune generate MODEL "PROMPT" --max-new-tokens 32
+    nnxprune export MODEL OUT_DIR [--format hf|checkpoint]
+    nnxprune models
+
+`MODEL` is a model card name (`nnxprune models` lists them), a Hugging Face folder, a GGUF file or
+an nnxprune checkpoint. Bad input (unknown card, missing file, unsupported architecture, a window
+longer than the model's context, a missing data folder) is reported on one line with exit status
+2, before any work and without writing anything; outputs are written atomically at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+import time
+from typing import Sequence
+
+from nnxprune.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+_MODEL_HELP = ("a model card name (see `nnxprune models`), a Hugging Face folder (config.json + "
+               "safetensors), a .gguf file, or an nnxprune checkpoint folder")
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _dtype(name: str):
+    import jax.numpy as jnp
+
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def _load(args, *, with_tokenizer: bool = True):
+    from nnxprune.io.load import load_model
+
+    t0 = time.perf_counter()
+    loaded = load_model(args.model, param_dtype=_dtype(args.dtype), with_tokenizer=with_tokenizer)
+    from nnxprune.runner import count_params
+
+    cfg = loaded.model.config
+    print(f"model     {loaded.source} ({loaded.kind}): {cfg.num_layers} layers, hidden "
+          f"{cfg.hidden_size}, {count_params(loaded.model) / 1e6:.1f}M parameters, "
+          f"loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+    return loaded
+
+
+# -- commands --------------------------------------------------------------------------------------
+def cmd_eval(args) -> int:
+    from nnxprune.evaluate import data as data_lib
+    from nnxprune.evaluate.perplexity import evaluate_perplexity
+    from nnxprune.evaluate.protocol import protocol_for
+    from nnxprune.io import atomic
+
+    overrides = {"seqlen": args.seqlen, "max_windows": args.max_windows, "batch_size": args.batch_size}
+    if args.split:
+        overrides["split"] = args.split
+    protocol = protocol_for(args.dataset, **overrides)
+    data_dir = data_lib.resolve_data_dir(args.data_dir)
+    data_lib.check_available(protocol.dataset, protocol.split, data_dir)
+    atomic.check_writable(args.json)
+
+    loaded = _load(args)
+    print(f"protocol  {protocol.describe()}", flush=True)
+    result = evaluate_perplexity(loaded.model, loaded.tokenizer, protocol, data_dir=data_dir,
+                                 progress=not args.no_progress)
+    print(f"ppl       {result.ppl:.4f}  (mean NLL {result.nll:.5f} over {result.predicted_tokens:,} "
+          f"predicted tokens, {result.windows} windows)")
+    print(f"speed     {result.tokens_per_second:,.0f} tokens/s ({result.tokens:,} tokens in "
+          f"{result.seconds:.1f} s; compile {result.compile_seconds:.1f} s)")
+    if args.json:
+        report = {"model": args.model, "source": loaded.source, **result.to_dict()}
+        atomic.write_json(args.json, report)
+        print(f"wrote     {args.json}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from nnxprune.generate import generate_text
+
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    loaded = _load(args)
+    result = generate_text(loaded.model, loaded.tokenizer, args.prompt,
+                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=args.chat)
+    print(f"--- {result.prompt_tokens} prompt tokens, {len(result.tokens)} new "
+          f"({'greedy' if args.temperature == 0 else f'sampled, T={args.temperature}'})")
+    print(args.prompt + result.text if not args.chat else result.text)
+    print(f"--- {result.tokens_per_second:.1f} tokens/s decoding "
+          f"(prefill {result.prefill_seconds:.2f} s, compile {result.compile_seconds:.1f} s)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from nnxprune.io import atomic
+    from nnxprune.io.checkpoint import save_checkpoint
+    from nnxprune.io.hf import export_hf
+
+    atomic.check_writable(args.out)
+    loaded = _load(args)
+    if args.format == "hf":
+        out = export_hf(loaded.model, args.out, tokenizer=loaded.tokenizer)
+    else:
+        out = save_checkpoint(loaded.model, args.out, tokenizer=loaded.tokenizer,
+                              provenance={"source": loaded.source})
+    print(f"wrote     {out} ({args.format})")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from nnxprune.io import atomic
+    from nnxprune.recipes import load_recipe
+    from nnxprune.runner import run_recipe
+
+    recipe = load_recipe(args.recipe, args.set or [])
+    atomic.check_writable(args.out)
+    atomic.check_writable(args.json)
+    run_recipe(recipe, model=args.model, out=args.out, report_path=args.json,
+               data_dir=args.data_dir, progress=not args.no_progress)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from nnxprune.inspect import inspect_model
+    from nnxprune.io import atomic
+    from nnxprune.io.checkpoint import is_checkpoint, read_meta
+    from nnxprune.io.load import load_model
+
+    for path in (args.html, args.markdown, args.png):
+        atomic.check_writable(path)
+    source_config = None
+    if args.source:
+        source_config = load_model(args.source, with_tokenizer=False).model.config
+    elif is_checkpoint(Path(args.model)):
+        source_config = read_meta(args.model).get("provenance", {}).get("source_config")
+    loaded = _load(args, with_tokenizer=False)
+    summary = inspect_model(loaded.model, source_config=source_config, html=args.html,
+                            markdown=args.markdown, png=args.png, title=f"nnxprune inspect {args.model}")
+    print(summary.to_text(matrices=args.matrices))
+    for label, path in (("html", args.html), ("markdown", args.markdown), ("png", args.png)):
+        if path:
+            print(f"wrote     {path} ({label})")
+    return 0
+
+
+def cmd_models(args) -> int:
+    import tomllib
+
+    from nnxprune.io.load import cards_dir, list_cards
+
+    cards = list_cards()
+    if not cards:
+        raise UserError(f"no model cards in {cards_dir()}")
+    width = max(map(len, cards))
+    for name, path in cards.items():
+        card = tomllib.loads(path.read_text())
+        src = card.get("source", {})
+        where = src.get("repo") or f"{src.get('package')}: {src.get('file')}"
+        print(f"{name:<{width}}  [{src.get('kind')}] {where}\n{'':<{width}}  {card.get('description', '')}")
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nnxprune", description="Prune Llama-family language models by structural surgery (Flax NNX).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    def model_command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, formatter_class=fmt)
+        p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+        p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                       help="parameter dtype after loading (GGUF weights are dequantized to it)")
+        return p
+
+    p = model_command("eval", "Perplexity under a pinned protocol (dataset, split, join rule, "
+                              "windows); prints the protocol beside the number.")
+    p.add_argument("--dataset", choices=["wikitext2", "c4"], default="wikitext2",
+                   help="wikitext2: HF wikitext-2-raw-v1 rows joined with '\\n\\n'; c4: C4 "
+                        "validation documents")
+    p.add_argument("--split", default=None, help="dataset split (default: test for wikitext2, "
+                                                 "validation for c4)")
+    p.add_argument("--seqlen", type=int, default=1024,
+                   help="tokens per window (non-overlapping; the partial tail is dropped)")
+    p.add_argument("--max-windows", type=int, default=None,
+                   help="score only the first N windows (default: all)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with wiki.test.raw / c4_validation_2k.parquet (default: "
+                        "$NNXPRUNE_DATA_DIR, else the Hugging Face hub)")
+    p.add_argument("--json", metavar="OUT", default=None,
+                   help="also write the result (ppl, protocol, tokens, seconds, ...) as JSON")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=cmd_eval)
+
+    p = model_command("generate", "Generate text from a prompt (greedy by default; KV cache, jitted).")
+    p.add_argument("prompt", metavar="PROMPT", help="the prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most "
+                                                                   "(stops early at EOS)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the k likeliest tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the tokenizer's chat template (instruct models)")
+    p.set_defaults(func=cmd_generate)
+
+    p = model_command("export", "Write MODEL as a Hugging Face folder (LlamaForCausalLM, masks "
+                                "folded) or an nnxprune checkpoint (masks kept).")
+    p.add_argument("out", metavar="OUT_DIR", help="output folder (replaced atomically)")
+    p.add_argument("--format", choices=["hf", "checkpoint"], default="hf", help="output format")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("prune", formatter_class=fmt,
+                       help="Run a recipe: prune MODEL, evaluate dense and pruned, save and report.",
+                       description="Run a recipe file (recipes/*.toml): validate everything, "
+                                   "evaluate the dense model, apply the pruning pipeline, evaluate "
+                                   "again, write an nnxprune checkpoint and a JSON + Markdown report.")
+    p.add_argument("recipe", metavar="RECIPE", help="a recipe TOML file")
+    p.add_argument("--model", default=None, help=_MODEL_HELP + " (default: the recipe's [recipe] model)")
+    p.add_argument("--out", default=None, help="checkpoint folder to write (replaced atomically)")
+    p.add_argument("--json", metavar="REPORT", default=None,
+                   help="report JSON to write (a Markdown twin is written beside it)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value, e.g. --set eval.seqlen=1024 or "
+                        "--set prune.0.fraction=0.3 (repeatable; values are TOML)")
+    p.add_argument("--data-dir", default=None, help="folder with the evaluation / calibration "
+                                                    "data (default: $NNXPRUNE_DATA_DIR, else the hub)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_prune)
+
+    p = model_command("inspect", "Show a model's architecture and sparsity: per-layer table "
+                                 "(heads, KV heads, MLP width, parameters, sparsity, N:M pattern), "
+                                 "a treescope HTML view and a PNG plot.")
+    p.add_argument("--html", metavar="OUT.html", default=None,
+                   help="treescope view with every Linear annotated (shape, sparsity, pattern)")
+    p.add_argument("--markdown", metavar="OUT.md", default=None, help="the tables as Markdown")
+    p.add_argument("--png", metavar="OUT.png", default=None,
+                   help="plot of per-layer widths and sparsity")
+    p.add_argument("--source", metavar="MODEL", default=None,
+                   help="the unpruned model, for ratios (default: the checkpoint's recorded source)")
+    p.add_argument("--matrices", action="store_true", help="also list every matrix")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("models", help="List the model cards (names usable as MODEL).",
+                       formatter_class=fmt)
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"nnxprune {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("nnxprune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Recipe files: a pipeline of transforms plus calibration, recovery and evaluation settings.
+
+A recipe is TOML (read with `tomllib`) and maps one to one onto the objects a Python user builds:
+
+    [recipe]
+    name = "surgery-demo"
+    description = "..."
+    model = "smollm2-135m"             # default MODEL; --model overrides
+
+    [[prune]]                          # each entry is a registered transform: kind + its fields
+    kind = "drop_layers"
+    layers = [20, 21]
+
+    [calibration]                      # used by calibrated methods
+    dataset = "c4"
+    nsamples = 128
+    seqlen = 2048
+    seed = 0
+
+    [eval]                             # a perplexity protocol (nnxprune.evaluate.protocol)
+    dataset = "wikitext2"
+    seqlen = 2048
+
+Everything is validated before any work: an unknown section, key or kind is an error naming the
+nearest valid one, values are type- and range-checked, and `Recipe.check(config)` runs every
+transform's shape check against the model (layer indices, keep counts within group sizes).
+`--set section.key=value` overrides any value (`prune.1.fraction=0.3` indexes the list); the
+value is parsed as TOML, so `--set eval.seqlen=1024` is an integer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from nnxprune.errors import UserError
+from nnxprune.evaluate.protocol import PerplexityProtocol
+from nnxprune.models.llama import LlamaConfig
+from nnxprune.transforms import Pipeline, from_dict
+from nnxprune.transforms.base import nearest
+
+SECTIONS = ("recipe", "prune", "calibration", "recovery", "eval")
+RECIPE_KEYS = ("name", "description", "model", "paper")
+CALIBRATION_DATASETS = ("c4", "wikitext2")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """Calibration data: `nsamples` windows of `seqlen` tokens drawn with `seed` from `dataset`
+    (a name in CALIBRATION_DATASETS or a local text / JSONL / parquet file)."""
+
+    dataset: str = "c4"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("nsamples", "seqlen", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"calibration.{name} must be an integer, got {value!r}")
+        if self.nsamples < 1:
+            raise UserError(f"calibration.nsamples must be >= 1, got {self.nsamples}")
+        if self.seqlen < 2:
+            raise UserError(f"calibration.seqlen must be >= 2, got {self.seqlen}")
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise UserError(f"calibration.dataset must be a name or a file, got {self.dataset!r}")
+        if self.dataset not in CALIBRATION_DATASETS and not Path(self.dataset).suffix:
+            raise UserError("calibration.dataset: " + nearest(self.dataset, CALIBRATION_DATASETS,
+                                                              "dataset") + " (or a file path)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Recipe:
+    name: str
+    description: str = ""
+    model: str | None = None
+    paper: str | None = None
+    pipeline: Pipeline
+    calibration: Calibration | None = None
+    recovery: dict[str, Any] | None = None
+    eval: PerplexityProtocol | None = None
+    path: str | None = None
+    raw: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+
+    def check(self, config: LlamaConfig) -> LlamaConfig:
+        """Validates every step against the model's shapes; returns the predicted config."""
+        if self.eval is not None and self.eval.seqlen > config.max_position_embeddings:
+            raise UserError(f"eval.seqlen {self.eval.seqlen} is beyond the model's context of "
+                            f"{config.max_position_embeddings} tokens")
+        return self.pipeline.check(config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.raw
+
+
+# -- overrides -------------------------------------------------------------------------------------
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare string
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Applies `section.key=value` overrides (list entries by index) to the parsed TOML."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set expects section.key=value, got {item!r}")
+        path, text = item.split("=", 1)
+        parts = path.strip().split(".")
+        if len(parts) < 2 or not all(parts):
+            raise UserError(f"--set expects section.key=value, got {item!r}")
+        if parts[0] not in SECTIONS:
+            raise UserError(f"--set {path}: " + nearest(parts[0], SECTIONS, "section"))
+        node: Any = data
+        for depth, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise UserError(f"--set {path}: {'.'.join(parts[:depth])} has {len(node)} "
+                                    f"entries; {part!r} is not an index of one")
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+        last = parts[-1]
+        if isinstance(node, list):
+            raise UserError(f"--set {path}: cannot replace a whole list entry; set one of its keys")
+        node[last] = _parse_value(text.strip())
+    return data
+
+
+# -- loading ---------------------------------------------------------------------------------------
+def _section(data: Mapping[str, Any], name: str) -> dict[str, Any] | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise UserError(f"[{name}] must be a table")
+    return dict(value)
+
+
+def _build_calibration(section: dict[str, Any] | None) -> Calibration | None:
+    if section is None:
+        return None
+    fields = {f.name for f in dataclasses.fields(Calibration)}
+    for key in section:
+        if key not in fields:
+            raise UserError("calibration: " + nearest(key, fields, "key"))
+    return Calibration(**section)
+
+
+def _build_eval(section: dict[str, Any] | None) -> PerplexityProtocol | None:
+    if section is None:
+        return None
+    if "dataset" not in section:
+        raise UserError("[eval] needs a 'dataset' (wikitext2 or c4)")
+    try:
+        return PerplexityProtocol.from_dict(section)
+    except UserError as e:
+        raise UserError(f"eval: {e}") from None
+
+
+def _build_recovery(section: dict[str, Any] | None) -> dict[str, Any] | None:
+    if section is None:
+        return None
+    kinds = ("distill", "lora", "pretrain")
+    kind = section.get("kind")
+    if kind not in kinds:
+        raise UserError("recovery: " + nearest(str(kind), kinds, "recovery kind"))
+    raise UserError(f"recovery kind {kind!r} is not available in this version of nnxprune yet "
+                    f"(recovery training is its own work item); remove the [recovery] section")
+
+
+def parse_recipe(data: dict[str, Any], *, path: str | None = None) -> Recipe:
+    """Builds and validates a `Recipe` from parsed TOML."""
+    for key in data:
+        if key not in SECTIONS:
+            raise UserError(nearest(key, SECTIONS, "recipe section"))
+    meta = _section(data, "recipe") or {}
+    for key in meta:
+        if key not in RECIPE_KEYS:
+            raise UserError("recipe: " + nearest(key, RECIPE_KEYS, "key"))
+    name = meta.get("name") or (Path(path).stem if path else "recipe")
+    steps = data.get("prune", [])
+    if not isinstance(steps, list):
+        raise UserError("[[prune]] must be a list of tables, each with a 'kind'")
+    pipeline = Pipeline(steps=tuple(from_dict(s, f"prune[{i}]") for i, s in enumerate(steps)))
+    return Recipe(name=name, description=meta.get("description", ""), model=meta.get("model"),
+                  paper=meta.get("paper"), pipeline=pipeline,
+                  calibration=_build_calibration(_section(data, "calibration")),
+                  recovery=_build_recovery(_section(data, "recovery")),
+                  eval=_build_eval(_section(data, "eval")), path=path, raw=data)
+
+
+def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
+    """Reads, overrides and validates a recipe file (UserError on any problem)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe file {path} not found")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+    data = apply_overrides(data, overrides)
+    try:
+        return parse_recipe(data, path=str(path))
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None

@@ -1,0 +1,165 @@
+"""Runs a recipe end to end: load, validate, evaluate dense, prune, evaluate pruned, save, report.
+
+Order matters for users: everything that can be checked without computing (recipe keys and
+values, data files, output paths, the pipeline against the model's shapes) is checked before the
+first forward pass, and outputs (checkpoint folder, JSON and Markdown reports) are written
+atomically at the end, so a failed run leaves nothing behind.
+
+Example:
+    >>> report = run_recipe(load_recipe("recipes/surgery-demo.toml"), model="smollm2-135m",
+    ...                     out="out/demo", report_path="out/demo.json")
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+from nnxprune.errors import UserError
+from nnxprune.evaluate import data as data_lib
+from nnxprune.io import atomic
+from nnxprune.recipes import Recipe
+from nnxprune.transforms import Context
+
+
+def count_params(model) -> int:
+    """Number of parameters (`nnx.Param` elements; masks are not parameters)."""
+    import jax
+    from flax import nnx
+
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def source_hash(path: Path) -> str | None:
+    """sha256 of a checkpoint file (or of a folder's weight files, in name order)."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".gguf", ".json"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _shapes(config) -> list[dict[str, int]]:
+    return [{"num_heads": s.num_heads, "num_kv_heads": s.num_kv_heads,
+             "intermediate_size": s.intermediate_size} for s in config.layers]
+
+
+def _ppl(model, tokenizer, protocol, data_dir, progress) -> dict[str, Any]:
+    from nnxprune.evaluate.perplexity import evaluate_perplexity
+
+    result = evaluate_perplexity(model, tokenizer, protocol, data_dir=data_dir, progress=progress)
+    return {"ppl": result.ppl, "nll": result.nll, "tokens": result.tokens,
+            "seconds": result.seconds, "tokens_per_second": result.tokens_per_second}
+
+
+def _check_calibration_source(recipe: Recipe, data_dir) -> None:
+    """Fails fast when the calibration data could not be read (before any model work)."""
+    cal = recipe.calibration
+    if cal is None:
+        return
+    if cal.dataset == "c4" and data_dir is not None:
+        data_lib.check_available("c4", "validation", data_dir)
+    elif cal.dataset not in ("c4", "wikitext2") and not Path(cal.dataset).is_file():
+        raise UserError(f"calibration file {cal.dataset} not found")
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    lines = [f"# {report['recipe']['name']} on {report['model']}", ""]
+    if report["recipe"].get("description"):
+        lines += [report["recipe"]["description"], ""]
+    dense, pruned = report["dense"], report["pruned"]
+    lines += ["| | dense | pruned |", "|---|---|---|",
+              f"| parameters | {dense['params']:,} | {pruned['params']:,} "
+              f"({pruned['params'] / dense['params']:.1%}) |",
+              f"| layers | {len(dense['layers'])} | {len(pruned['layers'])} |",
+              f"| hidden size | {dense['hidden_size']} | {pruned['hidden_size']} |"]
+    if "ppl" in dense:
+        lines.append(f"| perplexity | {dense['ppl']:.3f} | {pruned['ppl']:.3f} |")
+    lines += ["", f"Protocol: {report['eval_protocol_text']}" if report.get("eval_protocol_text") else "",
+              f"Pruning took {report['seconds']['prune']:.1f} s.", ""]
+    return "\n".join(lines)
+
+
+def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_path: str | None = None,
+               data_dir=None, progress: bool = True, echo=print) -> dict[str, Any]:
+    """Runs `recipe` on `model` (default: the recipe's); see the module docstring."""
+    from nnxprune.io.checkpoint import save_checkpoint
+    from nnxprune.io.load import load_model
+
+    name = model or recipe.model
+    if not name:
+        raise UserError("no model: pass --model or set [recipe] model")
+    if out is None and report_path is None:
+        raise UserError("nothing would be written: pass --out and/or --json")
+    data_dir = data_lib.resolve_data_dir(data_dir)
+    if recipe.eval is not None:
+        data_lib.check_available(recipe.eval.dataset, recipe.eval.split, data_dir)
+    _check_calibration_source(recipe, data_dir)
+
+    t0 = time.perf_counter()
+    loaded = load_model(name)
+    model_obj, tokenizer = loaded.model, loaded.tokenizer
+    dense_config = model_obj.config
+    predicted = recipe.check(dense_config)  # every step validated before any work
+    echo(f"model     {loaded.source}: {dense_config.num_layers} layers, "
+         f"{count_params(model_obj) / 1e6:.1f}M parameters")
+    echo(f"recipe    {recipe.name}: {len(recipe.pipeline.steps)} steps "
+         f"({', '.join(s.kind for s in recipe.pipeline.steps) or 'none'})")
+    report: dict[str, Any] = {
+        "recipe": {"name": recipe.name, "path": recipe.path, "description": recipe.description,
+                   "settings": recipe.to_dict()},
+        "model": name, "source": loaded.source,
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "dense": {"params": count_params(model_obj), "hidden_size": dense_config.hidden_size,
+                  "layers": _shapes(dense_config)},
+        "seconds": {"load": time.perf_counter() - t0},
+    }
+    if recipe.eval is not None:
+        echo(f"protocol  {recipe.eval.describe()}")
+        report["eval_protocol"] = recipe.eval.to_dict()
+        report["eval_protocol_text"] = recipe.eval.describe()
+        report["dense"].update(_ppl(model_obj, tokenizer, recipe.eval, data_dir, progress))
+        echo(f"dense     ppl {report['dense']['ppl']:.4f}")
+
+    ctx = Context(tokenizer=tokenizer, calibration=recipe.calibration, data_dir=data_dir,
+                  progress=progress)
+    t1 = time.perf_counter()
+    model_obj = recipe.pipeline(model_obj, ctx)
+    report["seconds"]["prune"] = time.perf_counter() - t1
+    report["transforms"] = ctx.report.get("transforms", [])
+    pruned_config = model_obj.config
+    if pruned_config.layers != predicted.layers or pruned_config.hidden_size != predicted.hidden_size:
+        if not any(s.kind == "fold_masks" for s in recipe.pipeline.steps):
+            raise AssertionError(f"pipeline produced {pruned_config}, its check predicted {predicted}")
+    report["pruned"] = {"params": count_params(model_obj), "hidden_size": pruned_config.hidden_size,
+                        "layers": _shapes(pruned_config)}
+    echo(f"pruned    {report['pruned']['params'] / 1e6:.1f}M parameters "
+         f"({report['pruned']['params'] / report['dense']['params']:.1%} of dense) in "
+         f"{report['seconds']['prune']:.1f} s")
+    if recipe.eval is not None:
+        report["pruned"].update(_ppl(model_obj, tokenizer, recipe.eval, data_dir, progress))
+        echo(f"pruned    ppl {report['pruned']['ppl']:.4f}")
+
+    if out is not None:
+        provenance = {"recipe": recipe.to_dict(), "recipe_path": recipe.path, "source": loaded.source,
+                      "source_sha256": source_hash(loaded.path),
+                      "source_config": dense_config.to_dict()}
+        save_checkpoint(model_obj, out, tokenizer=tokenizer, provenance=provenance)
+        report["checkpoint"] = str(out)
+        echo(f"wrote     {out}")
+    report["seconds"]["total"] = time.perf_counter() - t0
+    if report_path is not None:
+        atomic.write_json(report_path, report)
+        atomic.write_text(Path(report_path).with_suffix(".md"), markdown_report(report))
+        echo(f"wrote     {report_path} (and .md)")
+    echo(markdown_report(report))
+    return report

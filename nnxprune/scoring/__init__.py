@@ -1,0 +1,1 @@
+"""Importance scores: which channels, heads, neurons, layers or weights matter least."""
