@@ -48,6 +48,66 @@ def source_hash(path: Path) -> str | None:
     return h.hexdigest()
 
 
+class PeakMemory:
+    """Peak resident memory (bytes) of this process while the block runs, polled from /proc.
+
+    `ru_maxrss` cannot be reset, so a background thread samples VmRSS every `interval` seconds;
+    on systems without /proc it reports the lifetime peak from `resource` instead.
+    """
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.peak, self._stop = interval, 0, None
+
+    @staticmethod
+    def current() -> int:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def __enter__(self):
+        import threading
+
+        self.peak = self.current()
+        self._stop = threading.Event()
+
+        def poll():
+            while not self._stop.wait(self.interval):
+                self.peak = max(self.peak, self.current())
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
+
+
+def measured_sparsity(model) -> dict[str, Any]:
+    """Exact zeros of every decoder-layer projection (masks applied): overall and per matrix."""
+    import numpy as np
+    from flax import nnx
+
+    from nnxprune.layers import Linear
+
+    per_matrix, zeros, total = {}, 0, 0
+    for path, node in nnx.iter_modules(model):
+        if isinstance(node, Linear) and path and path[0] == "layers":
+            kernel = np.asarray(node.effective_kernel())
+            z = int(np.count_nonzero(kernel == 0))
+            per_matrix[".".join(map(str, path))] = z / kernel.size
+            zeros, total = zeros + z, total + kernel.size
+    return {"overall": zeros / total if total else 0.0, "per_matrix": per_matrix}
+
+
 def _shapes(config) -> list[dict[str, int]]:
     return [{"num_heads": s.num_heads, "num_kv_heads": s.num_kv_heads,
              "intermediate_size": s.intermediate_size} for s in config.layers]
@@ -73,6 +133,7 @@ def _check_calibration_source(recipe: Recipe, data_dir) -> None:
 
 
 def markdown_report(report: dict[str, Any]) -> str:
+    """The dense-beside-pruned table of a run, as Markdown."""
     lines = [f"# {report['recipe']['name']} on {report['model']}", ""]
     if report["recipe"].get("description"):
         lines += [report["recipe"]["description"], ""]
@@ -81,11 +142,21 @@ def markdown_report(report: dict[str, Any]) -> str:
               f"| parameters | {dense['params']:,} | {pruned['params']:,} "
               f"({pruned['params'] / dense['params']:.1%}) |",
               f"| layers | {len(dense['layers'])} | {len(pruned['layers'])} |",
-              f"| hidden size | {dense['hidden_size']} | {pruned['hidden_size']} |"]
+              f"| hidden size | {dense['hidden_size']} | {pruned['hidden_size']} |",
+              f"| sparsity of the decoder projections | {dense['sparsity']:.2%} | "
+              f"{pruned['sparsity']:.2%} |"]
     if "ppl" in dense:
         lines.append(f"| perplexity | {dense['ppl']:.3f} | {pruned['ppl']:.3f} |")
-    lines += ["", f"Protocol: {report['eval_protocol_text']}" if report.get("eval_protocol_text") else "",
-              f"Pruning took {report['seconds']['prune']:.1f} s.", ""]
+    lines.append("")
+    if report.get("method"):
+        lines.append(f"Method {report['method']}, pattern {report['pattern']}, target sparsity "
+                     f"{report['target_sparsity']:.2%}.")
+    if report.get("eval_protocol_text"):
+        lines.append(f"Protocol: {report['eval_protocol_text']}.")
+    sec = report["seconds"]
+    lines += [f"Pruning took {sec['prune']:.1f} s ({sec.get('calibration_forward', 0):.1f} s of "
+              f"calibration forwards, {sec.get('solve', 0):.1f} s scoring and solving); peak "
+              f"memory {report.get('peak_memory_bytes', 0) / 2**30:.2f} GiB.", ""]
     return "\n".join(lines)
 
 
@@ -120,7 +191,8 @@ def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_pat
         "model": name, "source": loaded.source,
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dense": {"params": count_params(model_obj), "hidden_size": dense_config.hidden_size,
-                  "layers": _shapes(dense_config)},
+                  "layers": _shapes(dense_config),
+                  "sparsity": measured_sparsity(model_obj)["overall"]},
         "seconds": {"load": time.perf_counter() - t0},
     }
     if recipe.eval is not None:
@@ -133,15 +205,27 @@ def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_pat
     ctx = Context(tokenizer=tokenizer, calibration=recipe.calibration, data_dir=data_dir,
                   progress=progress)
     t1 = time.perf_counter()
-    model_obj = recipe.pipeline(model_obj, ctx)
+    with PeakMemory() as memory:
+        model_obj = recipe.pipeline(model_obj, ctx)
     report["seconds"]["prune"] = time.perf_counter() - t1
+    report["peak_memory_bytes"] = memory.peak
     report["transforms"] = ctx.report.get("transforms", [])
+    calibration = sum(sum(v for k, v in t.get("timings", {}).items() if k != "visit")
+                      for t in report["transforms"])
+    report["seconds"]["calibration_forward"] = calibration
+    report["seconds"]["solve"] = report["seconds"]["prune"] - calibration
+    methods = [s for s in recipe.pipeline.steps if hasattr(s, "target_sparsity")]
+    if methods:
+        report["method"] = methods[-1].kind
+        report["pattern"] = getattr(methods[-1], "pattern", None) or "unstructured"
+        report["target_sparsity"] = methods[-1].target_sparsity()
     pruned_config = model_obj.config
     if pruned_config.layers != predicted.layers or pruned_config.hidden_size != predicted.hidden_size:
         if not any(s.kind == "fold_masks" for s in recipe.pipeline.steps):
             raise AssertionError(f"pipeline produced {pruned_config}, its check predicted {predicted}")
+    report["sparsity"] = measured_sparsity(model_obj)
     report["pruned"] = {"params": count_params(model_obj), "hidden_size": pruned_config.hidden_size,
-                        "layers": _shapes(pruned_config)}
+                        "layers": _shapes(pruned_config), "sparsity": report["sparsity"]["overall"]}
     echo(f"pruned    {report['pruned']['params'] / 1e6:.1f}M parameters "
          f"({report['pruned']['params'] / report['dense']['params']:.1%} of dense) in "
          f"{report['seconds']['prune']:.1f} s")
