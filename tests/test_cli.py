@@ -193,3 +193,22 @@ def test_folder_without_tokenizer(capsys, tmp_path):
     export_hf(Llama(cfg, rngs=nnx.Rngs(0)), tmp_path / "m")
     code, _, err = run(capsys, "generate", tmp_path / "m", "hi")
     assert_user_error(code, err, "tokenizer")
+
+
+def test_inspect_writes_html_markdown_png(capsys, tiny_folder, tmp_path):
+    from nnxprune.graph import find_group, mask_group
+    from nnxprune.io.checkpoint import save_checkpoint
+    from nnxprune.io.load import load_model
+
+    model = load_model(tiny_folder).model
+    mask_group(model, find_group(model, "mlp", 1), range(0, 64, 2))
+    save_checkpoint(model, tmp_path / "ckpt", provenance={"source_config": model.config.to_dict()})
+    code, out, err = run(capsys, "inspect", tmp_path / "ckpt", "--html", tmp_path / "v.html",
+                         "--markdown", tmp_path / "v.md", "--png", tmp_path / "v.png")
+    assert code == 0, err
+    assert (tmp_path / "v.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "structured" in (tmp_path / "v.html").read_text()
+    md = (tmp_path / "v.md").read_text()
+    # layer 1: half of its 64 MLP neurons masked = 3,072 of its 9,216 projection weights
+    assert "layers.1.mlp.down_proj | 64x32 | 2,048 | 50.0% | structured" in md
+    assert "33.3%" in out

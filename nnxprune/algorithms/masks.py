@@ -6,15 +6,14 @@ INPUT dimension, for each output channel, so its sparsity is N/M ("2:4" = 50%, "
 Ties are broken by position (stable sort), so results are deterministic.
 
 Example:
-    >>> keep = nm_keep(jnp.abs(kernel), n=2, m=4)          # 2:4
-    >>> keep = unstructured_keep(jnp.abs(kernel), 0.5)      # 50% of the whole matrix
+    >>> keep = nm_keep(np.abs(kernel), n=2, m=4)           # 2:4
+    >>> keep = unstructured_keep(np.abs(kernel), 0.5)       # 50% of the whole matrix
 """
 
 from __future__ import annotations
 
 import re
 
-import jax.numpy as jnp
 import numpy as np
 
 from nnxprune.errors import UserError
@@ -41,33 +40,40 @@ def _num_pruned(count: int, sparsity: float) -> int:
     return int(count * sparsity)  # the reference code's rounding (floor)
 
 
-def unstructured_keep(scores, sparsity: float, *, per_output: bool = False) -> jnp.ndarray:
+def unstructured_keep(scores, sparsity: float, *, per_output: bool = False) -> np.ndarray:
     """Keeps all but the `int(sparsity * count)` lowest scores: over the whole matrix, or per
-    output channel (column of `[in, out]`; Wanda's per-row comparison group) when `per_output`."""
+    output channel (column of `[in, out]`; Wanda's per-row comparison group) when `per_output`.
+
+    Runs on the host with NumPy's stable sort (ties prune the lower index first, as the reference
+    code's stable sort does); XLA's CPU sort is an order of magnitude slower for this.
+    """
     sparsity = check_sparsity(sparsity)
-    scores = jnp.asarray(scores)
+    scores = np.asarray(scores)
+    keep = np.ones(scores.shape, dtype=bool)
     if per_output:
         k = _num_pruned(scores.shape[0], sparsity)
-        order = jnp.argsort(scores, axis=0, stable=True)
-        ranks = jnp.argsort(order, axis=0, stable=True)
-        return ranks >= k
+        order = np.argsort(scores, axis=0, kind="stable")[:k]
+        np.put_along_axis(keep, order, False, axis=0)
+        return keep
     k = _num_pruned(scores.size, sparsity)
-    flat = scores.reshape(-1)
-    ranks = jnp.argsort(jnp.argsort(flat, stable=True), stable=True)
-    return (ranks >= k).reshape(scores.shape)
+    order = np.argsort(scores.reshape(-1), kind="stable")[:k]
+    keep.reshape(-1)[order] = False
+    return keep
 
 
-def nm_keep(scores, n: int, m: int) -> jnp.ndarray:
+def nm_keep(scores, n: int, m: int) -> np.ndarray:
     """Prunes the `n` lowest of every `m` consecutive scores along axis 0 (the input dim)."""
     if not 0 < n < m:
         raise UserError(f"N:M needs 0 < N < M, got {n}:{m}")
-    scores = jnp.asarray(scores)
+    scores = np.asarray(scores)
     rows, cols = scores.shape
     if rows % m:
         raise UserError(f"input dimension {rows} is not a multiple of M={m}")
     blocks = scores.reshape(rows // m, m, cols)
-    ranks = jnp.argsort(jnp.argsort(blocks, axis=1, stable=True), axis=1, stable=True)
-    return (ranks >= n).reshape(rows, cols)
+    keep = np.ones(blocks.shape, dtype=bool)
+    order = np.argsort(blocks, axis=1, kind="stable")[:, :n]
+    np.put_along_axis(keep, order, False, axis=1)
+    return keep.reshape(rows, cols)
 
 
 def sparsity_of(keep) -> float:
