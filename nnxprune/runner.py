@@ -195,6 +195,16 @@ def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_pat
                   "sparsity": measured_sparsity(model_obj)["overall"]},
         "seconds": {"load": time.perf_counter() - t0},
     }
+    ctx = Context(tokenizer=tokenizer, calibration=recipe.calibration, data_dir=data_dir,
+                  progress=progress)
+    if recipe.pipeline.needs_calibration:
+        if recipe.calibration is None:
+            raise UserError("the recipe's methods need calibration data: add a [calibration] section")
+        t1 = time.perf_counter()
+        tokens = ctx.calibration_tokens()  # drawn before any model work: bad data fails here
+        report["seconds"]["calibration_draw"] = time.perf_counter() - t1
+        echo(f"calib     {tokens.shape[0]} x {tokens.shape[1]} tokens from "
+             f"{recipe.calibration.dataset} (seed {recipe.calibration.seed})")
     if recipe.eval is not None:
         echo(f"protocol  {recipe.eval.describe()}")
         report["eval_protocol"] = recipe.eval.to_dict()
@@ -202,8 +212,6 @@ def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_pat
         report["dense"].update(_ppl(model_obj, tokenizer, recipe.eval, data_dir, progress))
         echo(f"dense     ppl {report['dense']['ppl']:.4f}")
 
-    ctx = Context(tokenizer=tokenizer, calibration=recipe.calibration, data_dir=data_dir,
-                  progress=progress)
     t1 = time.perf_counter()
     with PeakMemory() as memory:
         model_obj = recipe.pipeline(model_obj, ctx)

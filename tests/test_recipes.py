@@ -210,3 +210,48 @@ def _write_tokenizer(folder):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(str(folder))
+
+
+def _tiny_source(tmp_path):
+    from nnxprune.io.hf import export_hf
+
+    src = tmp_path / "src"
+    export_hf(build(), src)
+    _write_tokenizer(src)
+    return src
+
+
+def test_prune_with_calibration_reports_sparsity(tmp_path, capsys):
+    from nnxprune import cli
+
+    src = _tiny_source(tmp_path)
+    docs = tmp_path / "docs.txt"
+    rng = np.random.default_rng(0)
+    docs.write_text("\n".join("".join(rng.choice(list("abcdefgh"), 80)) for _ in range(20)) + "\n")
+    recipe = tmp_path / "w.toml"
+    recipe.write_text(f'[[prune]]\nkind = "wanda"\npattern = "2:4"\n\n[calibration]\n'
+                      f'dataset = "{docs}"\nnsamples = 4\nseqlen = 16\n')
+    code = cli.main(["prune", str(recipe), "--model", str(src), "--json", str(tmp_path / "r.json"),
+                     "--no-progress"])
+    assert code == 0, capsys.readouterr()
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["method"] == "wanda" and report["pattern"] == "2:4"
+    assert report["target_sparsity"] == 0.5 and report["sparsity"]["overall"] == pytest.approx(0.5)
+    assert len(report["sparsity"]["per_matrix"]) == 4 * 7
+    assert report["peak_memory_bytes"] > 0 and report["seconds"]["calibration_forward"] > 0
+
+
+def test_calibration_without_long_documents_fails_before_work(tmp_path, capsys):
+    from nnxprune import cli
+
+    src = _tiny_source(tmp_path)
+    docs = tmp_path / "short.txt"
+    docs.write_text("abc\ndef\n")
+    recipe = tmp_path / "w.toml"
+    recipe.write_text(f'[[prune]]\nkind = "wanda"\nsparsity = 0.5\n\n[calibration]\n'
+                      f'dataset = "{docs}"\nnsamples = 4\nseqlen = 16\n')
+    code = cli.main(["prune", str(recipe), "--model", str(src), "--out", str(tmp_path / "ckpt"),
+                     "--json", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "16" in err
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "r.json").exists()

@@ -78,6 +78,7 @@ class Transform:
     """Base class. Subclasses are frozen dataclasses registered with `@register(kind)`."""
 
     kind: ClassVar[str] = ""
+    needs_calibration: ClassVar[bool] = False  # whether __call__ uses ctx.calibration_tokens()
 
     def check(self, config: LlamaConfig) -> LlamaConfig:
         """Validates against `config` (UserError) and returns the config after the transform."""
@@ -104,6 +105,10 @@ class Pipeline(Transform):
 
     steps: tuple[Transform, ...] = ()
     kind: ClassVar[str] = "pipeline"
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return any(step.needs_calibration for step in self.steps)
 
     def check(self, config: LlamaConfig) -> LlamaConfig:
         for i, step in enumerate(self.steps):

@@ -159,6 +159,8 @@ def _wanda_scores(lin: Linear, sumsq) -> jnp.ndarray:
 class Wanda(_Sparsify):
     """|W| * ||X_j||, per output channel (or N:M), sequential calibration."""
 
+    needs_calibration: ClassVar[bool] = True
+
     batch_size: int = 8
     kind: ClassVar[str]
 
@@ -190,6 +192,8 @@ class Wanda(_Sparsify):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SparseGPT(_Sparsify):
     """OBS pruning with weight updates (blocked, lazy batch updates), sequential calibration."""
+
+    needs_calibration: ClassVar[bool] = True
 
     blocksize: int = 128
     percdamp: float = 0.01
@@ -257,6 +261,8 @@ def owl_allocation(outlier_ratios, target: float, lam: float) -> np.ndarray:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OWL(_Sparsify):
     """Outlier-weighed layerwise sparsity feeding Wanda (default) or Magnitude."""
+
+    needs_calibration: ClassVar[bool] = True
 
     method: str = "wanda"
     outlier_m: float = 5.0
