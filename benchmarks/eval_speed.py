@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 

@@ -1,8 +1,6 @@
 """Transforms and recipes: one-to-one mapping, validation before work, overrides, a full run."""
 
-import dataclasses
 import json
-import os
 from pathlib import Path
 
 import jax.numpy as jnp
