@@ -22,6 +22,7 @@ import datetime
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
