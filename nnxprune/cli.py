@@ -100,14 +100,18 @@ def cmd_export(args) -> int:
     from nnxprune.io.checkpoint import save_checkpoint
     from nnxprune.io.hf import export_hf
 
-    atomic.check_writable(args.out)
+    out = args.hf or args.checkpoint or args.out
+    if out is None:
+        raise UserError("give an output: --hf OUT_DIR or --checkpoint OUT_DIR")
+    fmt = "checkpoint" if args.checkpoint else ("hf" if args.hf else args.format)
+    atomic.check_writable(out)
     loaded = _load(args)
-    if args.format == "hf":
-        out = export_hf(loaded.model, args.out, tokenizer=loaded.tokenizer)
+    if fmt == "hf":
+        written = export_hf(loaded.model, out, tokenizer=loaded.tokenizer)
     else:
-        out = save_checkpoint(loaded.model, args.out, tokenizer=loaded.tokenizer,
-                              provenance={"source": loaded.source})
-    print(f"wrote     {out} ({args.format})")
+        written = save_checkpoint(loaded.model, out, tokenizer=loaded.tokenizer,
+                                  provenance={"source": loaded.source})
+    print(f"wrote     {written} ({fmt})")
     return 0
 
 
@@ -120,7 +124,7 @@ def cmd_prune(args) -> int:
     atomic.check_writable(args.out)
     atomic.check_writable(args.json)
     run_recipe(recipe, model=args.model, out=args.out, report_path=args.json,
-               data_dir=args.data_dir, progress=not args.no_progress)
+               data_dir=args.data_dir, progress=not args.no_progress, views=not args.no_views)
     return 0
 
 
@@ -211,10 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wrap the prompt in the tokenizer's chat template (instruct models)")
     p.set_defaults(func=cmd_generate)
 
-    p = model_command("export", "Write MODEL as a Hugging Face folder (LlamaForCausalLM, masks "
-                                "folded) or an nnxprune checkpoint (masks kept).")
-    p.add_argument("out", metavar="OUT_DIR", help="output folder (replaced atomically)")
-    p.add_argument("--format", choices=["hf", "checkpoint"], default="hf", help="output format")
+    p = model_command("export", "Write MODEL as a Hugging Face folder (masks folded; uniform "
+                                "shapes give a plain LlamaForCausalLM, heterogeneous ones an "
+                                "nnxprune_llama folder with per-layer sizes) or as an nnxprune "
+                                "checkpoint (masks kept).")
+    p.add_argument("out", metavar="OUT_DIR", nargs="?", default=None,
+                   help="output folder (replaced atomically); or use --hf / --checkpoint")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--hf", metavar="OUT_DIR", default=None, help="write a Hugging Face folder")
+    group.add_argument("--checkpoint", metavar="OUT_DIR", default=None,
+                       help="write an nnxprune checkpoint")
+    p.add_argument("--format", choices=["hf", "checkpoint"], default="hf",
+                   help="format for the positional OUT_DIR")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("prune", formatter_class=fmt,
@@ -233,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="folder with the evaluation / calibration "
                                                     "data (default: $NNXPRUNE_DATA_DIR, else the hub)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-views", action="store_true",
+                   help="skip the treescope HTML view and PNG plot written beside the report")
     p.set_defaults(func=cmd_prune)
 
     p = model_command("inspect", "Show a model's architecture and sparsity: per-layer table "

@@ -161,7 +161,8 @@ def markdown_report(report: dict[str, Any]) -> str:
 
 
 def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_path: str | None = None,
-               data_dir=None, progress: bool = True, echo=print) -> dict[str, Any]:
+               data_dir=None, progress: bool = True, views: bool = True,
+               echo=print) -> dict[str, Any]:
     """Runs `recipe` on `model` (default: the recipe's); see the module docstring."""
     from nnxprune.io.checkpoint import save_checkpoint
     from nnxprune.io.load import load_model
@@ -250,8 +251,18 @@ def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_pat
         echo(f"wrote     {out}")
     report["seconds"]["total"] = time.perf_counter() - t0
     if report_path is not None:
+        written = [".md"]
+        if views:  # the pruned architecture for people: treescope view and per-layer plot
+            from nnxprune.inspect import inspect_model
+
+            base = Path(report_path)
+            summary = inspect_model(model_obj, source_config=dense_config,
+                                    html=base.with_suffix(".html"), png=base.with_suffix(".png"),
+                                    title=f"{recipe.name} on {name}")
+            report["summary"] = summary.to_dict()
+            written += [".html", ".png"]
         atomic.write_json(report_path, report)
         atomic.write_text(Path(report_path).with_suffix(".md"), markdown_report(report))
-        echo(f"wrote     {report_path} (and .md)")
+        echo(f"wrote     {report_path} (and {', '.join(written)})")
     echo(markdown_report(report))
     return report

@@ -64,7 +64,7 @@ def assert_user_error(code, err, *needles):
 @pytest.mark.parametrize("command, options", [
     ("eval", ["--dataset", "--seqlen", "--max-windows", "--batch-size", "--data-dir", "--json"]),
     ("generate", ["--max-new-tokens", "--temperature", "--top-k", "--top-p", "--chat"]),
-    ("export", ["--format"]),
+    ("export", ["--hf", "--checkpoint", "--format"]),
 ])
 def test_help_explains_every_option(capsys, command, options):
     with pytest.raises(SystemExit) as e:
@@ -112,9 +112,9 @@ def test_generate_greedy(capsys, tiny_folder):
 
 
 def test_export_round_trip(capsys, tiny_folder, tmp_path):
-    code, _, err = run(capsys, "export", tiny_folder, tmp_path / "ckpt", "--format", "checkpoint")
+    code, _, err = run(capsys, "export", tiny_folder, "--checkpoint", tmp_path / "ckpt")
     assert code == 0, err
-    code, _, err = run(capsys, "export", tmp_path / "ckpt", tmp_path / "hf")
+    code, _, err = run(capsys, "export", tmp_path / "ckpt", "--hf", tmp_path / "hf")
     assert code == 0, err
     a = (tiny_folder / "model.safetensors").read_bytes()
     from safetensors.numpy import load_file
@@ -185,6 +185,11 @@ def test_generate_bad_values(capsys, tiny_folder):
     assert_user_error(code, err, "max-new-tokens")
     code, _, err = run(capsys, "generate", tiny_folder, "hi", "--max-new-tokens", 100)
     assert_user_error(code, err, "context")
+
+
+def test_export_needs_an_output(capsys, tiny_folder):
+    code, _, err = run(capsys, "export", tiny_folder)
+    assert_user_error(code, err, "--hf OUT_DIR or --checkpoint OUT_DIR")
 
 
 def test_folder_without_tokenizer(capsys, tmp_path):

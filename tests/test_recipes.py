@@ -97,6 +97,11 @@ def test_weight_norm_keeps_the_largest_neurons():
     ({"kind": "remove_kv_groups", "count": 2}, "2 KV heads"),
     ({"kind": "shrink_mlp", "fraction": 0.1, "score": "taylor"}, "unknown score 'taylor'"),
     ({"kind": "drop_layers"}, "missing required key"),
+    ({"kind": "wanda", "pattern": 2}, "expected a string"),
+    ({"kind": "wanda", "pattern": "4:2"}, "0 < N < M"),
+    ({"kind": "wanda", "sparsity": 1.0}, r"\[0, 1\)"),
+    ({"kind": "remove_kv_groups", "count": 3}, "2 KV heads"),
+    ({"kind": "shrink_hidden", "count": 32}, r"count must be in \[0, 32\)"),
 ])
 def test_bad_steps_fail_before_any_work(step, match):
     model = build()
@@ -191,6 +196,9 @@ def test_prune_command_end_to_end(tmp_path, capsys):
     assert report["pruned"]["params"] < report["dense"]["params"]
     assert report["pruned"]["hidden_size"] == 24 and len(report["pruned"]["layers"]) == 3
     assert (tmp_path / "report.md").read_text().startswith("# t on")
+    assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Linear" in (tmp_path / "report.html").read_text()
+    assert report["summary"]["layers"][0]["num_heads"] == 4
     model = load_checkpoint(tmp_path / "ckpt")
     assert model.config.hidden_size == 24
     meta = read_meta(tmp_path / "ckpt")

@@ -93,8 +93,11 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not is_checkpoint(path):
         raise UserError(f"{path}: not an nnxprune checkpoint (no {META_FILE})")
-    meta = json.loads((path / META_FILE).read_text())
-    if meta.get("format") != FORMAT:
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path / META_FILE}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{path / META_FILE}: unknown format {meta.get('format')!r}")
     return meta
 
@@ -105,8 +108,13 @@ def load_checkpoint(path: str | os.PathLike) -> Llama:
 
     path = Path(path).absolute()
     meta = read_meta(path)
-    cfg = LlamaConfig.from_dict(meta["config"])
-    dtype = jnp.dtype(meta.get("param_dtype", "float32"))
+    try:
+        cfg = LlamaConfig.from_dict(meta["config"])
+        dtype = jnp.dtype(meta.get("param_dtype", "float32"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path / META_FILE}: bad config ({type(e).__name__}: {e})") from None
+    if not (path / "state").is_dir():
+        raise UserError(f"{path}: the checkpoint has no state/ folder (incomplete or damaged)")
     masked = set(meta.get("masked", []))
 
     def build():
@@ -118,6 +126,11 @@ def load_checkpoint(path: str | os.PathLike) -> Llama:
 
     abstract = nnx.eval_shape(build)
     graphdef, abstract_state = nnx.split(abstract)
-    with ocp.StandardCheckpointer() as ckptr:
-        state = ckptr.restore(path / "state", abstract_state)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            state = ckptr.restore(path / "state", abstract_state)
+    except (ValueError, KeyError, FileNotFoundError) as e:  # orbax: structure / shape mismatch, missing files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: the saved state does not match the shapes in {META_FILE} or is "
+                        f"incomplete ({first[:300]})") from None
     return nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))

@@ -25,7 +25,7 @@ def build(tie: bool, seed: int = 0) -> Llama:
                               num_kv_heads=1, intermediate_size=8, head_dim=8,
                               tie_word_embeddings=tie, max_position_embeddings=64)
     cfg = dataclasses.replace(cfg, layers=LAYERS)
-    return randomize_params(Llama(cfg, rngs=nnx.Rngs(seed)), seed=seed, scale=0.3)
+    return randomize_params(Llama(cfg, rngs=nnx.Rngs(seed)), seed=seed, scale=0.2)
 
 
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 20)), jnp.int32)
@@ -82,23 +82,25 @@ def test_find_group_errors():
 @pytest.mark.parametrize("kind, layer", [("embed", None), ("mlp", 0), ("mlp", 2), ("kv", 0),
                                          ("kv", 2), ("q", 0), ("q", 2), ("layer", 1)])
 def test_soft_edit_equals_hard_edit(tie, kind, layer):
-    rng = np.random.default_rng(zlib.crc32(f"{kind}{layer}".encode()))
-    soft, hard = build(tie), build(tie)
-    dense = logits(soft)
-    group = find_group(soft, kind, layer)
-    keep = random_keep(group, rng) if kind != "layer" else []
-    mask_group(soft, group, keep)
-    take(hard, group, keep)
-    out_soft, out_hard = logits(soft), logits(hard)
-    assert np.abs(out_soft - dense).max() > 1e-3  # the edit really changed the model
-    np.testing.assert_allclose(out_hard, out_soft, atol=2e-5, rtol=0)
-    # the hard model's config follows its shapes
-    if kind == "embed":
-        assert hard.config.hidden_size == len(set(keep))
-    elif kind == "layer":
-        assert hard.config.num_layers == 2
-    else:
-        assert find_group(hard, kind, layer).size == len(set(keep))
+    """The central invariant, property-style: for several random keep sets of the group."""
+    for draw in range(4):
+        rng = np.random.default_rng(zlib.crc32(f"{kind}{layer}{draw}".encode()))
+        soft, hard = build(tie), build(tie)
+        dense = logits(soft)
+        group = find_group(soft, kind, layer)
+        keep = random_keep(group, rng) if kind != "layer" else []
+        mask_group(soft, group, keep)
+        take(hard, group, keep)
+        out_soft, out_hard = logits(soft), logits(hard)
+        assert np.abs(out_soft - dense).max() > 1e-3  # the edit really changed the model
+        np.testing.assert_allclose(out_hard, out_soft, atol=1e-5, rtol=0)
+        # the hard model's config follows its shapes
+        if kind == "embed":
+            assert hard.config.hidden_size == len(set(keep))
+        elif kind == "layer":
+            assert hard.config.num_layers == 2
+        else:
+            assert find_group(hard, kind, layer).size == len(set(keep))
 
 
 def test_hard_edits_compose_into_a_heterogeneous_model():
