@@ -1,0 +1,303 @@
+"""SparseLLM: global pruning of a Llama MLP through auxiliary variables, over SparseGPT.
+
+Paper: Guangji Bai, Yijiang Li, Chen Ling, Kibaek Kim, Liang Zhao, "SparseLLM: Towards Global
+Pruning of Pre-trained Language Models", NeurIPS 2024, arXiv:2402.17946.
+Reference code: https://github.com/BaiTheBest/SparseLLM, file `model_utils.py`, function
+`llama_sparsellm` (with `SparseGPT_LlaMA` in `pruning_utils.py`). This module is an independent
+JAX implementation of the per-layer procedure of that function; nothing is copied.
+
+Layout: kernels are `[in, out]`, activations are token-major `[tokens, features]` (the reference
+stores `W [out, in]` and activations `[features, tokens]`; every formula below is the transpose of
+the reference's).
+
+The problem, for one decoder layer's SwiGLU MLP `Y = (silu(X Wg) * (X Wu)) Wd` with dense input
+`X [T, d]` and dense output `Y [T, d]` (both from the unpruned layer), is to find sparse
+`Wg, Wu [d, f]`, `Wd [f, d]` through auxiliary variables `s = X Wg` (gate output), `z = X Wu` (up
+output) and `p = silu(s) * z` (down input), relaxed into
+
+    L = alpha ||z - X Wu||^2 + alpha ||s - X Wg||^2 + gamma ||p - silu(s) * z||^2
+        + beta ||Y - p Wd||^2                                        (`objective_terms`)
+
+Initialisation: `z, s, p` are the dense layer's own values (`init_aux`), as in the reference.
+Then `iterations` rounds (`sparsellm_mlp`) of:
+
+1. refit (from the second round on; the first prunes the dense weights, i.e. it is SparseGPT):
+   `Wu = argmin ||X Wu - z||^2`, `Wg = argmin ||X Wg - s||^2`, `Wd = argmin ||p Wd - Y||^2`
+   (`refit`);
+2. sparsify all three with SparseGPT (`nnxprune.algorithms.sparsegpt`), fresh masks every round:
+   gate and up with the Hessian of `X` (fixed), down with the Hessian of the current `p`
+   (`2 / nsamples * p^T p`, as the reference recomputes it);
+3. `p`: closed form of `beta ||Y - p Wd||^2 + gamma ||p - silu(s) z||^2` with the pruned `Wd`
+   (`update_p`);
+4. `z`: closed form of `alpha ||z - X Wu||^2 + gamma ||p - silu(s) z||^2`, elementwise
+   (`update_z`);
+5. `s`: `s_steps` gradient steps of size `s_lr` on `alpha ||s - X Wg||^2 + gamma ||p - silu(s)
+   z||^2` (`update_s`).
+
+The weights the layer keeps are those of the last round's step 2 (steps 3-5 of the last round only
+serve the report, as in the reference, which also runs them).
+
+Defaults are the reference's for Llama: `alpha = beta = gamma = 5.0`, 8 rounds (`opt_epochs`),
+2 steps of `s` with learning rate 0.01 (`s_update_epochs`, `s_learning_rate`), SparseGPT with
+`blocksize = 128` and `percdamp = 0.01`.
+
+Where we follow the code rather than the paper, or differ from both, on purpose:
+- The paper writes the weight step as a pruning-constrained least squares; the code (and we)
+  solve the unconstrained least squares and then re-prune with SparseGPT, choosing fresh masks.
+- The paper's z update is for general alpha, gamma; the code's `z = (m + swish * p) / (swish^2 + 1)`
+  assumes `alpha == gamma`. We use the general closed form
+  `z = (alpha m + gamma silu(s) p) / (alpha + gamma silu(s)^2)`, identical at the defaults.
+- The code refits with `torch.pinverse` (an SVD, effectively unregularised). We solve the normal
+  equations with a ridge `refit_damp * mean(diag(A^T A))` (default 0.01, SparseGPT's relative
+  damping) by Cholesky: stable when `X` or `p` is rank deficient (dead channels, few tokens).
+- The code inverts the `[f, f]` matrix `beta Wd Wd^T + gamma I` for p. We use the equivalent
+  (Woodbury) `p = a + (Y - a Wd) K^-1 Wd^T` with `a = silu(s) z` and the `[d, d]` matrix
+  `K = (gamma / beta) I + Wd^T Wd` (eigenvalues >= gamma / beta): fewer flops, no `[f, f]` inverse.
+- The code's s step is a plain gradient step (chunked over tokens, which changes nothing since the
+  objective is a sum over elements). We keep that step but, per element (the objective is
+  separable), reject it where it would raise the element's objective, so the s step can never
+  diverge: with `gamma z^2 silu'(s)^2 s_lr` large a plain step overshoots.
+- The code keeps `z, s, p` in float16 and its SparseGPT calls grow the up/gate Hessian's damping
+  every round (it damps `self.H` in place); we keep the auxiliary variables in float32 and damp
+  the same fixed Hessian each round.
+- `keep_best=True` (off by default, the reference keeps the last round) keeps the round whose
+  pruned weights reconstruct `Y` best; round 1 is exactly SparseGPT, so the result is then never
+  worse than SparseGPT on the calibration data.
+
+Memory: `z, s, p` are `[T, f]` float32 each (T = calibration tokens), plus `X, Y [T, d]`; the
+jitted updates hold a few more `[T, f]` temporaries, about 6-7 `T x f` floats at the peak (e.g.
+128 x 2048 tokens and f = 1536: 1.6 GB per array, ~11 GB; 32 x 1024: ~1.4 GB).
+
+Example:
+    >>> gate, up, down, keeps, info = sparsellm_mlp(X, Y, gate, up, down, xtx, nsamples=32,
+    ...                                             sparsity=0.7)
+    >>> info["history"][-1]["reconstruction"]       # ||Y - MLP_pruned(X)||^2 on the calibration data
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from nnxprune.algorithms.sparsegpt import sparsegpt_prune
+from nnxprune.errors import UserError
+
+__all__ = ["init_aux", "update_p", "update_z", "update_s", "refit", "objective_terms",
+           "reconstruction_error", "damped_cholesky", "sparsellm_mlp"]
+
+_HI = lax.Precision.HIGHEST
+_f32 = jnp.float32
+
+
+def _dot(a, b):
+    return jnp.matmul(a, b, precision=_HI)
+
+
+def _tdot(a, b):
+    """`a^T @ b` over the token axis (0)."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=_HI)
+
+
+def _dsilu(s):
+    sig = jax.nn.sigmoid(s)
+    return sig * (1 + s * (1 - sig))
+
+
+@jax.jit
+def init_aux(X, gate, up):
+    """The dense layer's own `(z, s, p)`: up output, gate output, down input (float32)."""
+    X = X.astype(_f32)
+    s = _dot(X, gate.astype(_f32))
+    z = _dot(X, up.astype(_f32))
+    return z, s, jax.nn.silu(s) * z
+
+
+@jax.jit
+def update_p(Y, down, z, s, beta, gamma):
+    """argmin_p `beta ||Y - p Wd||^2 + gamma ||p - silu(s) z||^2`, exactly (module docstring)."""
+    Wd = down.astype(_f32)
+    a = jax.nn.silu(s) * z
+    K = (gamma / beta) * jnp.eye(Wd.shape[1], dtype=_f32) + _tdot(Wd, Wd)
+    M = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(K), True), Wd.T)  # K^-1 Wd^T [d, f]
+    return a + _dot(Y.astype(_f32) - _dot(a, Wd), M)
+
+
+@jax.jit
+def update_z(X, up, s, p, alpha, gamma):
+    """argmin_z `alpha ||z - X Wu||^2 + gamma ||p - silu(s) z||^2` (elementwise closed form)."""
+    m = _dot(X.astype(_f32), up.astype(_f32))
+    sw = jax.nn.silu(s)
+    return (alpha * m + gamma * sw * p) / (alpha + gamma * sw * sw)
+
+
+def _s_objective(s, n, z, p, alpha, gamma):
+    r = p - jax.nn.silu(s) * z
+    return alpha * (s - n) ** 2 + gamma * r * r
+
+
+@functools.partial(jax.jit, static_argnames=("steps",))
+def update_s(X, gate, z, p, s, alpha, gamma, lr, *, steps):
+    """`steps` gradient steps of size `lr` on `alpha ||s - X Wg||^2 + gamma ||p - silu(s) z||^2`;
+    a step is kept only for the elements whose own objective it does not raise."""
+    n = _dot(X.astype(_f32), gate.astype(_f32))
+
+    def step(_, s):
+        grad = 2 * alpha * (s - n) - 2 * gamma * (p - jax.nn.silu(s) * z) * z * _dsilu(s)
+        new = s - lr * grad
+        better = _s_objective(new, n, z, p, alpha, gamma) <= _s_objective(s, n, z, p, alpha, gamma)
+        return jnp.where(better, new, s)
+
+    return lax.fori_loop(0, steps, step, s)
+
+
+@jax.jit
+def damped_cholesky(gram, damp):
+    """Lower Cholesky factor of `gram + damp * mean(diag(gram)) I` (a tiny absolute floor keeps an
+    all-zero gram factorizable)."""
+    gram = gram.astype(_f32)
+    lam = jnp.maximum(damp * jnp.mean(jnp.diag(gram)), 1e-8)
+    return jnp.linalg.cholesky(gram + lam * jnp.eye(gram.shape[0], dtype=_f32))
+
+
+@jax.jit
+def refit(X, x_chol, Y, z, s, p, damp):
+    """Ridge least squares to the auxiliary variables: `Wg = (X^T X + l)^-1 X^T s`, `Wu` likewise
+    from `z` (`x_chol` = `damped_cholesky(X^T X, damp)`), `Wd = (p^T p + l)^-1 p^T Y`.
+    Returns `(gate, up, down, p^T p)`."""
+    X = X.astype(_f32)
+    up = jax.scipy.linalg.cho_solve((x_chol, True), _tdot(X, z))
+    gate = jax.scipy.linalg.cho_solve((x_chol, True), _tdot(X, s))
+    ptp = _tdot(p, p)
+    down = jax.scipy.linalg.cho_solve((damped_cholesky(ptp, damp), True), _tdot(p, Y.astype(_f32)))
+    return gate, up, down, ptp
+
+
+@jax.jit
+def reconstruction_error(X, Y, gate, up, down):
+    """`||Y - (silu(X Wg) * (X Wu)) Wd||^2` (sum over tokens and features)."""
+    X = X.astype(_f32)
+    out = _dot(jax.nn.silu(_dot(X, gate.astype(_f32))) * _dot(X, up.astype(_f32)),
+               down.astype(_f32))
+    return jnp.sum((Y.astype(_f32) - out) ** 2)
+
+
+@jax.jit
+def objective_terms(X, Y, gate, up, down, z, s, p, alpha, beta, gamma):
+    """The four terms of the relaxed objective `L` (module docstring) and their sum."""
+    X = X.astype(_f32)
+    terms = {
+        "up": alpha * jnp.sum((z - _dot(X, up.astype(_f32))) ** 2),
+        "gate": alpha * jnp.sum((s - _dot(X, gate.astype(_f32))) ** 2),
+        "act": gamma * jnp.sum((p - jax.nn.silu(s) * z) ** 2),
+        "down": beta * jnp.sum((Y.astype(_f32) - _dot(p, down.astype(_f32))) ** 2),
+    }
+    terms["total"] = terms["up"] + terms["gate"] + terms["act"] + terms["down"]
+    return terms
+
+
+def _finite(*arrays) -> bool:
+    return all(bool(jnp.all(jnp.isfinite(a))) for a in arrays)
+
+
+def _check_number(name, value, *, positive=True):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (value <= 0 if positive else value < 0):
+        raise UserError(f"SparseLLM: {name} must be a finite number {'> 0' if positive else '>= 0'}, "
+                        f"got {value!r}")
+
+
+def sparsellm_mlp(X, Y, gate, up, down, xtx, nsamples: int, *, sparsity: float | None = None,
+                  n: int = 0, m: int = 0, alpha: float = 5.0, beta: float = 5.0, gamma: float = 5.0,
+                  iterations: int = 8, s_steps: int = 2, s_lr: float = 0.01, blocksize: int = 128,
+                  percdamp: float = 0.01, refit_damp: float = 0.01, keep_best: bool = False,
+                  h_down=None, where: str = "mlp", log=None):
+    """Prunes one SwiGLU MLP with SparseLLM (module docstring).
+
+    `X, Y [T, d]`: the layer's dense MLP input and output over all calibration tokens; `gate, up
+    [d, f]`, `down [f, d]`: the dense kernels; `xtx = X^T X` (SparseGPT's Hessian of gate and up
+    is `2 / nsamples * xtx`); `h_down`: the down projection's first-round Hessian (default
+    `2 / nsamples * p^T p` of the dense `p`, which is what the calibration driver collects).
+    Sparsity: `sparsity` (unstructured) or `n`, `m` (N:M), as `sparsegpt_prune`.
+
+    Returns `(gate, up, down, keeps, info)`: float32 kernels zero where the boolean `keeps`
+    (`{"gate", "up", "down"}`) are False, and `info` with `history` (per round: the pruned MLP's
+    `reconstruction` error `||Y - MLP(X)||^2`, `relative` (divided by `||Y||^2`), the objective
+    `L` `before` and `after` the auxiliary updates, SparseGPT `retries`, `seconds`), `best_round`
+    and `y_norm`. Non-finite values anywhere raise a UserError naming `where`.
+    `log(round_info)`, when given, is called after every round.
+    """
+    for name, v in (("alpha", alpha), ("beta", beta), ("gamma", gamma), ("s_lr", s_lr)):
+        _check_number(name, v)
+    _check_number("refit_damp", refit_damp, positive=False)
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise UserError(f"SparseLLM: iterations must be an integer >= 1, got {iterations!r}")
+    if isinstance(s_steps, bool) or not isinstance(s_steps, int) or s_steps < 0:
+        raise UserError(f"SparseLLM: s_steps must be an integer >= 0, got {s_steps!r}")
+    X, Y = jnp.asarray(X, _f32), jnp.asarray(Y, _f32)
+    gate, up, down = (jnp.asarray(w, _f32) for w in (gate, up, down))
+    xtx = jnp.asarray(xtx, _f32)
+    d, f = gate.shape
+    if X.ndim != 2 or Y.shape != X.shape or X.shape[1] != d or up.shape != (d, f) \
+            or down.shape != (f, d) or xtx.shape != (d, d):
+        raise UserError(f"SparseLLM: {where}: shapes do not fit a SwiGLU MLP: X {X.shape}, "
+                        f"Y {Y.shape}, gate {gate.shape}, up {up.shape}, down {down.shape}, "
+                        f"xtx {xtx.shape}")
+    if not _finite(X, Y, gate, up, down, xtx):
+        raise UserError(f"SparseLLM: {where}: non-finite values (NaN/Inf) in the layer's weights or "
+                        "in its calibration inputs/outputs; stopping")
+    alpha, beta, gamma, s_lr, refit_damp = (np.float32(v) for v in (alpha, beta, gamma, s_lr,
+                                                                    refit_damp))
+    scale = 2.0 / nsamples
+
+    def prune(kernel, H, name, rnd):
+        try:
+            return sparsegpt_prune(kernel, H, sparsity=sparsity, n=n, m=m, blocksize=blocksize,
+                                   percdamp=percdamp)
+        except ValueError as e:
+            raise UserError(f"SparseLLM: {where}.{name}, round {rnd}: {e}") from None
+
+    z, s, p = init_aux(X, gate, up)
+    h_x = xtx * scale
+    h_p = _tdot(p, p) * scale if h_down is None else jnp.asarray(h_down, _f32)
+    x_chol = damped_cholesky(xtx, refit_damp) if iterations > 1 else None
+    y_norm = float(jnp.sum(Y * Y))
+    history, best = [], None
+    for rnd in range(iterations):
+        t0 = time.perf_counter()
+        if rnd > 0:
+            gate, up, down, ptp = refit(X, x_chol, Y, z, s, p, refit_damp)
+            h_p = ptp * scale
+        gate, keep_g, info_g = prune(gate, h_x, "gate_proj", rnd)
+        up, keep_u, info_u = prune(up, h_x, "up_proj", rnd)
+        down, keep_d, info_d = prune(down, h_p, "down_proj", rnd)
+        recon = float(reconstruction_error(X, Y, gate, up, down))
+        before = float(objective_terms(X, Y, gate, up, down, z, s, p, alpha, beta, gamma)["total"])
+        p = update_p(Y, down, z, s, beta, gamma)
+        z = update_z(X, up, s, p, alpha, gamma)
+        s = update_s(X, gate, z, p, s, alpha, gamma, s_lr, steps=s_steps)
+        terms = {k: float(v) for k, v in
+                 objective_terms(X, Y, gate, up, down, z, s, p, alpha, beta, gamma).items()}
+        if not (math.isfinite(recon) and math.isfinite(before)
+                and all(math.isfinite(v) for v in terms.values())):
+            raise UserError(f"SparseLLM: {where}, round {rnd}: the objective became non-finite "
+                            f"(reconstruction {recon}, objective {terms['total']}); stopping. Try "
+                            "smaller s_lr or larger refit_damp")
+        entry = {"round": rnd, "reconstruction": recon,
+                 "relative": recon / y_norm if y_norm > 0 else 0.0,
+                 "before": before, "after": terms["total"], "terms": terms,
+                 "retries": {k: i["retries"] for k, i in (("gate", info_g), ("up", info_u),
+                                                           ("down", info_d)) if i["retries"]},
+                 "seconds": time.perf_counter() - t0}
+        history.append(entry)
+        if log is not None:
+            log(entry)
+        if best is None or not keep_best or recon < best[0]:
+            best = (recon, rnd, gate, up, down, {"gate": keep_g, "up": keep_u, "down": keep_d})
+    _, best_round, gate, up, down, keeps = best
+    return gate, up, down, keeps, {"history": history, "best_round": best_round, "y_norm": y_norm}
