@@ -15,19 +15,15 @@ Writes benchmarks/results/sparsity.json and sparsity.md.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, matmul_rate  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import (add_pruning_args, matmul_rate, prepare_pruning, prune_and_score,  # noqa: E402
+                    pruning_report, write_results)
 
 
 def decoder_flops_per_token(config, seqlen: int) -> float:
@@ -44,76 +40,32 @@ def decoder_flops_per_token(config, seqlen: int) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--methods", default="magnitude,wanda,sparsegpt")
     p.add_argument("--patterns", default="0.5,2:4,4:8", help="unstructured sparsities and N:M patterns")
-    p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-windows", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
-    p.add_argument("--out", default=str(RESULTS / "sparsity.json"))
+    add_pruning_args(p, "sparsity.json")
     args = p.parse_args(argv)
 
-    from flax import nnx
-
-    from nnxprune.calibration import calibration_samples
-    from nnxprune.evaluate import data as data_lib
-    from nnxprune.evaluate.perplexity import score_windows
-    from nnxprune.evaluate.protocol import protocol_for
-    from nnxprune.io import atomic
-    from nnxprune.io.load import load_model
-    from nnxprune.runner import PeakMemory, measured_sparsity
-    from nnxprune.transforms import Context, from_dict
-
-    loaded = load_model(args.model)
-    data_dir = data_lib.resolve_data_dir(None)
-    protocol = protocol_for("wikitext2", seqlen=1024, max_windows=args.eval_windows)
-    windows = data_lib.windows(data_lib.token_stream(protocol, loaded.tokenizer, data_dir), protocol)
-    t0 = time.perf_counter()
-    calib = calibration_samples(loaded.tokenizer, dataset="c4", nsamples=args.nsamples,
-                                seqlen=args.seqlen, seed=args.seed, data_dir=data_dir)
-    draw_seconds = time.perf_counter() - t0
+    setup = prepare_pruning(args)
     rates = [matmul_rate()]  # measured again before every method; the median is the floor
-    flops = 2 * decoder_flops_per_token(loaded.model.config, args.seqlen) * calib.tokens.size
-
-    rows = []
-    dense = score_windows(loaded.model, windows, protocol, progress=False)
-    rows.append({"method": "dense", "pattern": "-", "ppl": dense.ppl,
-                 "sparsity": measured_sparsity(loaded.model)["overall"]})
-    print(f"dense ppl {dense.ppl:.3f}", flush=True)
+    flops = 2 * decoder_flops_per_token(setup.loaded.model.config, args.seqlen) * setup.calib.tokens.size
+    rows = [setup.dense_row]
     for method in args.methods.split(","):
         for pattern in args.patterns.split(","):
             spec = {"kind": method, **({"pattern": pattern} if ":" in pattern
                                        else {"sparsity": float(pattern)})}
             if method != "magnitude":
                 spec["batch_size"] = args.batch_size
-            transform = from_dict(spec)
             rates.append(matmul_rate())
-            model = nnx.clone(loaded.model)
-            transform.check(model.config)
-            ctx = Context(tokens=calib.tokens, progress=False)
-            t0 = time.perf_counter()
-            with PeakMemory() as memory:
-                transform(model, ctx)
-            seconds = time.perf_counter() - t0
-            timings = ctx.report["transforms"][-1].get("timings", {})
-            forward = sum(v for k, v in timings.items() if k != "visit")
-            result = score_windows(model, windows, protocol, progress=False)
-            row = {"method": method, "pattern": pattern if ":" in pattern else f"{float(pattern):.0%}",
-                   "ppl": result.ppl, "sparsity": measured_sparsity(model)["overall"],
-                   "prune_seconds": seconds, "calibration_forward_seconds": forward,
-                   "solve_seconds": seconds - forward, "peak_memory_bytes": memory.peak,
-                   "floor_ratio": None}
-            retries = ctx.report["transforms"][-1].get("damping_retries")
-            if retries:
-                row["damping_retries"] = retries
-            row["matmul_gflops_before"] = rates[-1]
+            row, entry = prune_and_score(setup, spec)
+            forward = sum(v for k, v in entry.get("timings", {}).items() if k != "visit")
+            row.update(calibration_forward_seconds=forward,
+                       solve_seconds=row["prune_seconds"] - forward, floor_ratio=None,
+                       matmul_gflops_before=rates[-1])
             rows.append(row)
             print(f"{method:9s} {row['pattern']:>4s}  ppl {row['ppl']:10.3f}  sparsity "
-                  f"{row['sparsity']:.4f}  {seconds:6.1f} s (forward {forward:.1f}, solve "
-                  f"{seconds - forward:.1f})  peak {memory.peak / 2**30:.2f} GiB", flush=True)
-            del model
+                  f"{row['sparsity']:.4f}  {row['prune_seconds']:6.1f} s (forward {forward:.1f}, "
+                  f"solve {row['solve_seconds']:.1f})  peak {row['peak_memory_bytes'] / 2**30:.2f} GiB",
+                  flush=True)
 
     rate = float(np.median(rates))
     floor = flops / (rate * 1e9)
@@ -121,17 +73,9 @@ def main(argv=None) -> int:
         if row.get("calibration_forward_seconds"):
             row["floor_ratio"] = row["calibration_forward_seconds"] / floor
     print(f"matmul {rate:.0f} GFLOP/s (median of {len(rates)}); calibration floor {floor:.1f} s "
-          f"({flops / 1e12:.2f} TFLOP: two passes over {calib.tokens.size:,} tokens)", flush=True)
-    report = {
-        "benchmark": "sparsity", "model": args.model, "source": loaded.source,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(), "threads": {"OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS")},
-        "calibration": {"dataset": "c4", "nsamples": args.nsamples, "seqlen": args.seqlen,
-                        "seed": args.seed, "source": str(calib.source), "draw_seconds": draw_seconds},
-        "protocol": protocol.to_dict(), "protocol_text": protocol.describe(),
-        "matmul_gflops": rate, "matmul_gflops_runs": rates, "calibration_floor_seconds": floor, "calibration_flops": flops,
-        "rows": rows,
-    }
+          f"({flops / 1e12:.2f} TFLOP: two passes over {setup.calib.tokens.size:,} tokens)", flush=True)
+    report = pruning_report("sparsity", args, setup, matmul_gflops=rate, matmul_gflops_runs=rates,
+                            calibration_floor_seconds=floor, calibration_flops=flops, rows=rows)
     md = ["| method | pattern | perplexity | sparsity | prune s | calib. forward s | solve s | "
           "forward / floor | peak memory |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -142,13 +86,10 @@ def main(argv=None) -> int:
         md.append(f"| {r['method']} | {r['pattern']} | {r['ppl']:.2f} | {r['sparsity']:.2%} | "
                   f"{r['prune_seconds']:.1f} | {r['calibration_forward_seconds']:.1f} | "
                   f"{r['solve_seconds']:.1f} | {ratio} | {r['peak_memory_bytes'] / 2**30:.2f} GiB |")
-    md += ["", f"SmolLM2-135M ({loaded.source}); calibration c4 {args.nsamples} x {args.seqlen}, "
-               f"seed {args.seed}; {protocol.describe()}. Matmul rate {rate:.0f} GFLOP/s; "
-               f"calibration floor {floor:.1f} s (two forward passes per layer)."]
-    text = "\n".join(md) + "\n"
-    print(text)
-    atomic.write_json(args.out, report)
-    atomic.write_text(Path(args.out).with_suffix(".md"), text)
+    md += ["", f"{args.model} ({setup.loaded.source}); calibration c4 {args.nsamples} x {args.seqlen}, "
+               f"seed {args.seed}; {setup.protocol.describe()}. Matmul rate {rate:.0f} GFLOP/s (median "
+               f"of {len(rates)}); calibration floor {floor:.1f} s (two forward passes per layer)."]
+    write_results(args.out, report, "\n".join(md) + "\n")
     return 0
 
 
