@@ -17,9 +17,14 @@ Pruning, from Python or from a recipe file:
     ...     loaded.tokenizer, nsamples=32, seqlen=1024).tokens))
     >>> report = nxp.run_recipe(nxp.load_recipe("recipes/wanda.toml"), model="smollm2-135m",
     ...                         out="out/wanda", report_path="out/wanda.json")
+
+Recovery training (distillation, LoRA, continued pretraining; masks held, sharded):
+
+    >>> cfg = nxp.recovery.RecoveryConfig.from_dict({"kind": "distill", "steps": 100})
+    >>> nxp.recovery.train(pruned, cfg, tokenizer=loaded.tokenizer, teacher=loaded.model)
 """
 
-from nnxprune import graph, transforms
+from nnxprune import graph, recovery, transforms
 from nnxprune.calibration import CalibrationSet, calibration_samples
 from nnxprune.errors import UserError
 from nnxprune.evaluate.perplexity import PerplexityResult, evaluate_perplexity
@@ -40,7 +45,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CalibrationSet", "Context", "Pipeline", "Recipe", "Transform", "calibration_samples", "graph",
-    "inspect_model", "load_recipe", "run_recipe", "transforms",
+    "inspect_model", "load_recipe", "recovery", "run_recipe", "transforms",
     "Embed", "GenerationResult", "LayerShape", "Linear", "Llama", "LlamaConfig", "Loaded", "Mask",
     "PerplexityProtocol", "PerplexityResult", "RMSNorm", "UserError", "evaluate_perplexity",
     "export_hf", "generate", "generate_text", "init_cache", "load_checkpoint", "load_model",

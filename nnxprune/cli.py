@@ -4,6 +4,7 @@
     nnxprune generate MODEL "PROMPT" --max-new-tokens 32
     nnxprune export MODEL OUT_DIR [--format hf|checkpoint]
     nnxprune models
+    nnxprune train CKPT --recipe RECIPE --out OUT_DIR --json REPORT [--distributed]
 
 `MODEL` is a model card name (`nnxprune models` lists them), a Hugging Face folder, a GGUF file or
 an nnxprune checkpoint. Bad input (unknown card, missing file, unsupported architecture, a window
@@ -115,6 +116,17 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _distributed(args) -> None:
+    """`--distributed`: join the multi-process JAX runtime (coordinator, process count and id
+    come from the cluster environment: SLURM, Open MPI, TPU pod slices, or JAX_COORDINATOR_*)."""
+    if getattr(args, "distributed", False):
+        import jax
+
+        jax.distributed.initialize()
+        print(f"jax       process {jax.process_index()} of {jax.process_count()}, "
+              f"{jax.device_count()} devices ({jax.local_device_count()} local)", flush=True)
+
+
 def cmd_prune(args) -> int:
     from nnxprune.io import atomic
     from nnxprune.recipes import load_recipe
@@ -123,8 +135,23 @@ def cmd_prune(args) -> int:
     recipe = load_recipe(args.recipe, args.set or [])
     atomic.check_writable(args.out)
     atomic.check_writable(args.json)
-    run_recipe(recipe, model=args.model, out=args.out, report_path=args.json,
+    _distributed(args)
+    run_recipe(recipe, model=args.model, out=args.out, report_path=args.json, train_dir=args.train_dir,
                data_dir=args.data_dir, progress=not args.no_progress, views=not args.no_views)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from nnxprune.io import atomic
+    from nnxprune.recipes import load_recipe
+    from nnxprune.recovery.run import run_train
+
+    recipe = load_recipe(args.recipe, args.set or [])
+    atomic.check_writable(args.out)
+    atomic.check_writable(args.json)
+    _distributed(args)
+    run_train(args.model, recipe, out=args.out, report_path=args.json, teacher=args.teacher,
+              train_dir=args.train_dir, data_dir=args.data_dir, progress=not args.no_progress)
     return 0
 
 
@@ -247,7 +274,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--no-views", action="store_true",
                    help="skip the treescope HTML view and PNG plot written beside the report")
+    p.add_argument("--train-dir", default=None,
+                   help="recovery logs (metrics.jsonl, loss.png) and resumable checkpoints "
+                        "(default: REPORT.train/ beside the report)")
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (multi-host GPU / TPU runs)")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("train", formatter_class=fmt,
+                       help="Run a recipe's [recovery] alone on a (pruned) model: distillation, "
+                            "LoRA or continued pretraining, sharded over the devices.",
+                       description="Recovery training alone: load MODEL (usually a pruned "
+                                   "checkpoint), evaluate, train with the recipe's [recovery] "
+                                   "settings (masks held), evaluate again, write a checkpoint "
+                                   "and a JSON + Markdown report.")
+    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument("--recipe", required=True, help="a recipe TOML file with a [recovery] section")
+    p.add_argument("--out", default=None, help="checkpoint folder to write (replaced atomically)")
+    p.add_argument("--json", metavar="REPORT", default=None,
+                   help="report JSON to write (a Markdown twin is written beside it)")
+    p.add_argument("--teacher", default=None,
+                   help="distillation teacher (default: recovery.distill.teacher, else the "
+                        "checkpoint's recorded source model)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value, e.g. --set recovery.steps=50 (repeatable)")
+    p.add_argument("--train-dir", default=None,
+                   help="metrics.jsonl, loss.png and resumable checkpoints (default: "
+                        "REPORT.train/, else OUT.train/); a run finding checkpoints there resumes")
+    p.add_argument("--data-dir", default=None, help="folder with the training / evaluation data "
+                                                    "(default: $NNXPRUNE_DATA_DIR, else the hub)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (multi-host GPU / TPU runs)")
+    p.set_defaults(func=cmd_train)
 
     p = model_command("inspect", "Show a model's architecture and sparsity: per-layer table "
                                  "(heads, KV heads, MLP width, parameters, sparsity, N:M pattern), "

@@ -17,6 +17,12 @@ A recipe is TOML (read with `tomllib`) and maps one to one onto the objects a Py
     seqlen = 2048
     seed = 0
 
+    [recovery]                         # training after pruning (nnxprune.recovery.config)
+    kind = "distill"                   # "distill" | "lora" | "pretrain"
+    steps = 200
+    [recovery.distill]
+    temperature = 1.0
+
     [eval]                             # a perplexity protocol (nnxprune.evaluate.protocol)
     dataset = "wikitext2"
     seqlen = 2048
@@ -39,6 +45,7 @@ from typing import Any, Mapping, Sequence
 from nnxprune.errors import UserError
 from nnxprune.evaluate.protocol import PerplexityProtocol
 from nnxprune.models.llama import LlamaConfig
+from nnxprune.recovery.config import RecoveryConfig
 from nnxprune.transforms import Pipeline, from_dict
 from nnxprune.transforms.base import nearest
 
@@ -81,7 +88,7 @@ class Recipe:
     paper: str | None = None
     pipeline: Pipeline
     calibration: Calibration | None = None
-    recovery: dict[str, Any] | None = None
+    recovery: RecoveryConfig | None = None
     eval: PerplexityProtocol | None = None
     path: str | None = None
     raw: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
@@ -91,7 +98,10 @@ class Recipe:
         if self.eval is not None and self.eval.seqlen > config.max_position_embeddings:
             raise UserError(f"eval.seqlen {self.eval.seqlen} is beyond the model's context of "
                             f"{config.max_position_embeddings} tokens")
-        return self.pipeline.check(config)
+        predicted = self.pipeline.check(config)
+        if self.recovery is not None:  # mesh, batch, LoRA targets: before any work
+            self.recovery.check(predicted)
+        return predicted
 
     def to_dict(self) -> dict[str, Any]:
         return self.raw
@@ -163,15 +173,10 @@ def _build_eval(section: dict[str, Any] | None) -> PerplexityProtocol | None:
         raise UserError(f"eval: {e}") from None
 
 
-def _build_recovery(section: dict[str, Any] | None) -> dict[str, Any] | None:
+def _build_recovery(section: dict[str, Any] | None) -> RecoveryConfig | None:
     if section is None:
         return None
-    kinds = ("distill", "lora", "pretrain")
-    kind = section.get("kind")
-    if kind not in kinds:
-        raise UserError("recovery: " + nearest(str(kind), kinds, "recovery kind"))
-    raise UserError(f"recovery kind {kind!r} is not available in this version of nnxprune yet "
-                    f"(recovery training is its own work item); remove the [recovery] section")
+    return RecoveryConfig.from_dict(section)  # strict: unknown keys name the nearest valid one
 
 
 def parse_recipe(data: dict[str, Any], *, path: str | None = None) -> Recipe:

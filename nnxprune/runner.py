@@ -148,6 +148,12 @@ def markdown_report(report: dict[str, Any]) -> str:
     if "ppl" in dense:
         lines.append(f"| perplexity | {dense['ppl']:.3f} | {pruned['ppl']:.3f} |")
     lines.append("")
+    if report.get("recovery") and report["recovery"].get("losses"):
+        rec, after = report["recovery"], report.get("recovered", {})
+        ppl = f", perplexity {after['ppl']:.3f} after" if "ppl" in after else ""
+        lines += [f"Recovery {rec['settings']['kind']}: {rec['steps']} steps, training loss "
+                  f"{rec['first_loss']:.4f} -> {rec['final_loss']:.4f}, sparsity "
+                  f"{after.get('sparsity', 0):.2%}{ppl}.", ""]
     if report.get("method"):
         lines.append(f"Method {report['method']}, pattern {report['pattern']}, target sparsity "
                      f"{report['target_sparsity']:.2%}.")
@@ -162,8 +168,12 @@ def markdown_report(report: dict[str, Any]) -> str:
 
 def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_path: str | None = None,
                data_dir=None, progress: bool = True, views: bool = True,
-               echo=print) -> dict[str, Any]:
-    """Runs `recipe` on `model` (default: the recipe's); see the module docstring."""
+               echo=print, train_dir=None) -> dict[str, Any]:
+    """Runs `recipe` on `model` (default: the recipe's); see the module docstring.
+
+    With a `[recovery]` section the pruned model is trained after the transforms (logs and
+    resumable checkpoints in `train_dir`, default `REPORT.train/`) and evaluated again.
+    """
     from nnxprune.io.checkpoint import save_checkpoint
     from nnxprune.io.load import load_model
 
@@ -176,6 +186,14 @@ def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_pat
     if recipe.eval is not None:
         data_lib.check_available(recipe.eval.dataset, recipe.eval.split, data_dir)
     _check_calibration_source(recipe, data_dir)
+    if recipe.recovery is not None:
+        from nnxprune.recovery import data as recovery_data
+
+        recovery_data.check_source(recipe.recovery.dataset, data_dir)
+        lora = recipe.recovery.lora
+        if lora is not None and not lora.merge and out is not None:
+            raise UserError("recovery.lora.merge = false keeps the adapters outside the kernels, "
+                            "but checkpoints hold plain projections: set merge = true or drop --out")
 
     t0 = time.perf_counter()
     loaded = load_model(name)
@@ -215,6 +233,11 @@ def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_pat
 
     t1 = time.perf_counter()
     with PeakMemory() as memory:
+        teacher = None  # distillation learns from the unpruned model
+        if recipe.recovery is not None and recipe.recovery.kind == "distill":
+            from flax import nnx
+
+            teacher = nnx.clone(model_obj)
         model_obj = recipe.pipeline(model_obj, ctx)
     report["seconds"]["prune"] = time.perf_counter() - t1
     report["peak_memory_bytes"] = memory.peak
@@ -241,6 +264,20 @@ def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_pat
     if recipe.eval is not None:
         report["pruned"].update(_ppl(model_obj, tokenizer, recipe.eval, data_dir, progress))
         echo(f"pruned    ppl {report['pruned']['ppl']:.4f}")
+    if recipe.recovery is not None:
+        from nnxprune.recovery.run import default_train_dir, recover
+
+        t1 = time.perf_counter()
+        report["recovery"] = recover(
+            model_obj, recipe.recovery, tokenizer=tokenizer, teacher=teacher, data_dir=data_dir,
+            log_dir=train_dir or default_train_dir(out, report_path), progress=progress, echo=echo)
+        del teacher
+        report["seconds"]["recovery"] = time.perf_counter() - t1
+        report["recovered"] = {"params": count_params(model_obj),
+                               "sparsity": measured_sparsity(model_obj)["overall"]}
+        if recipe.eval is not None:
+            report["recovered"].update(_ppl(model_obj, tokenizer, recipe.eval, data_dir, progress))
+            echo(f"recovered ppl {report['recovered']['ppl']:.4f}")
 
     if out is not None:
         provenance = {"recipe": recipe.to_dict(), "recipe_path": recipe.path, "source": loaded.source,

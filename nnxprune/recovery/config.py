@@ -1,0 +1,304 @@
+"""The `[recovery]` recipe section as frozen dataclasses, validated strictly before any work.
+
+    [recovery]
+    kind = "distill"            # "distill" | "lora" | "pretrain"
+    dataset = "c4"              # c4, wikitext2 or a .txt / .jsonl / .parquet file
+    steps = 200                 # optimizer steps
+    batch_size = 8              # sequences per optimizer step (all devices, all micro-batches)
+    grad_accum = 1              # micro-batches per step (batch_size / grad_accum per forward)
+    seqlen = 512                # tokens per packed window
+    lr = 1e-4                   # peak learning rate (linear warmup, then cosine)
+    warmup_steps = 10
+    min_lr_ratio = 0.1          # the cosine ends at lr * min_lr_ratio
+    weight_decay = 0.0          # AdamW (decoupled) weight decay
+    clip_norm = 1.0             # global gradient-norm clipping (0 = off)
+    compute_dtype = "float32"   # or "bfloat16": bf16 forward/backward, float32 master weights
+    seed = 0
+    eval_every = 50             # held-out evaluation every N steps (0 = only at the end)
+    eval_batches = 2            # held-out batches of batch_size windows
+    checkpoint_every = 0        # Orbax checkpoints for resume every N steps (0 = off)
+    keep_checkpoints = 2        # keep the last N
+
+    [recovery.distill]          # kind = "distill" only (Minitron, arXiv 2407.14679)
+    temperature = 1.0
+    kd_weight = 1.0             # forward KL(teacher || student) on logits, times T^2
+    ce_weight = 0.0             # plus next-token cross-entropy
+    hidden_layers = []          # plus hidden-state MSE after these decoder layers...
+    hidden_weight = 0.0         # ...weighted by this
+    teacher = ""                # model for `nnxprune train` (default: the checkpoint's source)
+
+    [recovery.lora]             # kind = "lora" only (LoRA, arXiv 2106.09685)
+    targets = '.*_proj'         # regex, fully matched against module paths (layers.3.mlp.up_proj)
+    rank = 8
+    alpha = 16.0
+    dropout = 0.0
+    merge = true                # merge adapters into the kernels at the end (masked)
+
+    [recovery.mesh]             # logical axes of the device mesh; -1 = all remaining devices
+    data = -1
+    fsdp = 1
+    tensor = 1
+
+Every key is checked (an unknown one names the nearest valid key), values are type- and
+range-checked, and `RecoveryConfig.check(config, device_count)` checks what depends on the model
+and the machine (LoRA regex matching nothing, mesh not dividing the devices, batch not divisible
+by the batch axes) before the model is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from nnxprune.errors import UserError
+
+KINDS = ("distill", "lora", "pretrain")
+DTYPES = ("float32", "bfloat16")
+DATASETS = ("c4", "wikitext2")
+
+
+def _nearest(name: str, options, what: str) -> str:
+    from nnxprune.transforms.base import nearest
+
+    return nearest(name, options, what)
+
+
+def _check_int(where: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"{where} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_float(where: str, value: Any, minimum: float, *, strict: bool = False,
+                 maximum: float | None = None) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (value > minimum if strict else value >= minimum)
+    ok = ok and (maximum is None or value <= maximum)
+    if not ok:
+        bound = f"> {minimum}" if strict else f">= {minimum}"
+        if maximum is not None:
+            bound += f" and <= {maximum}"
+        raise UserError(f"{where} must be a number {bound}, got {value!r}")
+
+
+def _build(cls, section: Any, where: str):
+    if not isinstance(section, dict):
+        raise UserError(f"[{where}] must be a table")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key in section:
+        if key not in fields:
+            raise UserError(f"{where}: " + _nearest(key, fields, "key"))
+    return cls(**section)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistillConfig:
+    """Logit distillation from a frozen teacher, plus optional CE and hidden-state MSE."""
+
+    temperature: float = 1.0
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+    hidden_layers: tuple[int, ...] = ()
+    hidden_weight: float = 0.0
+    teacher: str = ""
+
+    def __post_init__(self):
+        _check_float("recovery.distill.temperature", self.temperature, 0.0, strict=True)
+        for name in ("kd_weight", "ce_weight", "hidden_weight"):
+            _check_float(f"recovery.distill.{name}", getattr(self, name), 0.0)
+        if not isinstance(self.hidden_layers, (list, tuple)):
+            raise UserError(f"recovery.distill.hidden_layers must be a list of layer indices, "
+                            f"got {self.hidden_layers!r}")
+        for i in self.hidden_layers:
+            _check_int("recovery.distill.hidden_layers[]", i, 0)
+        object.__setattr__(self, "hidden_layers", tuple(self.hidden_layers))
+        if self.hidden_weight > 0 and not self.hidden_layers:
+            raise UserError("recovery.distill.hidden_weight > 0 needs hidden_layers")
+        if self.kd_weight == 0 and self.ce_weight == 0 and self.hidden_weight == 0:
+            raise UserError("recovery.distill: kd_weight, ce_weight and hidden_weight are all 0")
+        if not isinstance(self.teacher, str):
+            raise UserError(f"recovery.distill.teacher must be a model name or path, got "
+                            f"{self.teacher!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRAConfig:
+    """Low-rank adapters on the projections whose module path fully matches `targets`."""
+
+    targets: str = r".*_proj"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    merge: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.targets, str) or not self.targets:
+            raise UserError(f"recovery.lora.targets must be a regex, got {self.targets!r}")
+        try:
+            re.compile(self.targets)
+        except re.error as e:
+            raise UserError(f"recovery.lora.targets {self.targets!r} is not a valid regex ({e})") \
+                from None
+        _check_int("recovery.lora.rank", self.rank, 1)
+        _check_float("recovery.lora.alpha", self.alpha, 0.0, strict=True)
+        _check_float("recovery.lora.dropout", self.dropout, 0.0, maximum=0.99)
+        if not isinstance(self.merge, bool):
+            raise UserError(f"recovery.lora.merge must be true or false, got {self.merge!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+    """Sizes of the logical mesh axes; one of them may be -1 (all remaining devices)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = dataclasses.asdict(self)
+        for name, size in sizes.items():
+            if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+                raise UserError(f"recovery.mesh.{name} must be a positive integer or -1, got {size!r}")
+        if sum(1 for s in sizes.values() if s == -1) > 1:
+            raise UserError("recovery.mesh: at most one axis can be -1")
+
+    def resolve(self, device_count: int) -> dict[str, int]:
+        """Axis sizes for `device_count` devices (UserError when they do not divide it)."""
+        sizes = dataclasses.asdict(self)
+        fixed = math.prod(s for s in sizes.values() if s != -1)
+        if -1 in sizes.values():
+            if device_count % fixed:
+                raise UserError(f"recovery.mesh {self.describe()}: the fixed axes ({fixed} devices) "
+                                f"do not divide the {device_count} available devices")
+            sizes = {k: (device_count // fixed if v == -1 else v) for k, v in sizes.items()}
+        elif fixed != device_count:
+            raise UserError(f"recovery.mesh {self.describe()} needs {fixed} devices but "
+                            f"{device_count} are available (set one axis to -1 to fill)")
+        return sizes
+
+    def describe(self) -> str:
+        return "(" + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items()) + ")"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RecoveryConfig:
+    """A recovery run: what to train (kind), on what data, with which optimizer and mesh."""
+
+    kind: str
+    dataset: str = "c4"
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    seqlen: int = 512
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    compute_dtype: str = "float32"
+    seed: int = 0
+    eval_every: int = 50
+    eval_batches: int = 2
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    distill: DistillConfig | None = None
+    lora: LoRAConfig | None = None
+    mesh: MeshConfig = MeshConfig()
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise UserError("recovery: " + _nearest(str(self.kind), KINDS, "recovery kind"))
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise UserError(f"recovery.dataset must be a name or a file, got {self.dataset!r}")
+        if self.dataset not in DATASETS and not Path(self.dataset).suffix:
+            raise UserError("recovery.dataset: " + _nearest(self.dataset, DATASETS, "dataset")
+                            + " (or a file path)")
+        for name, minimum in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("seqlen", 2),
+                              ("warmup_steps", 0), ("seed", 0), ("eval_every", 0),
+                              ("eval_batches", 0), ("checkpoint_every", 0),
+                              ("keep_checkpoints", 1)):
+            _check_int(f"recovery.{name}", getattr(self, name), minimum)
+        _check_float("recovery.lr", self.lr, 0.0, strict=True)
+        _check_float("recovery.min_lr_ratio", self.min_lr_ratio, 0.0, maximum=1.0)
+        _check_float("recovery.weight_decay", self.weight_decay, 0.0)
+        _check_float("recovery.clip_norm", self.clip_norm, 0.0)
+        if self.compute_dtype not in DTYPES:
+            raise UserError("recovery.compute_dtype: " + _nearest(str(self.compute_dtype), DTYPES,
+                                                                  "dtype"))
+        if self.batch_size % self.grad_accum:
+            raise UserError(f"recovery.batch_size {self.batch_size} is not divisible by "
+                            f"grad_accum {self.grad_accum}")
+        if self.kind == "distill" and self.distill is None:
+            object.__setattr__(self, "distill", DistillConfig())
+        if self.kind == "lora" and self.lora is None:
+            object.__setattr__(self, "lora", LoRAConfig())
+        if self.distill is not None and self.kind != "distill":
+            raise UserError(f"[recovery.distill] only applies to kind = 'distill' (kind is "
+                            f"{self.kind!r})")
+        if self.lora is not None and self.kind != "lora":
+            raise UserError(f"[recovery.lora] only applies to kind = 'lora' (kind is {self.kind!r})")
+
+    @classmethod
+    def from_dict(cls, section: dict[str, Any]) -> "RecoveryConfig":
+        """Builds from a recipe's `[recovery]` table (UserError on any unknown key or bad value)."""
+        if not isinstance(section, dict):
+            raise UserError("[recovery] must be a table")
+        section = dict(section)
+        if "kind" not in section:
+            raise UserError(f"[recovery] needs a 'kind' ({', '.join(KINDS)})")
+        kind = section["kind"]
+        if kind not in KINDS:
+            raise UserError("recovery: " + _nearest(str(kind), KINDS, "recovery kind"))
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for key in section:
+            if key not in fields:
+                raise UserError("recovery: " + _nearest(key, fields, "key"))
+        for name, sub in (("distill", DistillConfig), ("lora", LoRAConfig), ("mesh", MeshConfig)):
+            if name in section:
+                section[name] = _build(sub, section[name], f"recovery.{name}")
+        return cls(**section)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items() if v is not None}
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch_size // self.grad_accum
+
+    def check(self, config, device_count: int | None = None) -> dict[str, int]:
+        """Checks against the model's shapes and the devices; returns the mesh axis sizes.
+
+        `config` is the `LlamaConfig` the recovery will train (after the pruning steps).
+        """
+        if device_count is None:
+            import jax
+
+            device_count = jax.device_count()
+        sizes = self.mesh.resolve(device_count)
+        batch_axes = sizes["data"] * sizes["fsdp"]
+        if self.micro_batch % batch_axes:
+            raise UserError(
+                f"recovery: the micro-batch (batch_size {self.batch_size} / grad_accum "
+                f"{self.grad_accum} = {self.micro_batch}) is not divisible by the data axis "
+                f"(data {sizes['data']} x fsdp {sizes['fsdp']} = {batch_axes} devices)")
+        if self.seqlen > config.max_position_embeddings:
+            raise UserError(f"recovery.seqlen {self.seqlen} is beyond the model's context of "
+                            f"{config.max_position_embeddings} tokens")
+        if self.lora is not None:
+            from nnxprune.recovery.lora import projection_paths
+
+            paths = projection_paths(config)
+            pattern = re.compile(self.lora.targets)
+            if not any(pattern.fullmatch(p) for p in paths):
+                raise UserError(f"recovery.lora.targets {self.lora.targets!r} matches no projection "
+                                f"(paths look like {paths[0]!r}, {paths[-1]!r})" if paths else
+                                "recovery.lora: the model has no projections")
+        if self.distill is not None:
+            for i in self.distill.hidden_layers:
+                if i >= config.num_layers:
+                    raise UserError(f"recovery.distill.hidden_layers: layer {i} does not exist "
+                                    f"(the model has {config.num_layers} layers)")
+        return sizes

@@ -1,0 +1,125 @@
+"""Training data: documents packed into token windows, served by a deterministic, resumable grain
+pipeline.
+
+Documents (C4, WikiText-2 train, or a local .txt / .jsonl / .parquet file; the same sources as
+calibration, `nnxprune.calibration.data`) are tokenized in order, joined with the tokenizer's EOS
+token and cut into windows of `seqlen` tokens. The split is by document: the first documents fill
+the held-out windows, training starts at the next document, so no document is in both. Only as
+many documents are tokenized as the run needs.
+
+`train_iterator` shuffles the windows with the seed (a new order each epoch), batches them into
+`[grad_accum, batch_size / grad_accum, seqlen]` and returns a grain iterator whose
+`get_state()` / `set_state()` resume it exactly.
+
+Example:
+    >>> windows = load_windows(tokenizer, "c4", seqlen=512, train_windows=1600, heldout_windows=16)
+    >>> it = train_iterator(windows.train, batch_size=8, grad_accum=1, seed=0)
+    >>> batch = next(it)                        # int32 [1, 8, 512]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from nnxprune.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TokenWindows:
+    """Packed windows: `train [N, seqlen]`, `heldout [M, seqlen]` (int32) and their source."""
+
+    train: np.ndarray
+    heldout: np.ndarray
+    source: str
+    documents: int = 0  # documents tokenized
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source, "seqlen": int(self.train.shape[1]),
+                "train_windows": int(self.train.shape[0]),
+                "heldout_windows": int(self.heldout.shape[0]), "documents": self.documents}
+
+
+def pack(docs: Sequence[str], tokenizer: Any, *, seqlen: int, train_windows: int,
+         heldout_windows: int, source: str = "") -> TokenWindows:
+    """Tokenizes `docs` in order, EOS-joined, into held-out then training windows."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    sep = [] if eos is None else [int(eos)]
+
+    def fill(start: int, windows: int) -> tuple[np.ndarray, int]:
+        buf: list[int] = []
+        need = windows * seqlen
+        i = start
+        while len(buf) < need and i < len(docs):
+            text = docs[i]
+            i += 1
+            if not text or not text.strip():
+                continue
+            buf.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+            buf.extend(sep)
+        n = min(len(buf) // seqlen, windows)
+        return np.asarray(buf[:n * seqlen], np.int32).reshape(n, seqlen), i
+
+    heldout, next_doc = fill(0, heldout_windows)
+    if len(heldout) < heldout_windows:
+        raise UserError(f"{source or 'the data'} is too short for {heldout_windows} held-out "
+                        f"windows of {seqlen} tokens")
+    train, end = fill(next_doc, train_windows)
+    if len(train) == 0:
+        raise UserError(f"{source or 'the data'} has no training window of {seqlen} tokens left "
+                        f"after the held-out split")
+    return TokenWindows(train=train, heldout=heldout, source=source, documents=end)
+
+
+def documents(dataset: str, data_dir=None) -> tuple[Sequence[str], str]:
+    """The documents of `dataset` ("c4", "wikitext2" or a file path) and where they came from."""
+    from nnxprune.calibration import data as cal
+
+    kind, _, path = cal._resolve_dataset(dataset)
+    if kind == "c4":
+        return cal._c4_documents(data_dir)
+    if kind == "wikitext2":  # the train split (the test split is what perplexity is measured on)
+        text, source = cal._wikitext2_train_text()  # one joined stream: cut into 20k-char parts
+        return [text[i:i + 20_000] for i in range(0, len(text), 20_000)], source
+    return cal._file_documents(path), str(path.resolve())
+
+
+def check_source(dataset: str, data_dir=None) -> None:
+    """Fails fast (UserError) when the data could not be read; reads nothing for c4 / files."""
+    from nnxprune.calibration import data as cal
+    from nnxprune.evaluate import data as evaldata
+
+    kind, _, _ = cal._resolve_dataset(dataset)  # bad names and missing files raise here
+    folder = evaldata.resolve_data_dir(data_dir)
+    if kind == "c4" and folder is not None:
+        evaldata.check_available("c4", "validation", folder)
+
+
+def load_windows(tokenizer: Any, dataset: str, *, seqlen: int, train_windows: int,
+                 heldout_windows: int, data_dir=None) -> TokenWindows:
+    """Packed windows of `dataset` (see the module docstring)."""
+    docs, source = documents(dataset, data_dir)
+    return pack(docs, tokenizer, seqlen=seqlen, train_windows=train_windows,
+                heldout_windows=heldout_windows, source=source)
+
+
+def train_iterator(windows: np.ndarray, *, batch_size: int, grad_accum: int, seed: int):
+    """A resumable grain iterator of int32 `[grad_accum, batch_size // grad_accum, seqlen]`
+    batches: shuffled with `seed`, reshuffled each epoch, endless."""
+    import grain
+
+    if len(windows) < batch_size:
+        raise UserError(f"only {len(windows)} training windows for a batch of {batch_size}")
+    micro = batch_size // grad_accum
+    ds = (grain.MapDataset.source(np.asarray(windows, np.int32)).shuffle(seed=seed).repeat(None)
+          .batch(batch_size, drop_remainder=True)
+          .map(lambda b: np.asarray(b, np.int32).reshape(grad_accum, micro, -1)))
+    return iter(ds.to_iter_dataset())
+
+
+def heldout_batches(windows: np.ndarray, batch_size: int, batches: int) -> list[np.ndarray]:
+    """The first `batches` full held-out batches `[batch_size, seqlen]`, in order."""
+    n = min(batches, len(windows) // batch_size)
+    return [np.asarray(windows[i * batch_size:(i + 1) * batch_size], np.int32) for i in range(n)]

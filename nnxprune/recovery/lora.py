@@ -1,0 +1,166 @@
+"""LoRA adapters on chosen projections, trained alone, merged into the kernels without reviving
+pruned weights (Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, arXiv 2106.09685;
+used for recovery by LLM-Pruner, arXiv 2305.11627, and Wanda, arXiv 2306.11695).
+
+`add_lora` replaces each matching `Linear` by a `LoRALinear`: the same kernel and mask plus
+`lora_a [in, r]` and `lora_b [r, out]`, both `nnx.LoRAParam`, so an optimizer built with
+`wrt=nnx.LoRAParam` trains the adapters only. `lora_b` starts at zero: the model's outputs do not
+change until training moves it.
+
+Masks hold here too. On a masked projection the adapter's update is masked in the forward,
+`y = x @ ((W + s A B) * M)`, so training sees exactly the model that merging produces and
+`merge_lora` gives the same outputs as the unmerged model; a pruned weight is never revived. The
+price is that the low-rank update is materialised as a dense `[in, out]` matrix in each forward of
+a masked projection (cheap next to the token matmul when tokens >> rank), and that the adapters
+cannot put capacity back into pruned positions. Unmasked projections use the usual cheap path
+`x @ W + s (x @ A) @ B`.
+
+Example:
+    >>> paths = add_lora(model, LoRAConfig(targets=r".*mlp\\..*", rank=8))
+    >>> opt = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.LoRAParam)
+    >>> ...                                  # train
+    >>> merge_lora(model)                    # plain Linears again, masks kept
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nnxprune.errors import UserError
+from nnxprune.layers import Linear
+from nnxprune.recovery.config import LoRAConfig
+from nnxprune.variables import ProjectionInput
+
+
+class DropoutKey(nnx.Variable):
+    """Raw PRNG key data `uint32[2]` for adapter dropout, set by the trainer for each micro-batch
+    (derived from the seed and the step, so it is never checkpointed state)."""
+
+
+def projection_paths(config) -> list[str]:
+    """Dotted module paths of every projection of a model with `config` (what `targets` matches)."""
+    paths = []
+    for i in range(config.num_layers):
+        paths += [f"layers.{i}.self_attn.{n}_proj" for n in ("q", "k", "v", "o")]
+        paths += [f"layers.{i}.mlp.{n}_proj" for n in ("gate", "up", "down")]
+    if not config.tie_word_embeddings:
+        paths.append("lm_head")
+    return paths
+
+
+class LoRALinear(Linear):
+    """A `Linear` plus a low-rank update `scale * lora_a @ lora_b` (masked where the kernel is)."""
+
+    def __init__(self, base: Linear, *, rank: int, alpha: float, dropout: float, key: jax.Array):
+        super().__init__(base.in_features, base.out_features, in_space=base.in_space,
+                         out_space=base.out_space, in_unit=base.in_unit, out_unit=base.out_unit,
+                         param_dtype=base.kernel.dtype, kernel_init=nnx.initializers.zeros,
+                         rngs=nnx.Rngs(0))
+        self.kernel = nnx.Param(base.kernel[...])
+        if base.mask is not None:
+            self.mask = type(base.mask)(base.mask[...])
+        dtype = base.kernel.dtype
+        self.lora_a = nnx.LoRAParam(nnx.initializers.he_uniform()(key, (base.in_features, rank), dtype))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, base.out_features), dtype))
+        self.scale = float(alpha) / rank
+        self.dropout_rate = float(dropout)
+        self.dropout_key = DropoutKey(jnp.zeros((2,), jnp.uint32))
+        self.training = False  # static: dropout only while the trainer's step runs
+
+    def delta(self) -> jax.Array:
+        """The low-rank update `scale * A @ B` `[in, out]`, masked like the kernel."""
+        d = (self.lora_a[...] @ self.lora_b[...]) * self.scale
+        if self.mask is not None:
+            d = jnp.where(self.mask[...], d, jnp.zeros((), d.dtype))
+        return d
+
+    def effective_kernel(self) -> jax.Array:
+        kernel = self.kernel[...] + self.delta()
+        if self.mask is not None:
+            kernel = jnp.where(self.mask[...], kernel, jnp.zeros((), kernel.dtype))
+        return kernel
+
+    def _dropout(self, x: jax.Array) -> jax.Array:
+        key = jax.random.wrap_key_data(self.dropout_key[...])
+        keep = jax.random.bernoulli(key, 1.0 - self.dropout_rate, x.shape)
+        return jnp.where(keep, x / (1.0 - self.dropout_rate), jnp.zeros((), x.dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.record_inputs:
+            self.sow(ProjectionInput, "inputs", x)
+        dtype = self.kernel.dtype
+        x = x.astype(dtype)
+        dropout = self.training and self.dropout_rate > 0
+        if self.mask is not None:
+            if not dropout:  # one matmul with the merged, masked kernel
+                return jnp.dot(x, self.effective_kernel())
+            base = jnp.dot(x, Linear.effective_kernel(self))
+            return base + jnp.dot(self._dropout(x), self.delta())
+        base = jnp.dot(x, self.kernel[...])
+        xa = self._dropout(x) if dropout else x
+        return base + jnp.dot(jnp.dot(xa, self.lora_a[...]), self.lora_b[...]) * self.scale
+
+
+def _parent_and_name(model, path: tuple):
+    parent = model
+    for part in path[:-1]:
+        parent = parent[part] if isinstance(part, int) else getattr(parent, part)
+    return parent, path[-1]
+
+
+def _set(model, path: tuple, module) -> None:
+    parent, name = _parent_and_name(model, path)
+    if isinstance(name, int):
+        parent[name] = module
+    else:
+        setattr(parent, name, module)
+
+
+def add_lora(model, cfg: LoRAConfig, *, seed: int = 0) -> list[str]:
+    """Wraps every `Linear` whose dotted path fully matches `cfg.targets`; returns the paths.
+
+    A regex that matches nothing is a `UserError` (a typo must not train nothing).
+    """
+    pattern = re.compile(cfg.targets)
+    matches = [(path, node) for path, node in nnx.iter_modules(model)
+               if isinstance(node, Linear) and not isinstance(node, LoRALinear)
+               and pattern.fullmatch(".".join(map(str, path)))]
+    if not matches:
+        names = [".".join(map(str, p)) for p, n in nnx.iter_modules(model) if isinstance(n, Linear)]
+        raise UserError(f"recovery.lora.targets {cfg.targets!r} matches no projection (paths look "
+                        f"like {names[0]!r})" if names else "the model has no projections")
+    key = jax.random.key(seed)
+    for i, (path, node) in enumerate(matches):
+        _set(model, path, LoRALinear(node, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
+                                     key=jax.random.fold_in(key, i)))
+    return [".".join(map(str, p)) for p, _ in matches]
+
+
+def lora_modules(model) -> list[tuple[tuple, LoRALinear]]:
+    return [(p, n) for p, n in nnx.iter_modules(model) if isinstance(n, LoRALinear)]
+
+
+def set_training(model, training: bool) -> None:
+    """Switches adapter dropout on or off (a static attribute: a new graphdef, a new trace)."""
+    for _, node in lora_modules(model):
+        node.training = training
+
+
+def merge_lora(model) -> int:
+    """Folds every adapter into its kernel (masked) and puts a plain `Linear` back; returns how
+    many were merged. Outputs are unchanged up to float rounding; masks stay."""
+    merged = lora_modules(model)
+    for path, node in merged:
+        plain = Linear(node.in_features, node.out_features, in_space=node.in_space,
+                       out_space=node.out_space, in_unit=node.in_unit, out_unit=node.out_unit,
+                       param_dtype=node.kernel.dtype, kernel_init=nnx.initializers.zeros,
+                       rngs=nnx.Rngs(0))
+        plain.kernel = nnx.Param(node.kernel[...] + node.delta())
+        if node.mask is not None:
+            plain.mask = type(node.mask)(node.mask[...])
+        _set(model, path, plain)
+    return len(merged)

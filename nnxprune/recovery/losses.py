@@ -1,0 +1,132 @@
+"""Training losses as strategy objects: the trainer calls `compute_loss` and never asks which.
+
+A strategy says what it needs (`needs_teacher`, `hidden_layers`) and turns model outputs into a
+scalar loss plus named metrics:
+
+    loss, metrics = strategy.compute_loss(student_out, teacher_out, tokens)
+
+- `CrossEntropy`: next-token cross-entropy (continued pretraining, LoRA; Sheared LLaMA,
+  arXiv 2310.06694, LLM-Pruner, arXiv 2305.11627).
+- `Distillation`: forward KL(teacher || student) on temperature-softened logits, times T^2
+  (Hinton et al., arXiv 1503.02531; Minitron, arXiv 2407.14679, distils logits only), optionally
+  plus next-token CE and an MSE between hidden states after chosen decoder layers.
+
+Outputs are `ModelOutput(logits [B, T, V], hidden {layer: [B, T, D]})`, computed by `forward`.
+Losses are computed in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOutput:
+    logits: jax.Array  # [B, T, V]
+    hidden: dict[int, jax.Array]  # decoder layer index -> its output [B, T, D]
+
+
+jax.tree_util.register_dataclass(ModelOutput, data_fields=["logits", "hidden"], meta_fields=[])
+
+
+def forward(model, tokens: jax.Array, hidden_layers: tuple[int, ...] = ()) -> ModelOutput:
+    """Logits of `tokens [B, T]` and the outputs of the decoder layers in `hidden_layers`."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    inv_freq = model.inv_freq
+    x = model.embed_tokens(tokens)
+    hidden = {}
+    for i, layer in enumerate(model.layers):
+        x, _ = layer(x, positions, inv_freq)
+        if i in hidden_layers:
+            hidden[i] = x
+    return ModelOutput(logits=model.logits(model.norm(x)), hidden=hidden)
+
+
+def next_token_ce(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Mean cross-entropy of predicting `tokens[:, 1:]` from `logits[:, :-1]`."""
+    logits = logits[:, :-1].astype(jnp.float32)
+    targets = tokens[:, 1:]
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.mean(logz - picked)
+
+
+def forward_kl(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:
+    """Mean over tokens of KL(p_teacher || p_student) at `temperature`, times temperature^2."""
+    t = temperature
+    s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, axis=-1)
+    q = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / t, axis=-1)
+    kl = jnp.sum(jnp.exp(q) * (q - s), axis=-1)
+    return jnp.mean(kl) * (t * t)
+
+
+class LossStrategy:
+    """Base: `compute_loss(student_out, teacher_out, tokens) -> (loss, {name: scalar})`."""
+
+    needs_teacher: bool = False
+    hidden_layers: tuple[int, ...] = ()
+
+    def compute_loss(self, student: ModelOutput, teacher: ModelOutput | None,
+                     tokens: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"strategy": type(self).__name__}
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossEntropy(LossStrategy):
+    """Next-token cross-entropy on the training text."""
+
+    def compute_loss(self, student, teacher, tokens):
+        ce = next_token_ce(student.logits, tokens)
+        return ce, {"ce": ce}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Distillation(LossStrategy):
+    """`kd_weight * T^2 KL(teacher || student) + ce_weight * CE + hidden_weight * MSE(hidden)`."""
+
+    temperature: float = 1.0
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+    hidden_layers: tuple[int, ...] = ()
+    hidden_weight: float = 0.0
+    needs_teacher = True
+
+    def compute_loss(self, student, teacher, tokens):
+        metrics = {}
+        loss = jnp.zeros((), jnp.float32)
+        if self.kd_weight:
+            kl = forward_kl(student.logits, teacher.logits, self.temperature)
+            metrics["kl"] = kl
+            loss = loss + self.kd_weight * kl
+        if self.ce_weight:
+            ce = next_token_ce(student.logits, tokens)
+            metrics["ce"] = ce
+            loss = loss + self.ce_weight * ce
+        if self.hidden_weight and self.hidden_layers:
+            mse = jnp.mean(jnp.stack([
+                jnp.mean(jnp.square(student.hidden[i].astype(jnp.float32)
+                                    - teacher.hidden[i].astype(jnp.float32)))
+                for i in self.hidden_layers]))
+            metrics["hidden_mse"] = mse
+            loss = loss + self.hidden_weight * mse
+        return loss, metrics
+
+    def describe(self):
+        return {"strategy": "Distillation", **dataclasses.asdict(self)}
+
+
+def strategy_for(cfg) -> LossStrategy:
+    """The strategy of a `RecoveryConfig`: distill -> Distillation, lora / pretrain -> CE."""
+    if cfg.kind == "distill":
+        d = cfg.distill
+        return Distillation(temperature=d.temperature, kd_weight=d.kd_weight,
+                            ce_weight=d.ce_weight, hidden_layers=d.hidden_layers,
+                            hidden_weight=d.hidden_weight)
+    return CrossEntropy()

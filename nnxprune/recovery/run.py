@@ -1,0 +1,147 @@
+"""Recovery as a step of a run: `nnxprune prune` (after the transforms) and `nnxprune train`.
+
+`recover` trains a model with a recipe's `[recovery]` settings and returns the report entry
+(losses, held-out evaluations, speed, mesh, where the logs went). `run_train` is `nnxprune train
+CKPT --recipe R`: recovery alone on a saved (pruned) model, perplexity before and after under the
+recipe's `[eval]` protocol, the trained model saved as an nnxprune checkpoint (masks kept, LoRA
+merged) and a JSON + Markdown report.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from pathlib import Path
+from typing import Any
+
+from nnxprune.errors import UserError
+
+
+def default_train_dir(out, report_path) -> Path:
+    """Where metrics.jsonl, loss.png and checkpoints go when no --train-dir is given."""
+    if report_path is not None:
+        return Path(report_path).with_suffix(".train")
+    return Path(str(out).rstrip("/") + ".train")
+
+
+def source_model(source: str | None) -> str | None:
+    """The loadable MODEL of a checkpoint's recorded source (`card NAME: path` -> NAME)."""
+    if not source:
+        return None
+    if source.startswith("card ") and ":" in source:
+        return source[len("card "):].split(":", 1)[0].strip()
+    return source
+
+
+def recover(model, cfg, *, tokenizer, teacher=None, data_dir=None, log_dir=None,
+            progress: bool = True, echo=print) -> dict[str, Any]:
+    """Trains `model` in place; returns the report entry of the run."""
+    from nnxprune.recovery.trainer import train
+
+    echo(f"recovery  {cfg.kind}: {cfg.steps} steps x {cfg.batch_size} x {cfg.seqlen} tokens on "
+         f"{cfg.dataset}, lr {cfg.lr:g}, {cfg.compute_dtype}, mesh {cfg.mesh.describe()}")
+    t0 = time.perf_counter()
+    result = train(model, cfg, tokenizer=tokenizer, teacher=teacher, data_dir=data_dir,
+                   log_dir=log_dir, progress=progress, echo=echo)
+    entry = {"settings": cfg.to_dict(), **result.to_dict(), "wall_seconds": time.perf_counter() - t0}
+    last_eval = result.evals[-1] if result.evals else {}
+    if result.losses:
+        echo(f"recovery  loss {entry['first_loss']:.4f} -> {entry['final_loss']:.4f}"
+             + (f", held-out {last_eval['loss']:.4f}" if last_eval else "")
+             + f"; {result.tokens_per_second:,.0f} tokens/s; logs in {log_dir}")
+    else:
+        echo(f"recovery  nothing left to train (checkpoint at step {result.resumed_from})")
+    return entry
+
+
+def run_train(model_name: str, recipe, *, out=None, report_path=None, teacher: str | None = None,
+              train_dir=None, data_dir=None, progress: bool = True, echo=print) -> dict[str, Any]:
+    """`nnxprune train`: see the module docstring."""
+    from nnxprune.evaluate import data as eval_data
+    from nnxprune.io import atomic
+    from nnxprune.io.checkpoint import is_checkpoint, read_meta, save_checkpoint
+    from nnxprune.io.load import load_model
+    from nnxprune.recovery import data as rdata
+    from nnxprune.runner import _ppl, count_params, measured_sparsity
+
+    cfg = recipe.recovery
+    if cfg is None:
+        raise UserError("the recipe has no [recovery] section")
+    if out is None and report_path is None:
+        raise UserError("nothing would be written: pass --out and/or --json")
+    data_dir = eval_data.resolve_data_dir(data_dir)
+    rdata.check_source(cfg.dataset, data_dir)
+    if cfg.lora is not None and not cfg.lora.merge and out is not None:
+        raise UserError("recovery.lora.merge = false keeps the adapters outside the kernels, but "
+                        "checkpoints hold plain projections: set merge = true or drop --out")
+    if recipe.eval is not None:
+        eval_data.check_available(recipe.eval.dataset, recipe.eval.split, data_dir)
+    teacher_name = None
+    if cfg.kind == "distill":
+        teacher_name = teacher or cfg.distill.teacher or None
+        if teacher_name is None and is_checkpoint(Path(model_name)):
+            teacher_name = source_model(read_meta(model_name).get("provenance", {}).get("source"))
+        if not teacher_name:
+            raise UserError("distillation needs a teacher: pass --teacher MODEL or set "
+                            "recovery.distill.teacher")
+
+    t0 = time.perf_counter()
+    loaded = load_model(model_name)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    cfg.check(model.config)  # mesh, batch, LoRA targets, before any work
+    teacher_model = None
+    if teacher_name:
+        teacher_model = load_model(teacher_name, with_tokenizer=False).model
+        echo(f"teacher   {teacher_name}: {teacher_model.config.num_layers} layers, "
+             f"{count_params(teacher_model) / 1e6:.1f}M parameters")
+    report: dict[str, Any] = {
+        "command": "train", "model": model_name, "source": loaded.source, "teacher": teacher_name,
+        "recipe": {"name": recipe.name, "path": recipe.path, "settings": recipe.to_dict()},
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "before": {"params": count_params(model), "sparsity": measured_sparsity(model)["overall"]},
+        "seconds": {"load": time.perf_counter() - t0},
+    }
+    if recipe.eval is not None:
+        report["eval_protocol"] = recipe.eval.to_dict()
+        report["eval_protocol_text"] = recipe.eval.describe()
+        report["before"].update(_ppl(model, tokenizer, recipe.eval, data_dir, progress))
+        echo(f"before    ppl {report['before']['ppl']:.4f}")
+    log_dir = Path(train_dir) if train_dir else default_train_dir(out, report_path)
+    report["recovery"] = recover(model, cfg, tokenizer=tokenizer, teacher=teacher_model,
+                                 data_dir=data_dir, log_dir=log_dir, progress=progress, echo=echo)
+    del teacher_model
+    report["after"] = {"params": count_params(model), "sparsity": measured_sparsity(model)["overall"]}
+    if recipe.eval is not None:
+        report["after"].update(_ppl(model, tokenizer, recipe.eval, data_dir, progress))
+        echo(f"after     ppl {report['after']['ppl']:.4f}")
+    if out is not None:
+        save_checkpoint(model, out, tokenizer=tokenizer,
+                        provenance={"source": loaded.source, "recovery": cfg.to_dict(),
+                                    "recipe_path": recipe.path})
+        report["checkpoint"] = str(out)
+        echo(f"wrote     {out}")
+    report["seconds"]["total"] = time.perf_counter() - t0
+    if report_path is not None:
+        atomic.write_json(report_path, report)
+        atomic.write_text(Path(report_path).with_suffix(".md"), markdown(report))
+        echo(f"wrote     {report_path} (and .md)")
+    echo(markdown(report))
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """Before / after table of `nnxprune train`."""
+    rec, before, after = report["recovery"], report["before"], report["after"]
+    lines = [f"# recovery ({rec['settings']['kind']}) of {report['model']}", "",
+             "| | before | after |", "|---|---|---|",
+             f"| sparsity of the decoder projections | {before['sparsity']:.2%} | "
+             f"{after['sparsity']:.2%} |"]
+    if "ppl" in before:
+        lines.append(f"| perplexity | {before['ppl']:.3f} | {after['ppl']:.3f} |")
+    if rec["losses"]:
+        lines += ["", f"{rec['steps']} steps, training loss {rec['first_loss']:.4f} -> "
+                      f"{rec['final_loss']:.4f}, {rec['tokens_per_second']:,.0f} tokens/s, mesh "
+                      f"{rec['mesh']}."]
+    if report.get("eval_protocol_text"):
+        lines.append(f"Protocol: {report['eval_protocol_text']}.")
+    return "\n".join(lines) + "\n"

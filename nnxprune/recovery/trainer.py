@@ -1,0 +1,443 @@
+"""The recovery trainer: one jitted, sharded step for every recipe (distill, LoRA, pretrain).
+
+Pieces, each small:
+
+- `make_tx`: optax AdamW with linear warmup + cosine decay and global-norm clipping.
+- `nnx.Optimizer(model, tx, wrt=...)`: `nnx.Param` (full training) or `nnx.LoRAParam` (adapters
+  only). `Mask` variables are not parameters, so the optimizer never sees them, and the forward
+  multiplies every kernel by its mask: a pruned weight stays exactly zero.
+- The step: the state is split once (trainable / dropout keys / everything else), placed on the
+  mesh with the channel-space rules (`sharding.py`), and `jax.jit` runs micro-batches through a
+  `lax.scan` (gradient accumulation), averages gradients and applies one optimizer update. With
+  `compute_dtype = "bfloat16"` the forward and backward run on a bf16 copy of the weights while
+  the optimizer updates the float32 master weights (the cast is inside the differentiated
+  function, so gradients arrive in float32).
+- The loss is a strategy object (`losses.py`): the step calls `compute_loss` and runs the frozen
+  teacher only when the strategy asks for it.
+- Around the step: held-out evaluation every `eval_every` steps, metrics as JSONL, a tqdm bar, a
+  PNG loss curve at the end, and Orbax `CheckpointManager` checkpoints (keep-last-N) holding the
+  model and optimizer state plus the grain iterator state, so a resumed run continues with
+  exactly the batches, and therefore the losses, of an uninterrupted one.
+
+Example:
+    >>> cfg = RecoveryConfig(kind="distill", steps=100, batch_size=8, seqlen=512)
+    >>> result = train(student, cfg, tokenizer=tok, teacher=dense, log_dir="out/train")
+    >>> result.losses[-1], result.tokens_per_second
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from nnxprune.errors import UserError
+from nnxprune.recovery import data as data_lib
+from nnxprune.recovery import lora as lora_lib
+from nnxprune.recovery import sharding as sh
+from nnxprune.recovery.config import RecoveryConfig
+from nnxprune.recovery.losses import LossStrategy, forward, next_token_ce, strategy_for
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a recovery run did: per-step losses, held-out evaluations, speed, where logs went."""
+
+    steps: int
+    losses: list[float]
+    evals: list[dict[str, float]]
+    tokens: int
+    seconds: float
+    compile_seconds: float
+    tokens_per_second: float
+    mesh: dict[str, int]
+    strategy: dict[str, Any]
+    data: dict[str, Any]
+    resumed_from: int | None = None
+    lora_paths: list[str] = dataclasses.field(default_factory=list)
+    lora_merged: int = 0
+    metrics_path: str | None = None
+    plot_path: str | None = None
+    # where the final arrays live: {"params" | "optimizer": {path: PartitionSpec text}} (not in
+    # reports: hundreds of entries)
+    placement: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("placement")
+        d["first_loss"] = self.losses[0] if self.losses else None
+        d["final_loss"] = self.losses[-1] if self.losses else None
+        return d
+
+
+# -- optimizer -------------------------------------------------------------------------------------
+def schedule(cfg: RecoveryConfig) -> optax.Schedule:
+    """Linear warmup to `lr`, cosine decay to `lr * min_lr_ratio` at `steps`."""
+    warmup = min(cfg.warmup_steps, cfg.steps - 1)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup, decay_steps=max(cfg.steps, 1),
+        end_value=cfg.lr * cfg.min_lr_ratio)
+
+
+def make_tx(cfg: RecoveryConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with the warmup-cosine schedule."""
+    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+    parts.append(optax.adamw(schedule(cfg), b1=0.9, b2=0.95, weight_decay=cfg.weight_decay))
+    return optax.chain(*parts)
+
+
+def _cast(tree, dtype):
+    def f(x):
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    return jax.tree.map(f, tree)
+
+
+def _place(tree, shardings, *, copy: bool = False):
+    """Puts host or single-device arrays onto their (possibly multi-host) shardings. `copy`
+    forces fresh buffers: donated state must not alias the model's (or a teacher's) arrays."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings, may_alias=False if copy else None)
+
+    def put(x, s):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+    return jax.tree.map(put, tree, shardings)
+
+
+# -- the step --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Parts:
+    """The split model: graphdefs (train: dropout on; eval: off) and states."""
+
+    train_gdef: Any
+    eval_gdef: Any
+    trainable: Any
+    keys: Any
+    const: Any
+
+
+def _split(model, wrt) -> _Parts:
+    lora_lib.set_training(model, True)
+    train_gdef, trainable, keys, const = nnx.split(model, wrt, lora_lib.DropoutKey, ...)
+    lora_lib.set_training(model, False)
+    eval_gdef = nnx.split(model, wrt, lora_lib.DropoutKey, ...)[0]
+    return _Parts(train_gdef, eval_gdef, trainable, keys, const)
+
+
+def _dropout_keys(keys, seed: int, index):
+    leaves, treedef = jax.tree.flatten(keys)
+    base = jax.random.fold_in(jax.random.key(seed), index)
+    new = [jax.random.key_data(jax.random.fold_in(base, i)).astype(jnp.uint32)
+           for i in range(len(leaves))]
+    return jax.tree.unflatten(treedef, new)
+
+
+def build_steps(parts: _Parts, opt_gdef, strategy: LossStrategy, teacher_gdef, *,
+                compute_dtype, grad_accum: int, seed: int, sched):
+    """`(train_step, eval_step)` as pure functions of the states (jitted by the caller)."""
+
+    def outputs(gdef, trainable, keys, const, teacher_state, tokens):
+        model = nnx.merge(gdef, _cast(trainable, compute_dtype), keys, _cast(const, compute_dtype))
+        out = forward(model, tokens, strategy.hidden_layers)
+        t_out = None
+        if strategy.needs_teacher:
+            teacher = nnx.merge(teacher_gdef, _cast(teacher_state, compute_dtype))
+            t_out = jax.lax.stop_gradient(forward(teacher, tokens, strategy.hidden_layers))
+        return out, t_out
+
+    def loss_fn(trainable, keys, const, teacher_state, tokens):
+        out, t_out = outputs(parts.train_gdef, trainable, keys, const, teacher_state, tokens)
+        return strategy.compute_loss(out, t_out, tokens)
+
+    def train_step(trainable, opt_state, const, teacher_state, batch, step):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        def micro(acc, xs):
+            tokens, i = xs
+            keys = _dropout_keys(parts.keys, seed, step * grad_accum + i)
+            (loss, metrics), grads = grad_fn(trainable, keys, const, teacher_state, tokens)
+            acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, grads)
+            return acc, (loss, metrics)
+
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        grads, (losses, metrics) = jax.lax.scan(micro, zeros, (batch, jnp.arange(grad_accum)))
+        grads = jax.tree.map(lambda g: g / grad_accum, grads)
+        model = nnx.merge(parts.train_gdef, trainable, parts.keys, const)
+        opt = nnx.merge(opt_gdef, opt_state)
+        opt.update(model, grads)
+        stats = {"loss": jnp.mean(losses), "grad_norm": optax.tree.norm(grads), "lr": sched(step)}
+        stats.update({k: jnp.mean(v) for k, v in metrics.items()})
+        return nnx.state(model, opt.wrt), nnx.state(opt), stats
+
+    def eval_step(trainable, const, teacher_state, tokens):
+        out, t_out = outputs(parts.eval_gdef, trainable, parts.keys, const, teacher_state, tokens)
+        loss, metrics = strategy.compute_loss(out, t_out, tokens)
+        return {"loss": loss, "ce": next_token_ce(out.logits, tokens), **metrics}
+
+    return train_step, eval_step
+
+
+# -- checkpoints, logs -----------------------------------------------------------------------------
+def _manager(directory: Path, keep: int):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                        shardings)
+
+
+def _trim_metrics(path: Path, last_step: int) -> None:
+    """Drops log lines after `last_step` (written after the checkpoint a resume starts from)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def plot_losses(metrics_path: Path, png: Path, title: str = "recovery") -> None:
+    """Training loss per step (and held-out loss) from the metrics JSONL, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if r.get("split") == "train"]
+    held = [(r["step"], r["loss"]) for r in rows if r.get("split") == "heldout"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1)
+    if held:
+        ax.plot(*zip(*held), "o-", label="held-out", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+# -- the loop --------------------------------------------------------------------------------------
+def _check_teacher(strategy: LossStrategy, model, teacher) -> None:
+    if not strategy.needs_teacher:
+        return
+    if teacher is None:
+        raise UserError("recovery kind 'distill' needs a teacher model")
+    sc, tc = model.config, teacher.config
+    if sc.vocab_size != tc.vocab_size:
+        raise UserError(f"teacher vocabulary {tc.vocab_size} != student vocabulary {sc.vocab_size}")
+    if strategy.hidden_layers:
+        if sc.hidden_size != tc.hidden_size:
+            raise UserError(f"hidden-state MSE needs equal hidden sizes (student {sc.hidden_size}, "
+                            f"teacher {tc.hidden_size})")
+        bad = [i for i in strategy.hidden_layers if i >= tc.num_layers]
+        if bad:
+            raise UserError(f"recovery.distill.hidden_layers {bad} are beyond the teacher's "
+                            f"{tc.num_layers} layers")
+
+
+def train(model, cfg: RecoveryConfig, *, tokenizer=None, windows: data_lib.TokenWindows | None = None,
+          teacher=None, data_dir=None, log_dir=None, progress: bool = True,
+          stop_after: int | None = None, echo=None) -> TrainResult:
+    """Trains `model` in place with `cfg`; returns a `TrainResult`.
+
+    `windows` (packed token windows) default to `cfg.dataset` tokenized with `tokenizer`.
+    `teacher` is the frozen model a distillation learns from. `log_dir` receives metrics.jsonl,
+    loss.png and, with `checkpoint_every`, Orbax checkpoints; a run finding checkpoints there
+    resumes from the latest. `stop_after` ends the loop early (as an interruption would) without
+    changing the schedule. Everything that can fail on bad input fails before the first step.
+    """
+    say = echo or (lambda *a: None)
+    sizes = cfg.check(model.config)
+    strategy = strategy_for(cfg)
+    _check_teacher(strategy, model, teacher)
+    mesh = sh.make_mesh(sizes)
+    if windows is None:
+        if tokenizer is None:
+            raise UserError("recovery needs a tokenizer (or pre-tokenized windows)")
+        windows = data_lib.load_windows(
+            tokenizer, cfg.dataset, seqlen=cfg.seqlen, train_windows=cfg.steps * cfg.batch_size,
+            heldout_windows=cfg.eval_batches * cfg.micro_batch, data_dir=data_dir)
+    if windows.train.shape[1] != cfg.seqlen:
+        raise UserError(f"windows have {windows.train.shape[1]} tokens, recovery.seqlen is {cfg.seqlen}")
+    iterator = data_lib.train_iterator(windows.train, batch_size=cfg.batch_size,
+                                       grad_accum=cfg.grad_accum, seed=cfg.seed)
+    heldout = data_lib.heldout_batches(windows.heldout, cfg.micro_batch, cfg.eval_batches)
+
+    lora_paths: list[str] = []
+    if cfg.kind == "lora":
+        lora_paths = lora_lib.add_lora(model, cfg.lora, seed=cfg.seed)
+        wrt = nnx.LoRAParam
+    else:
+        wrt = nnx.Param
+    compute_dtype = jnp.dtype(cfg.compute_dtype)
+    sched = schedule(cfg)
+    optimizer = nnx.Optimizer(model, make_tx(cfg), wrt=wrt)
+    parts = _split(model, wrt)
+    opt_gdef, opt_state = nnx.split(optimizer)
+
+    # placement: channel-space rules for the model and teacher, optimizer state by path
+    specs = sh.param_specs(model, mesh)
+    tr_sh = sh.state_shardings(parts.trainable, specs, mesh)
+    const_sh = sh.state_shardings(parts.const, specs, mesh)
+    opt_sh = sh.state_shardings(opt_state, specs, mesh)
+    trainable = _place(parts.trainable, tr_sh, copy=True)  # donated to the step
+    const = _place(parts.const, const_sh)
+    opt_state = _place(opt_state, opt_sh, copy=True)
+    parts.keys = _place(parts.keys, sh.state_shardings(parts.keys, {}, mesh))
+    teacher_gdef, teacher_state, teacher_sh = None, None, None
+    if strategy.needs_teacher:
+        teacher_gdef, teacher_state = nnx.split(teacher)
+        teacher_sh = sh.state_shardings(teacher_state, sh.param_specs(teacher, mesh), mesh)
+        teacher_state = _place(teacher_state, teacher_sh)
+
+    train_step, eval_step = build_steps(parts, opt_gdef, strategy, teacher_gdef,
+                                        compute_dtype=compute_dtype, grad_accum=cfg.grad_accum,
+                                        seed=cfg.seed, sched=sched)
+    rep = sh.replicated(mesh)
+    batch_sh = sh.batch_sharding(mesh, 3, leading=1)
+    eval_batch_sh = sh.batch_sharding(mesh, 2)
+    train_jit = jax.jit(train_step, in_shardings=(tr_sh, opt_sh, const_sh, teacher_sh, batch_sh, rep),
+                        out_shardings=(tr_sh, opt_sh, rep), donate_argnums=(0, 1))
+    eval_jit = jax.jit(eval_step, in_shardings=(tr_sh, const_sh, teacher_sh, eval_batch_sh),
+                       out_shardings=rep)
+
+    # logs and checkpoints
+    log_dir = Path(log_dir) if log_dir is not None else None
+    metrics_path = plot_path = None
+    manager = None
+    start = 0
+    resumed_from = None
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path, plot_path = log_dir / METRICS_FILE, log_dir / PLOT_FILE
+        if cfg.checkpoint_every:
+            import orbax.checkpoint as ocp
+
+            manager = _manager(log_dir / CHECKPOINT_DIR, cfg.keep_checkpoints)
+            latest = manager.latest_step()
+            if latest is not None:
+                target = {"trainable": _abstract(trainable, tr_sh), "opt": _abstract(opt_state, opt_sh)}
+                restored = manager.restore(latest, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+                trainable, opt_state = restored["state"]["trainable"], restored["state"]["opt"]
+                iterator.set_state(restored["data"])
+                start = resumed_from = int(latest)
+                say(f"resume    from step {latest} ({log_dir / CHECKPOINT_DIR})")
+        if start:
+            _trim_metrics(metrics_path, start)
+        elif metrics_path.exists():
+            metrics_path.unlink()
+
+    def put_batch(batch, sharding):
+        return _place(jnp.asarray(batch), sharding)
+
+    def evaluate(step: int) -> dict[str, float] | None:
+        if not heldout:
+            return None
+        sums: dict[str, float] = {}
+        for tokens in heldout:
+            for k, v in eval_jit(trainable, const, teacher_state, put_batch(tokens, eval_batch_sh)).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        row = {"step": step, "split": "heldout", **{k: v / len(heldout) for k, v in sums.items()}}
+        log(row)
+        evals.append(row)
+        return row
+
+    def log(row):
+        if metrics_path is not None:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    from tqdm.auto import tqdm
+
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    losses: list[float] = []
+    evals: list[dict[str, float]] = []
+    tokens_per_step = cfg.batch_size * cfg.seqlen
+    compile_seconds, seconds = 0.0, 0.0
+    if start == 0 and cfg.eval_every:
+        evaluate(0)
+    bar = tqdm(total=end - start, desc=f"recovery {cfg.kind}", unit="step", disable=not progress,
+               leave=False)
+    t_loop = time.perf_counter()
+    for step in range(start, end):
+        batch = put_batch(next(iterator), batch_sh)
+        t0 = time.perf_counter()
+        trainable, opt_state, stats = train_jit(trainable, opt_state, const, teacher_state, batch,
+                                                jnp.asarray(step, jnp.int32))
+        stats = {k: float(v) for k, v in stats.items()}
+        dt = time.perf_counter() - t0
+        if step == start:
+            compile_seconds = dt  # the first call compiles
+        else:
+            seconds += dt
+        if not np.isfinite(stats["loss"]):
+            raise FloatingPointError(f"recovery loss is not finite at step {step + 1}: {stats}")
+        losses.append(stats["loss"])
+        log({"step": step + 1, "split": "train", **stats, "tokens": (step + 1) * tokens_per_step,
+             "elapsed": time.perf_counter() - t_loop})
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats['loss']:.4f}")
+        done = step + 1
+        if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+            evaluate(done)
+        if manager is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            import orbax.checkpoint as ocp
+
+            manager.save(done, args=ocp.args.Composite(
+                state=ocp.args.StandardSave({"trainable": trainable, "opt": opt_state}),
+                data=ocp.args.JsonSave(iterator.get_state())))
+    bar.close()
+    if end == cfg.steps and (cfg.eval_every or heldout):
+        evaluate(cfg.steps)
+    if manager is not None:
+        manager.wait_until_finished()
+        manager.close()
+
+    placement = {"params": _placement(trainable), "optimizer": _placement(opt_state)}
+    # write the trained state back into the model object
+    nnx.update(model, trainable)
+    lora_lib.set_training(model, False)
+    merged = 0
+    if cfg.lora is not None and cfg.lora.merge and end == cfg.steps:
+        merged = lora_lib.merge_lora(model)
+    if metrics_path is not None and metrics_path.is_file():
+        plot_losses(metrics_path, plot_path, title=f"recovery ({cfg.kind})")
+    timed_steps = max(end - start - 1, 0)
+    return TrainResult(
+        steps=end, losses=losses, evals=evals, tokens=(end - start) * tokens_per_step,
+        seconds=seconds + compile_seconds, compile_seconds=compile_seconds,
+        tokens_per_second=(timed_steps * tokens_per_step / seconds) if seconds > 0 else float("nan"),
+        mesh=sizes, strategy=strategy.describe(), data=windows.describe(),
+        resumed_from=resumed_from, lora_paths=lora_paths, lora_merged=merged,
+        metrics_path=str(metrics_path) if metrics_path else None,
+        plot_path=str(plot_path) if plot_path and plot_path.exists() else None, placement=placement)
+
+
+def _placement(state) -> dict[str, str]:
+    out = {}
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        spec = getattr(getattr(leaf, "sharding", None), "spec", None)
+        out[".".join(map(str, sh.path_of(kp)))] = str(spec) if spec is not None else "?"
+    return out
