@@ -155,6 +155,32 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_lm_eval(args) -> int:
+    from nnxprune.io import atomic
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UserError("--tasks: give at least one task name")
+    atomic.check_writable(args.json)
+    from nnxprune.evaluate import lmeval
+
+    manager = lmeval.task_manager(tasks, args.include_path)  # unknown tasks fail before loading
+    del manager
+    loaded = _load(args)
+    lm = lmeval.NnxpruneLM(loaded=loaded, batch_size=args.batch_size, max_length=args.max_length)
+    t0 = time.perf_counter()
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    out = lmeval.run_tasks(lm, tasks, include_path=args.include_path, limit=limit,
+                           num_fewshot=args.num_fewshot, seed=args.seed)
+    out["seconds"] = time.perf_counter() - t0
+    print(lmeval.results_table(out["results"]))
+    print(f"time      {out['seconds']:.1f} s; {out['compiled_shapes']} compiled scoring shapes")
+    if args.json:
+        atomic.write_json(args.json, {"model": args.model, "source": loaded.source, **out})
+        print(f"wrote     {args.json}")
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from nnxprune.inspect import inspect_model
     from nnxprune.io import atomic
@@ -307,6 +333,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() first (multi-host GPU / TPU runs)")
     p.set_defaults(func=cmd_train)
+
+    p = model_command("lm-eval", "Zero-shot / few-shot accuracy through lm-evaluation-harness "
+                                 "(the `nnxprune` lm-eval model: exact log-likelihoods, bucketed "
+                                 "and batched); prints a Markdown table.")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument("--include-path", metavar="DIR", default=None,
+                   help="folder of local task YAMLs; when every task is there, lm-eval's built-in "
+                        "task index is not built (standard task names need the hub)")
+    p.add_argument("--limit", type=float, default=None,
+                   help="documents per task (an integer), or a fraction of them (< 1)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per scoring forward")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="longest model input in tokens (default: the model's context)")
+    p.add_argument("--seed", type=int, default=0, help="seed of lm-eval's few-shot sampling")
+    p.add_argument("--json", metavar="OUT.json", default=None, help="write the results here")
+    p.set_defaults(func=cmd_lm_eval)
 
     p = model_command("inspect", "Show a model's architecture and sparsity: per-layer table "
                                  "(heads, KV heads, MLP width, parameters, sparsity, N:M pattern), "

@@ -90,6 +90,7 @@ class Recipe:
     calibration: Calibration | None = None
     recovery: RecoveryConfig | None = None
     eval: PerplexityProtocol | None = None
+    lm_eval: dict[str, Any] | None = None  # [eval.lm_eval]: lm-eval tasks run dense and final
     path: str | None = None
     raw: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
@@ -162,15 +163,47 @@ def _build_calibration(section: dict[str, Any] | None) -> Calibration | None:
     return Calibration(**section)
 
 
+LM_EVAL_KEYS = ("tasks", "include_path", "limit", "num_fewshot", "batch_size", "max_length")
+
+
 def _build_eval(section: dict[str, Any] | None) -> PerplexityProtocol | None:
     if section is None:
         return None
+    section = {k: v for k, v in section.items() if k != "lm_eval"}
+    if not section:
+        return None  # only [eval.lm_eval]
     if "dataset" not in section:
         raise UserError("[eval] needs a 'dataset' (wikitext2 or c4)")
     try:
         return PerplexityProtocol.from_dict(section)
     except UserError as e:
         raise UserError(f"eval: {e}") from None
+
+
+def _build_lm_eval(section: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`[eval.lm_eval]`: lm-eval tasks (a list of names), optional include_path (local task
+    YAMLs), limit, num_fewshot, batch_size, max_length."""
+    if section is None or "lm_eval" not in section:
+        return None
+    table = section["lm_eval"]
+    if not isinstance(table, dict):
+        raise UserError("[eval.lm_eval] must be a table")
+    for key in table:
+        if key not in LM_EVAL_KEYS:
+            raise UserError("eval.lm_eval: " + nearest(key, LM_EVAL_KEYS, "key"))
+    tasks = table.get("tasks")
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) and t for t in tasks):
+        raise UserError("eval.lm_eval.tasks must be a non-empty list of task names")
+    for key in ("num_fewshot", "batch_size", "max_length"):
+        v = table.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "num_fewshot" else 1)):
+            raise UserError(f"eval.lm_eval.{key} must be a positive integer, got {v!r}")
+    limit = table.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
+        raise UserError(f"eval.lm_eval.limit must be > 0 (a count, or a fraction below 1), got {limit!r}")
+    return {**table, "tasks": tasks}
 
 
 def _build_recovery(section: dict[str, Any] | None) -> RecoveryConfig | None:
@@ -197,7 +230,8 @@ def parse_recipe(data: dict[str, Any], *, path: str | None = None) -> Recipe:
                   paper=meta.get("paper"), pipeline=pipeline,
                   calibration=_build_calibration(_section(data, "calibration")),
                   recovery=_build_recovery(_section(data, "recovery")),
-                  eval=_build_eval(_section(data, "eval")), path=path, raw=data)
+                  eval=_build_eval(_section(data, "eval")),
+                  lm_eval=_build_lm_eval(_section(data, "eval")), path=path, raw=data)
 
 
 def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:

@@ -113,6 +113,26 @@ def _shapes(config) -> list[dict[str, int]]:
              "intermediate_size": s.intermediate_size} for s in config.layers]
 
 
+def _lm_eval(model, loaded, settings: dict[str, Any], echo, label: str) -> dict[str, Any]:
+    """Runs the recipe's lm-eval tasks on `model`; returns lm-eval's numeric results."""
+    import dataclasses
+
+    from nnxprune.evaluate import lmeval
+
+    lm = lmeval.NnxpruneLM(loaded=dataclasses.replace(loaded, model=model),
+                           batch_size=settings.get("batch_size", 8),
+                           max_length=settings.get("max_length"))
+    t0 = time.perf_counter()
+    out = lmeval.run_tasks(lm, settings["tasks"], include_path=settings.get("include_path"),
+                           limit=settings.get("limit"), num_fewshot=settings.get("num_fewshot"))
+    out["seconds"] = time.perf_counter() - t0
+    for task, metrics in out["results"].items():
+        shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items()
+                          if "stderr" not in k and k.endswith(",none"))
+        echo(f"{label:9s} {task}: {shown}")
+    return out
+
+
 def _ppl(model, tokenizer, protocol, data_dir, progress) -> dict[str, Any]:
     from nnxprune.evaluate.perplexity import evaluate_perplexity
 
@@ -186,6 +206,10 @@ def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_pat
     if recipe.eval is not None:
         data_lib.check_available(recipe.eval.dataset, recipe.eval.split, data_dir)
     _check_calibration_source(recipe, data_dir)
+    if recipe.lm_eval is not None:  # unknown tasks or a missing include_path fail here
+        from nnxprune.evaluate import lmeval
+
+        lmeval.task_manager(recipe.lm_eval["tasks"], recipe.lm_eval.get("include_path"))
     if recipe.recovery is not None:
         from nnxprune.recovery import data as recovery_data
 
@@ -230,6 +254,8 @@ def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_pat
         report["eval_protocol_text"] = recipe.eval.describe()
         report["dense"].update(_ppl(model_obj, tokenizer, recipe.eval, data_dir, progress))
         echo(f"dense     ppl {report['dense']['ppl']:.4f}")
+    if recipe.lm_eval is not None:
+        report["dense"]["lm_eval"] = _lm_eval(model_obj, loaded, recipe.lm_eval, echo, "dense")
 
     t1 = time.perf_counter()
     with PeakMemory() as memory:
@@ -278,6 +304,10 @@ def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_pat
         if recipe.eval is not None:
             report["recovered"].update(_ppl(model_obj, tokenizer, recipe.eval, data_dir, progress))
             echo(f"recovered ppl {report['recovered']['ppl']:.4f}")
+
+    if recipe.lm_eval is not None:
+        final = "recovered" if recipe.recovery is not None else "pruned"
+        report[final]["lm_eval"] = _lm_eval(model_obj, loaded, recipe.lm_eval, echo, final)
 
     if out is not None:
         provenance = {"recipe": recipe.to_dict(), "recipe_path": recipe.path, "source": loaded.source,
