@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
 
 import numpy as np
@@ -23,57 +22,17 @@ def _wikitext_lines(n: int) -> list[str]:
     data = Path(os.environ.get("NNXPRUNE_DATA_DIR", "../shared/data")) / "wiki.test.raw"
     if not data.exists():
         pytest.skip(f"{data} missing (set NNXPRUNE_DATA_DIR)")
-    lines = [ln.strip() for ln in data.read_text(encoding="utf-8").splitlines()]
-    lines = [ln for ln in lines if len(ln) > 80 and not ln.startswith("=")]
-    return lines[:n]
+    from nnxprune.evaluate.local_tasks import wikitext_paragraphs
+
+    return wikitext_paragraphs(n, data.parent)
 
 
 def write_tasks(folder: Path, n_mc: int = 6, n_roll: int = 3) -> Path:
-    """A multiple-choice task (the true next sentence against sentences from elsewhere in
-    WikiText-2) and a rolling-loglikelihood task, as lm-eval YAML + JSONL."""
-    rng = random.Random(0)
-    lines = _wikitext_lines(200)
-    sentences = [s.strip() + "." for ln in lines for s in ln.split(" . ") if len(s.split()) > 6]
-    mc = []
-    for i in range(n_mc):
-        j = 2 * i
-        distractors = rng.sample(sentences[40:], 3)
-        choices = [sentences[j + 1]] + distractors
-        order = list(range(4))
-        rng.shuffle(order)
-        mc.append({"context": sentences[j], "choices": [choices[k] for k in order],
-                   "label": order.index(0)})
-    roll = [{"text": lines[100 + i]} for i in range(n_roll)]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
-    (folder / "roll.jsonl").write_text("".join(json.dumps(r) + "\n" for r in roll))
-    (folder / "wiki_next.yaml").write_text(f"""task: wiki_next
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {folder / 'mc.jsonl'}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-target_delimiter: " "
-metric_list:
-  - metric: acc
-""")
-    (folder / "wiki_roll.yaml").write_text(f"""task: wiki_roll
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {folder / 'roll.jsonl'}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list:
-  - metric: word_perplexity
-""")
-    return folder
+    from nnxprune.evaluate.local_tasks import write_wikitext_tasks
+
+    _wikitext_lines(1)  # skips when the data is missing
+    return write_wikitext_tasks(folder, n_mc, n_roll,
+                                data_dir=os.environ.get("NNXPRUNE_DATA_DIR", "../shared/data"))
 
 
 @pytest.fixture(scope="module")

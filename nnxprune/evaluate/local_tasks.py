@@ -1,0 +1,75 @@
+"""Small local lm-eval tasks made from real text (WikiText-2 test rows), for tests and benchmarks.
+
+`write_wikitext_tasks(folder)` writes two lm-eval task YAMLs with JSONL data beside them:
+`wiki_next` (multiple choice: the true next sentence of a WikiText-2 paragraph against three
+sentences drawn from elsewhere in the file) and `wiki_roll` (rolling log-likelihood of whole
+paragraphs, metric word perplexity). Pass the folder as lm-eval's include path.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from nnxprune.errors import UserError
+
+
+def wikitext_paragraphs(n: int, data_dir=None) -> list[str]:
+    """The first `n` WikiText-2 test rows longer than 80 characters that are not headings."""
+    from nnxprune.evaluate import data as data_lib
+
+    path = Path(data_lib.resolve_data_dir(data_dir)) / "wiki.test.raw"
+    if not path.is_file():
+        raise UserError(f"{path} not found: set --data-dir or NNXPRUNE_DATA_DIR")
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    return [ln for ln in lines if len(ln) > 80 and not ln.startswith("=")][:n]
+
+
+def write_wikitext_tasks(folder, n_mc: int = 6, n_roll: int = 3, *, data_dir=None,
+                         seed: int = 0) -> Path:
+    """Writes `wiki_next` (`n_mc` documents) and `wiki_roll` (`n_roll`) into `folder`."""
+    rng = random.Random(seed)
+    lines = wikitext_paragraphs(max(200, 4 * n_mc + n_roll + 100), data_dir)
+    sentences = [s.strip() + "." for ln in lines for s in ln.split(" . ") if len(s.split()) > 6]
+    if len(sentences) < 2 * n_mc + 40:
+        raise UserError(f"not enough WikiText-2 sentences for {n_mc} documents")
+    mc = []
+    for i in range(n_mc):
+        choices = [sentences[2 * i + 1]] + rng.sample(sentences[2 * n_mc + 2:], 3)
+        order = list(range(4))
+        rng.shuffle(order)
+        mc.append({"context": sentences[2 * i], "choices": [choices[k] for k in order],
+                   "label": order.index(0)})
+    roll = [{"text": lines[100 + i]} for i in range(n_roll)]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
+    (folder / "roll.jsonl").write_text("".join(json.dumps(r) + "\n" for r in roll))
+    (folder / "wiki_next.yaml").write_text(f"""task: wiki_next
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {folder.resolve() / 'mc.jsonl'}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+target_delimiter: " "
+metric_list:
+  - metric: acc
+""")
+    (folder / "wiki_roll.yaml").write_text(f"""task: wiki_roll
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {folder.resolve() / 'roll.jsonl'}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+""")
+    return folder
