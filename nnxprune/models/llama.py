@@ -368,7 +368,8 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
                  cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-        """`x [B, T, D]`, `positions [B, T]`; with a cache, writes keys at `positions[0, 0]`."""
+        """`x [B, T, D]`, `positions [B, T]`; with a cache, writes each row's keys and values at
+        that row's first position `positions[b, 0]` (rows may start at different offsets)."""
         b, t, _ = x.shape
         n, k, dh = self.num_heads, self.num_kv_heads, self.head_dim
         q = apply_rope(self.q_proj(x).reshape(b, t, n, dh), positions, inv_freq)
@@ -376,9 +377,9 @@ class Attention(nnx.Module):
         values = self.v_proj(x).reshape(b, t, k, dh)
         key_pos = positions
         if cache is not None:
-            start = positions[0, 0]
-            keys = jax.lax.dynamic_update_slice(cache[0], keys.astype(cache[0].dtype), (0, start, 0, 0))
-            values = jax.lax.dynamic_update_slice(cache[1], values.astype(cache[1].dtype), (0, start, 0, 0))
+            write = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (s, 0, 0)))
+            keys = write(cache[0], keys, positions[:, 0])
+            values = write(cache[1], values, positions[:, 0])
             cache = (keys, values)
             key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
         q = q.reshape(b, t, k, n // k, dh)  # [B, T, K, G, Dh]

@@ -95,6 +95,8 @@ def test_loglikelihood_equals_hf(tiny):
     args = [(ln[:120], " " + ln[120:200]) for ln in lines[:6]]
     args += [("The capital of France is", c) for c in (" Paris", " London", " the", " a")]
     args += [("", lines[7][:60]), (lines[8][:300], " and")]
+    # one context, multi-token choices of different lengths: the shared-context path
+    args += [(lines[9][:150], " " + lines[10][:k]) for k in (20, 45, 70)]
     reqs = _requests("loglikelihood", args)
     a = ours.loglikelihood(reqs, disable_tqdm=True)
     b = hf.loglikelihood(reqs, disable_tqdm=True)
@@ -105,8 +107,9 @@ def test_loglikelihood_equals_hf(tiny):
     rolls = _requests("loglikelihood_rolling", [(ln,) for ln in lines[:3]])
     np.testing.assert_allclose(ours.loglikelihood_rolling(rolls, disable_tqdm=True),
                                hf.loglikelihood_rolling(rolls, disable_tqdm=True), atol=1e-3, rtol=0)
-    # few compiled shapes: one per (bucket length, K)
-    assert len(ours._scorer.shapes) <= 4
+    # few compiled shapes: whole rows per (bucket length, K), shared contexts per buckets
+    assert any(shape[0] == "prefixed" for shape in ours._scorer.shapes)
+    assert len(ours._scorer.shapes) <= 6
 
 
 def test_rolling_equals_perplexity_protocol(tiny):
