@@ -33,7 +33,6 @@ registry when this module is imported. `nnxprune lm-eval ...` does that, and so 
 
 from __future__ import annotations
 
-import functools
 import math
 from collections import defaultdict
 from typing import Any, Sequence
@@ -48,102 +47,205 @@ from tqdm import tqdm
 
 from nnxprune.errors import UserError
 from nnxprune.evaluate.perplexity import LOGIT_CHUNK
+from nnxprune.models import llama as llama_lib
 
 __all__ = ["NnxpruneLM", "bucket_length", "run_tasks", "results_table"]
 
-MIN_BUCKET = 32
+ROW_TOKENS = 256  # tokens per row of `batch_size` a shared-context call may hold (see _score_shared)
 
 
-def bucket_length(n: int, max_length: int) -> int:
-    """The padded length for a row of `n` tokens: the next power of two >= 32, at most
-    `max_length`."""
-    return min(max(MIN_BUCKET, 1 << max(0, n - 1).bit_length()), max_length)
+def bucket_length(n: int, max_length: int | None = None) -> int:
+    """The padded length for `n` tokens: 1, 2, 4, 8, 16, then powers of two and 1.5 times them
+    (24, 32, 48, 64, 96, 128, ...), so padding wastes at most a third (a sixth on average) while a
+    whole task compiles a handful of shapes; at most `max_length` (when given and >= n)."""
+    b = 1
+    while b < n:
+        b = b * 2 if b < 16 else b * 3 // 2 if b & (b - 1) == 0 else b * 4 // 3  # 16, 24, 32, 48
+    return b if max_length is None or n > max_length else min(b, max_length)
 
 
-def _chunked_logprobs(model, h, targets):
-    """Log-probabilities of `targets [B, T]` and argmax ids from hidden states `h [B, T, D]`,
-    the output head applied `LOGIT_CHUNK` positions at a time."""
-    b, t, d = h.shape
-    chunk = min(LOGIT_CHUNK, t)
-    pad = -t % chunk
-    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    n = (t + pad) // chunk
-    h_chunks = h.reshape(b, n, chunk, d).swapaxes(0, 1)
-    target_chunks = targets.reshape(b, n, chunk).swapaxes(0, 1)
+# --- the jitted pieces --------------------------------------------------------------------------
+# The model runs one decoder layer per call: jit compiles one program per layer *shape* and input
+# shape (all layers of a dense model share it; `graphdef` is a static argument, so an equal layer
+# of another NnxpruneLM shares it too), not one program the size of the whole unrolled model.
+# A compilation then takes about 0.3 s instead of ~10 s for SmolLM2, so length buckets can be fine
+# (little padding) and still cost little to compile. The Python loop over layers adds a few
+# milliseconds of dispatch per call of thousands of tokens.
+#
+# The layer math is the model's own (`DecoderLayer.__call__`: its norms, projections, RoPE and
+# attention helpers) with tokens flattened to 2-D `[B*T, E]` around the projections and the MLP:
+# XLA on CPU runs the SwiGLU MLP about 25% faster on a 2-D input than on a 3-D one.
+
+
+def _static_jit(fn):
+    return jax.jit(fn, static_argnums=0)
+
+
+@_static_jit
+def _embed(graphdef, state, tokens):
+    """Token embeddings `[B, T, E]` (any channel mask of the embedding applied)."""
+    return nnx.merge(graphdef, state).embed_tokens(tokens)
+
+
+def _qkv(attn, h, b, t, positions, inv_freq):
+    """Queries `[B, T, K, G, Dh]` and keys, values `[B, T, K, Dh]` of normed `h [B*T, E]`."""
+    n, k, dh = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    q = llama_lib.apply_rope(attn.q_proj(h).reshape(b, t, n, dh), positions, inv_freq)
+    keys = llama_lib.apply_rope(attn.k_proj(h).reshape(b, t, k, dh), positions, inv_freq)
+    return q.reshape(b, t, k, n // k, dh), keys, attn.v_proj(h).reshape(b, t, k, dh)
+
+
+def _finish(layer, x, out):
+    """The rest of the layer after attention: `x [N, E]`, attention output `out` (N rows)."""
+    x = x + layer.self_attn.o_proj(out.reshape(x.shape[0], -1))
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def _causal_layer(layer, x, inv_freq):
+    """One decoder layer on whole rows `x [B, T, E]` from position 0, and its keys and values."""
+    b, t, e = x.shape
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    x = x.reshape(b * t, e)
+    q, keys, values = _qkv(layer.self_attn, layer.input_layernorm(x), b, t, positions, inv_freq)
+    if t > llama_lib.ATTN_BLOCK:
+        out = llama_lib._blocked_causal_attention(q, keys, values, positions)
+    else:
+        out = llama_lib._attention(q, keys, values, positions, positions)
+    return _finish(layer, x, out).reshape(b, t, e), keys, values
+
+
+@_static_jit
+def _layer(graphdef, state, x, inv_freq):
+    """One decoder layer on whole rows `x [B, T, E]` (causal, positions from 0)."""
+    return _causal_layer(nnx.merge(graphdef, state), x, inv_freq)[0]
+
+
+@_static_jit
+def _layer_context(graphdef, state, x, inv_freq):
+    """One decoder layer on contexts `x [D, Tp, E]`; also returns their keys and values."""
+    return _causal_layer(nnx.merge(graphdef, state), x, inv_freq)
+
+
+@_static_jit
+def _layer_continue(graphdef, state, x, ctx_keys, ctx_values, row_ctx, ctx_len, inv_freq):
+    """One decoder layer on rows `x [R, Tc, E]` that continue contexts whose keys and values
+    (`[D, Tp, K, Dh]`, this layer's) were computed before: row `r` continues context `row_ctx[r]`
+    from position `ctx_len[r]` (its first token is the context's last one).
+
+    A row's query at position `p + j` attends to the context keys `0 .. p-1` and to the row's own
+    keys `p .. p+j`: exactly the keys, values and positions it sees as one long row, but every
+    context is computed once for all its rows. A context's padding keys are masked; a row's
+    padding sits after its real tokens, where no real query looks."""
+    layer = nnx.merge(graphdef, state)
+    r, tc, e = x.shape
+    tp = ctx_keys.shape[1]
+    positions = ctx_len[:, None] + jnp.arange(tc)[None, :]  # [R, Tc]
+    x = x.reshape(r * tc, e)
+    q, keys, values = _qkv(layer.self_attn, layer.input_layernorm(x), r, tc, positions, inv_freq)
+    q = q * (1.0 / math.sqrt(q.shape[-1]))
+    ck, cv = ctx_keys[row_ctx], ctx_values[row_ctx]  # [R, Tp, K, Dh]
+    f32 = jnp.float32
+    s_ctx = jnp.einsum("rtkgh,rskh->rkgts", q, ck.astype(q.dtype), preferred_element_type=f32)
+    s_own = jnp.einsum("rtkgh,rskh->rkgts", q, keys.astype(q.dtype), preferred_element_type=f32)
+    s_ctx = jnp.where((jnp.arange(tp)[None, :] < ctx_len[:, None])[:, None, None, None, :],
+                      s_ctx, -jnp.inf)
+    s_own = jnp.where(jnp.tril(jnp.ones((tc, tc), bool)), s_own, -jnp.inf)  # the diagonal: never empty
+    probs = jax.nn.softmax(jnp.concatenate([s_ctx, s_own], axis=-1), axis=-1)
+    out = (jnp.einsum("rkgts,rskh->rtkgh", probs[..., :tp].astype(cv.dtype), cv)
+           + jnp.einsum("rkgts,rskh->rtkgh", probs[..., tp:].astype(values.dtype), values))
+    return _finish(layer, x, out).reshape(r, tc, e)
+
+
+def _logprobs(model, h, targets):
+    """Log-probabilities of `targets [N]` and the argmax ids, from last-layer hidden states
+    `h [N, E]` (before the final norm), the output head applied `LOGIT_CHUNK` rows at a time
+    (memory stays at `LOGIT_CHUNK * V` floats)."""
+    n, e = h.shape
+    chunk = min(LOGIT_CHUNK, n)
+    pad = -n % chunk
+    h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, e)
+    targets = jnp.pad(targets, (0, pad)).reshape(-1, chunk)
 
     def one(args):
         hc, tc = args
-        logits = model.logits(hc).astype(jnp.float32)
+        logits = model.logits(model.norm(hc)).astype(jnp.float32)
         logz = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+        picked = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
         return picked - logz, jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    lp, top = jax.lax.map(one, (h_chunks, target_chunks))
-    return (lp.swapaxes(0, 1).reshape(b, n * chunk)[:, :t],
-            top.swapaxes(0, 1).reshape(b, n * chunk)[:, :t])
+    lp, top = jax.lax.map(one, (h, targets))
+    return lp.reshape(-1)[:n], top.reshape(-1)[:n]
 
 
-def _score_prefixed(model, prefix, prefix_len, rows, targets, *, choices: int):
-    """Shared-context scoring. `prefix [D, Tp]` (right-padded contexts without their last token,
-    `prefix_len [D]` real lengths) runs once into a KV cache; `rows [D * choices, Tc]` (row `r`
-    continues document `r // choices` from position `prefix_len`) run against it. Returns
-    log-probabilities of `targets` and argmax ids, `[D * choices, Tc]`.
-
-    Exact: a row's queries at positions `p + j` see the cached context keys at `0..p-1` and the
-    row's own keys at `p..p+j`; the context's padding keys sit at positions the row overwrites or
-    that no real query reaches."""
-    from nnxprune.models.llama import init_cache
-
-    d, tp = prefix.shape
-    tc = rows.shape[1]
-    cache = init_cache(model, d, tp + tc, dtype=jnp.float32)
-    _, cache = model.hidden_states(prefix, jnp.broadcast_to(jnp.arange(tp), (d, tp)), cache)
-    cache = [(jnp.repeat(k, choices, axis=0), jnp.repeat(v, choices, axis=0)) for k, v in cache]
-    starts = jnp.repeat(prefix_len, choices)
-    h, _ = model.hidden_states(rows, starts[:, None] + jnp.arange(tc)[None, :], cache)
-    return _chunked_logprobs(model, h, targets)
+@_static_jit
+def _head(graphdef, state, x, targets):
+    """`x [R, T, E]`: log-probabilities and argmax ids `[R, T]` of `targets [R, T]`."""
+    r, t, e = x.shape
+    lp, top = _logprobs(nnx.merge(graphdef, state), x.reshape(r * t, e), targets.reshape(-1))
+    return lp.reshape(r, t), top.reshape(r, t)
 
 
-def _score_rows(model, tokens, targets, last_pos, last_targets):
-    """Log-probabilities `[B, T]` of `targets` at every position, argmax ids `[B, T]`, and the
-    log-probabilities `[B, K]` of `last_targets` at position `last_pos [B]` (float32)."""
-    h, _ = model.hidden_states(tokens)
-    lp, top = _chunked_logprobs(model, h, targets)
-    h_last = jnp.take_along_axis(h, last_pos[:, None, None], axis=1)  # [B, 1, D]
-    last = jax.nn.log_softmax(model.logits(h_last)[:, 0].astype(jnp.float32), axis=-1)
-    return lp, top, jnp.take_along_axis(last, last_targets, axis=1)
+@_static_jit
+def _head_window(graphdef, state, x, starts, targets, last_pos, last_targets):
+    """Whole rows `x [B, T, E]`: the output head only on a window of `Tw` positions per row from
+    `starts [B]` (`targets [B, Tw]`; log-probabilities and argmax ids `[B, Tw]`), and at
+    `last_pos [B]` the log-probabilities `[B, K]` of several candidate tokens `last_targets`."""
+    model = nnx.merge(graphdef, state)
+    b, _, e = x.shape
+    tw = targets.shape[1]
+    window = jax.vmap(lambda xb, s: jax.lax.dynamic_slice_in_dim(xb, s, tw, axis=0))(x, starts)
+    lp, top = _logprobs(model, window.reshape(b * tw, e), targets.reshape(-1))
+    x_last = jnp.take_along_axis(x, last_pos[:, None, None], axis=1)[:, 0]  # [B, E]
+    last = jax.nn.log_softmax(model.logits(model.norm(x_last)).astype(jnp.float32), axis=-1)
+    return lp.reshape(b, tw), top.reshape(b, tw), jnp.take_along_axis(last, last_targets, axis=1)
 
 
 class _Scorer:
-    """Jitted `_score_rows` over the model's state; counts the shapes it compiled."""
+    """Runs the model layer by layer through the jitted pieces above; records the distinct input
+    shapes it ran (each is one compilation per distinct layer shape)."""
 
     def __init__(self, model):
         self.graphdef, self.state = nnx.split(model)
-        self.shapes: set[tuple[int, ...]] = set()
+        self.layers = [nnx.split(layer) for layer in model.layers]
+        self.inv_freq = model.inv_freq
+        self.shapes: set[tuple] = set()
 
-        @jax.jit
-        def run(state, tokens, targets, last_pos, last_targets):
-            return _score_rows(nnx.merge(self.graphdef, state), tokens, targets, last_pos,
-                               last_targets)
+    def rows(self, tokens, starts, targets, last_pos, last_targets):
+        """Whole rows `tokens [B, T]` (see `_head_window`)."""
+        self.shapes.add(("rows", tokens.shape, targets.shape, last_targets.shape))
+        x = _embed(self.graphdef, self.state, tokens)
+        for graphdef, state in self.layers:
+            x = _layer(graphdef, state, x, self.inv_freq)
+        out = _head_window(self.graphdef, self.state, x, starts, targets, last_pos, last_targets)
+        return tuple(np.asarray(a) for a in out)
 
-        @functools.partial(jax.jit, static_argnames=("choices",))
-        def prefixed(state, prefix, prefix_len, rows, targets, *, choices):
-            return _score_prefixed(nnx.merge(self.graphdef, state), prefix, prefix_len, rows,
-                                   targets, choices=choices)
+    def contexts(self, tokens):
+        """Contexts `tokens [D, Tp]`: every layer's keys and values, `[D, Tp, K, Dh]` each."""
+        self.shapes.add(("contexts", tokens.shape))
+        x = _embed(self.graphdef, self.state, tokens)
+        kv = []
+        for graphdef, state in self.layers:
+            x, keys, values = _layer_context(graphdef, state, x, self.inv_freq)
+            kv.append((keys, values))
+        return kv
 
-        self._run, self._prefixed = run, prefixed
+    def continuations(self, kv, row_ctx, ctx_len, tokens, targets):
+        """Rows `tokens [R, Tc]` continuing the contexts of `kv` (see `_layer_continue`):
+        log-probabilities and argmax ids `[R, Tc]` of `targets`."""
+        self.shapes.add(("continuations", kv[0][0].shape[:2], tokens.shape) if kv else tokens.shape)
+        x = _embed(self.graphdef, self.state, tokens)
+        for (graphdef, state), (keys, values) in zip(self.layers, kv, strict=True):
+            x = _layer_continue(graphdef, state, x, keys, values, row_ctx, ctx_len, self.inv_freq)
+        out = _head(self.graphdef, self.state, x, targets)
+        return tuple(np.asarray(a) for a in out)
 
-    def __call__(self, tokens, targets, last_pos, last_targets):
-        self.shapes.add(("rows",) + tokens.shape + last_targets.shape)
-        out = self._run(self.state, tokens, targets, last_pos, last_targets)
-        return tuple(np.asarray(x) for x in out)
 
-    def prefixed(self, prefix, prefix_len, rows, targets):
-        choices = rows.shape[0] // prefix.shape[0]
-        self.shapes.add(("prefixed",) + prefix.shape + rows.shape)
-        out = self._prefixed(self.state, prefix, prefix_len, rows, targets, choices=choices)
-        return tuple(np.asarray(x) for x in out)
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
 
 
 @register_model("nnxprune")
@@ -210,7 +312,10 @@ class NnxpruneLM(TemplateLM):
     # --- scoring --------------------------------------------------------------------------------
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
-        """`requests`: `(key, context_ids, continuation_ids)`; returns `(logprob, is_greedy)`."""
+        """`requests`: `(key, context_ids, continuation_ids)`; returns `(logprob, is_greedy)`.
+
+        Requests whose context has other requests (the choices of a question) go through
+        `_score_shared`; the rest (rolling windows, lone requests) as whole rows here."""
         L = self.max_length
         by_context: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, (_, ctx, cont) in enumerate(requests):
@@ -230,87 +335,120 @@ class NnxpruneLM(TemplateLM):
             pbar.update(1)
 
         self._score_shared(requests, shared, done)
+        # whole rows: requests whose inputs coincide (they differ in their last token only) share
+        # a row and are scored together at its last position
         rows: dict[tuple[int, ...], list[tuple[int, int, int]]] = defaultdict(list)
         for i, (_, ctx, cont) in enumerate(requests):
-            if i in in_shared:
-                continue
-            whole = (list(ctx) + list(cont))[-(L + 1):]
-            rows[tuple(whole[:-1])].append((i, len(cont), whole[-1]))
-        # longest first (so the first batch shows the worst memory), then by content
-        order = sorted(rows, key=lambda r: (-len(r), r))
+            if i not in in_shared:
+                whole = (list(ctx) + list(cont))[-(L + 1):]
+                rows[tuple(whole[:-1])].append((i, min(len(cont), len(whole) - 1), whole[-1]))
+        order = sorted(rows, key=lambda r: (-len(r), r))  # longest first: worst memory up front
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
+            B = min(self.batch_size, _pow2_ceil(len(batch)))
             T = bucket_length(len(batch[0]), L)
-            K = max(4, 1 << (max(len(rows[r]) for r in batch) - 1).bit_length())
-            B = self.batch_size
+            W = bucket_length(max(n for inp in batch for _, n, _ in rows[inp]), T)  # scored span
+            K = _pow2_ceil(max(len(rows[inp]) for inp in batch))
             tokens = np.zeros((B, T), np.int32)
-            targets = np.zeros((B, T), np.int32)
+            starts = np.zeros((B,), np.int32)
+            targets = np.zeros((B, W), np.int32)
             last_pos = np.zeros((B,), np.int32)
             last_targets = np.zeros((B, K), np.int32)
             for b, inp in enumerate(batch):
                 n = len(inp)
                 tokens[b, :n] = inp
-                targets[b, :n - 1] = inp[1:]
+                s = starts[b] = min(max(0, n - W), T - W)
+                span = inp[s + 1:s + W + 1]
+                targets[b, :len(span)] = span  # targets[b, j]: the token after position s + j
                 last_pos[b] = n - 1
-                for k, (_, _, tok) in enumerate(rows[inp]):
-                    last_targets[b, k] = tok
-            lp, top, last_lp = self._scorer(tokens, targets, last_pos, last_targets)
+                last_targets[b, :len(rows[inp])] = [tok for _, _, tok in rows[inp]]
+            lp, top, last_lp = self._scorer.rows(tokens, starts, targets, last_pos, last_targets)
             for b, inp in enumerate(batch):
-                n = len(inp)
+                s, end = int(starts[b]), len(inp) - 1 - int(starts[b])  # window index of n - 1
                 for k, (i, n_cont, tok) in enumerate(rows[inp]):
-                    lo = n - n_cont  # first scored position
-                    score = float(lp[b, lo:n - 1].sum(dtype=np.float64) + last_lp[b, k])
-                    greedy = bool(np.all(top[b, lo:n - 1] == targets[b, lo:n - 1])
-                                  and top[b, n - 1] == tok)
+                    lo = end + 1 - n_cont  # window index of the first scored position
+                    score = float(lp[b, lo:end].sum(dtype=np.float64) + last_lp[b, k])
+                    greedy = bool(np.all(top[b, lo:end] == targets[b, lo:end]) and top[b, end] == tok)
                     done(i, score, greedy)
         pbar.close()
         return results
 
     def _score_shared(self, requests, shared: dict[tuple[int, ...], list[int]], done) -> None:
-        """Scores groups of requests with one context each through `_score_prefixed`."""
-        L = self.max_length
-        groups = []
-        for ctx, all_ids in shared.items():
-            # choices of very different lengths go to different calls (each recomputes the
-            # context), so one long choice does not pad all the others to its length
-            by_bucket: dict[int, list[int]] = defaultdict(list)
-            for i in all_ids:
-                by_bucket[bucket_length(len(requests[i][2]), L)].append(i)
-            for tc, ids in by_bucket.items():
-                choices = max(1, 1 << (len(ids) - 1).bit_length())
-                groups.append((choices, bucket_length(len(ctx) - 1, L), tc, ctx, ids))
-        groups.sort(key=lambda g: (g[0], g[2], g[1]), reverse=True)
-        rows_per_batch = 4 * self.batch_size
+        """Scores the requests of shared contexts: each context (without its last token) once
+        into every layer's keys and values, then its continuations as rows that attend to them
+        (`_Scorer.contexts`, `_Scorer.continuations`).
+
+        Contexts go in chunks, shortest first, of about `ROW_TOKENS * batch_size` padded tokens;
+        a chunk's continuations, whatever their context, are sorted by length and cut into
+        calls of about as many tokens, so a row pads only to its length bucket."""
+        budget = ROW_TOKENS * self.batch_size
+        chunk: list[tuple[int, ...]] = []
+        for ctx in sorted(shared, key=len):
+            if chunk and len(chunk) + 1 > _pow2_floor(budget // bucket_length(len(ctx) - 1)):
+                self._score_chunk(requests, chunk, shared, done)
+                chunk = []
+            chunk.append(ctx)
+        if chunk:
+            self._score_chunk(requests, chunk, shared, done)
+
+    def _context_kv(self, chunk: list[tuple[int, ...]]) -> list[tuple[jax.Array, jax.Array]]:
+        """Every layer's keys and values `[D, Tp, K, Dh]` of the contexts in `chunk` (sorted by
+        length; each without its last token). Contexts of one length bucket run together, so a
+        short context is not padded to the longest; the results are padded and stacked."""
+        runs: dict[int, list[tuple[int, ...]]] = defaultdict(list)
+        for ctx in chunk:
+            runs[bucket_length(len(ctx) - 1)].append(ctx)
+        tp = max(runs)
+        parts = []
+        for length, run in sorted(runs.items()):
+            tokens = np.zeros((bucket_length(len(run)), length), np.int32)
+            for d, ctx in enumerate(run):
+                tokens[d, :len(ctx) - 1] = ctx[:-1]
+            parts.append((len(run), self._scorer.contexts(tokens)))
+        spare = bucket_length(len(chunk)) - len(chunk)  # rows of zeros: few compiled shapes
+
+        def stack(arrays):
+            padded = [jnp.pad(a[:n], ((0, 0), (0, tp - a.shape[1]), (0, 0), (0, 0)))
+                      for n, a in arrays]
+            return jnp.concatenate(padded + [jnp.zeros((spare,) + padded[0].shape[1:],
+                                                       padded[0].dtype)])
+
+        return [(stack([(n, kv[i][0]) for n, kv in parts]), stack([(n, kv[i][1]) for n, kv in parts]))
+                for i in range(len(self._scorer.layers))]
+
+    def _score_chunk(self, requests, chunk, shared, done) -> None:
+        budget = ROW_TOKENS * self.batch_size
+        kv = self._context_kv(chunk)
+        # (request, context index), longest continuation first; a call takes the rows of one
+        # length bucket (at most `budget` tokens), and its padding rows, if any, go to the next
+        # shorter rows (cheaper than rows of zeros)
+        rows = sorted(((i, d) for d, ctx in enumerate(chunk) for i in shared[ctx]),
+                      key=lambda row: -len(requests[row[0]][2]))
         start = 0
-        while start < len(groups):
-            choices, tp, tc = groups[start][:3]
-            docs = max(1, rows_per_batch // choices)
-            batch = [g for g in groups[start:start + docs] if g[0] == choices]
+        while start < len(rows):
+            tc = bucket_length(len(requests[rows[start][0]][2]))
+            most = _pow2_floor(max(1, budget // tc))
+            count = 1
+            while (count < most and start + count < len(rows)
+                   and bucket_length(len(requests[rows[start + count][0]][2])) == tc):
+                count += 1
+            n_rows = bucket_length(count)
+            batch = rows[start:start + n_rows]
             start += len(batch)
-            tp = max(g[1] for g in batch)
-            tc = max(g[2] for g in batch)
-            if tp + tc > L:  # the two buckets together may pass the context: use exact lengths
-                tp = max(len(g[3]) - 1 for g in batch)
-                tc = max(max(len(requests[i][2]) for i in g[4]) for g in batch)
-            docs = min(docs, 1 << (len(batch) - 1).bit_length())  # a short tail pads less
-            prefix = np.zeros((docs, tp), np.int32)
-            prefix_len = np.zeros((docs,), np.int32)
-            rows = np.zeros((docs * choices, tc), np.int32)
-            targets = np.zeros((docs * choices, tc), np.int32)
-            for d, (_, _, _, ctx, ids) in enumerate(batch):
-                prefix[d, :len(ctx) - 1] = ctx[:-1]
-                prefix_len[d] = len(ctx) - 1
-                for k, i in enumerate(ids):
-                    cont = requests[i][2]
-                    r = d * choices + k
-                    rows[r, :len(cont)] = [ctx[-1], *cont[:-1]]
-                    targets[r, :len(cont)] = cont
-            lp, top = self._scorer.prefixed(prefix, prefix_len, rows, targets)
-            for d, (_, _, _, ctx, ids) in enumerate(batch):
-                for k, i in enumerate(ids):
-                    r, n = d * choices + k, len(requests[i][2])
-                    done(i, float(lp[r, :n].sum(dtype=np.float64)),
-                         bool(np.all(top[r, :n] == targets[r, :n])))
+            tokens = np.zeros((n_rows, tc), np.int32)
+            targets = np.zeros((n_rows, tc), np.int32)
+            row_ctx = np.zeros((n_rows,), np.int32)
+            ctx_len = np.zeros((n_rows,), np.int32)
+            for r, (i, d) in enumerate(batch):
+                ctx, cont = chunk[d], requests[i][2]
+                tokens[r, :len(cont)] = [ctx[-1], *cont[:-1]]
+                targets[r, :len(cont)] = cont
+                row_ctx[r], ctx_len[r] = d, len(ctx) - 1
+            lp, top = self._scorer.continuations(kv, row_ctx, ctx_len, tokens, targets)
+            for r, (i, _) in enumerate(batch):
+                n = len(requests[i][2])
+                done(i, float(lp[r, :n].sum(dtype=np.float64)),
+                     bool(np.all(top[r, :n] == targets[r, :n])))
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         from lm_eval import utils

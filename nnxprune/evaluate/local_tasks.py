@@ -1,9 +1,10 @@
 """Small local lm-eval tasks made from real text (WikiText-2 test rows), for tests and benchmarks.
 
 `write_wikitext_tasks(folder)` writes two lm-eval task YAMLs with JSONL data beside them:
-`wiki_next` (multiple choice: the true next sentence of a WikiText-2 paragraph against three
-sentences drawn from elsewhere in the file) and `wiki_roll` (rolling log-likelihood of whole
-paragraphs, metric word perplexity). Pass the folder as lm-eval's include path.
+`wiki_next` (multiple choice: a WikiText-2 paragraph's opening sentences, then its true next
+sentence against three sentences drawn from elsewhere in the file) and `wiki_roll` (rolling
+log-likelihood of whole paragraphs, metric word perplexity). Pass the folder as lm-eval's
+include path.
 """
 
 from __future__ import annotations
@@ -27,20 +28,27 @@ def wikitext_paragraphs(n: int, data_dir=None) -> list[str]:
 
 
 def write_wikitext_tasks(folder, n_mc: int = 6, n_roll: int = 3, *, data_dir=None,
-                         seed: int = 0) -> Path:
-    """Writes `wiki_next` (`n_mc` documents) and `wiki_roll` (`n_roll`) into `folder`."""
+                         seed: int = 0, context_sentences: int = 1) -> Path:
+    """Writes `wiki_next` (`n_mc` documents) and `wiki_roll` (`n_roll`) into `folder`.
+
+    A `wiki_next` document is a WikiText-2 paragraph's first `context_sentences` sentences; its
+    choices are the paragraph's next sentence and three sentences of paragraphs used by no
+    document, in a seeded random order."""
     rng = random.Random(seed)
-    lines = wikitext_paragraphs(max(200, 4 * n_mc + n_roll + 100), data_dir)
-    sentences = [s.strip() + "." for ln in lines for s in ln.split(" . ") if len(s.split()) > 6]
-    if len(sentences) < 2 * n_mc + 40:
-        raise UserError(f"not enough WikiText-2 sentences for {n_mc} documents")
+    lines = wikitext_paragraphs(10 ** 6, data_dir)
+    paragraphs = [[s.strip() + "." for s in ln.split(" . ") if len(s.split()) > 6] for ln in lines]
+    usable = [i for i, p in enumerate(paragraphs) if len(p) > context_sentences]
+    if len(usable) < n_mc + 20:
+        raise UserError(f"not enough WikiText-2 paragraphs for {n_mc} documents")
+    others = [s for i in usable[n_mc:] for s in paragraphs[i]]
     mc = []
-    for i in range(n_mc):
-        choices = [sentences[2 * i + 1]] + rng.sample(sentences[2 * n_mc + 2:], 3)
+    for i in usable[:n_mc]:
+        sentences = paragraphs[i]
+        choices = [sentences[context_sentences]] + rng.sample(others, 3)
         order = list(range(4))
         rng.shuffle(order)
-        mc.append({"context": sentences[2 * i], "choices": [choices[k] for k in order],
-                   "label": order.index(0)})
+        mc.append({"context": " ".join(sentences[:context_sentences]),
+                   "choices": [choices[k] for k in order], "label": order.index(0)})
     roll = [{"text": lines[100 + i]} for i in range(n_roll)]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
