@@ -145,10 +145,12 @@ def pruning_report(benchmark: str, args, setup, **fields) -> dict:
     }
 
 
-def write_results(path, report: dict, markdown: str) -> None:
-    """Writes the JSON report and the Markdown table beside it, atomically."""
+def write_results(path, report: dict, markdown: str, quiet: bool = False) -> None:
+    """Writes the JSON report and the Markdown table beside it, atomically (and prints the table
+    unless `quiet`)."""
     from nnxprune.io import atomic
 
-    print(markdown)
+    if not quiet:
+        print(markdown)
     atomic.write_json(path, report)
     atomic.write_text(Path(path).with_suffix(".md"), markdown)

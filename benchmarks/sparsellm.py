@@ -44,39 +44,25 @@ def spec_for(method: str, pattern: str, scope: str, num_layers: int, args) -> di
     return spec
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="sparsegpt,sparsellm")
-    p.add_argument("--patterns", default="0.7,0.8,0.9,3:4", help="unstructured sparsities and N:M patterns")
-    p.add_argument("--scopes", default="all,half", help="all layers and/or the first half")
-    p.add_argument("--iterations", type=int, default=8, help="SparseLLM rounds (reference: 8)")
-    add_pruning_args(p, "sparsellm.json")
-    args = p.parse_args(argv)
+def _resumed_rows(args, setup) -> dict:
+    """Rows of an earlier run at `args.out` with the same model, draw, protocol and rounds, by
+    (method, pattern, scope); an earlier run of other settings is an error, not a silent mix."""
+    import json
 
+    path = Path(args.out)
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    same = (old.get("model") == args.model and old.get("sparsellm_iterations") == args.iterations
+            and old.get("protocol") == setup.protocol.to_dict()
+            and all(old["calibration"].get(k) == getattr(args, k) for k in ("nsamples", "seqlen", "seed")))
+    if not same:
+        raise SystemExit(f"--resume: {path} was written with other settings; use another --out")
+    return {tuple(r["key"]): r for r in old["rows"] if "key" in r}
+
+
+def _write(args, setup, num_layers, rows, quiet=False) -> None:
     from nnxprune.transforms.sparsellm import first_layers
-
-    setup = prepare_pruning(args)
-    num_layers = setup.loaded.model.config.num_layers
-    rows = [{**setup.dense_row, "scope": "-"}]
-    for scope in args.scopes.split(","):
-        for pattern in args.patterns.split(","):
-            for method in args.methods.split(","):
-                spec = spec_for(method, pattern, scope, num_layers, args)
-                row, entry = prune_and_score(setup, spec)
-                row.update(scope=scope, spec=spec, timings=entry.get("timings", {}))
-                if method == "sparsellm":
-                    layers = entry["layers"]
-                    row["mlp_relative_error_round1"] = float(np.mean(
-                        [r["rounds"][0]["relative"] for r in layers.values()]))
-                    row["mlp_relative_error_last"] = float(np.mean(
-                        [r["rounds"][r["kept_round"]]["relative"] for r in layers.values()]))
-                    row["layers"] = {str(k): v for k, v in layers.items()}
-                rows.append(row)
-                extra = (f"  MLP rel. error {row['mlp_relative_error_round1']:.4f} -> "
-                         f"{row['mlp_relative_error_last']:.4f}" if method == "sparsellm" else "")
-                print(f"{method:9s} {row['pattern']:>4s} {scope:4s}  ppl {row['ppl']:10.3f}  sparsity "
-                      f"{row['sparsity']:.4f}  {row['prune_seconds']:7.1f} s  peak "
-                      f"{row['peak_memory_bytes'] / 2**30:.2f} GiB{extra}", flush=True)
 
     report = pruning_report("sparsellm", args, setup, sparsellm_iterations=args.iterations, rows=rows)
     md = ["| method | pattern | layers | perplexity | sparsity (all layers) | prune s | peak memory | "
@@ -94,7 +80,50 @@ def main(argv=None) -> int:
                f"seed {args.seed}; {setup.protocol.describe()}. SparseLLM: alpha = beta = gamma = 5, "
                f"{args.iterations} rounds; 'half' = the first {first_layers(num_layers, 0.5)} "
                f"of {num_layers} layers, the rest dense."]
-    write_results(args.out, report, "\n".join(md) + "\n")
+    write_results(args.out, report, "\n".join(md) + "\n", quiet=quiet)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="sparsegpt,sparsellm")
+    p.add_argument("--patterns", default="0.7,0.8,0.9,3:4", help="unstructured sparsities and N:M patterns")
+    p.add_argument("--scopes", default="all,half", help="all layers and/or the first half")
+    p.add_argument("--iterations", type=int, default=8, help="SparseLLM rounds (reference: 8)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows an earlier run of the same settings wrote to --out")
+    add_pruning_args(p, "sparsellm.json")
+    args = p.parse_args(argv)
+
+    setup = prepare_pruning(args)
+    num_layers = setup.loaded.model.config.num_layers
+    rows = [{**setup.dense_row, "scope": "-"}]
+    done = _resumed_rows(args, setup) if args.resume else {}
+    for scope in args.scopes.split(","):
+        for pattern in args.patterns.split(","):
+            for method in args.methods.split(","):
+                spec = spec_for(method, pattern, scope, num_layers, args)
+                if (method, pattern, scope) in done:
+                    rows.append(done[method, pattern, scope])
+                    print(f"{method:9s} {pattern:>4s} {scope:4s}  (from {args.out})", flush=True)
+                    continue
+                row, entry = prune_and_score(setup, spec)
+                row.update(scope=scope, spec=spec, key=[method, pattern, scope],
+                           timings=entry.get("timings", {}))
+                if method == "sparsellm":
+                    layers = entry["layers"]
+                    row["mlp_relative_error_round1"] = float(np.mean(
+                        [r["rounds"][0]["relative"] for r in layers.values()]))
+                    row["mlp_relative_error_last"] = float(np.mean(
+                        [r["rounds"][r["kept_round"]]["relative"] for r in layers.values()]))
+                    row["layers"] = {str(k): v for k, v in layers.items()}
+                rows.append(row)
+                extra = (f"  MLP rel. error {row['mlp_relative_error_round1']:.4f} -> "
+                         f"{row['mlp_relative_error_last']:.4f}" if method == "sparsellm" else "")
+                print(f"{method:9s} {row['pattern']:>4s} {scope:4s}  ppl {row['ppl']:10.3f}  sparsity "
+                      f"{row['sparsity']:.4f}  {row['prune_seconds']:7.1f} s  peak "
+                      f"{row['peak_memory_bytes'] / 2**30:.2f} GiB{extra}", flush=True)
+                _write(args, setup, num_layers, rows, quiet=True)  # a cut-off run keeps its rows
+    _write(args, setup, num_layers, rows)
     return 0
 
 

@@ -49,9 +49,10 @@ from nnxprune.errors import UserError
 from nnxprune.evaluate.perplexity import LOGIT_CHUNK
 from nnxprune.models import llama as llama_lib
 
-__all__ = ["NnxpruneLM", "bucket_length", "run_tasks", "results_table"]
+__all__ = ["NnxpruneLM", "bucket_length", "fine_length", "run_tasks", "results_table"]
 
 ROW_TOKENS = 256  # tokens per row of `batch_size` a shared-context call may hold (see _score_shared)
+CHUNK_CALLS = 4  # contexts of one chunk: about this many calls' worth of tokens (see _score_shared)
 
 
 def bucket_length(n: int, max_length: int | None = None) -> int:
@@ -62,6 +63,17 @@ def bucket_length(n: int, max_length: int | None = None) -> int:
     while b < n:
         b = b * 2 if b < 16 else b * 3 // 2 if b & (b - 1) == 0 else b * 4 // 3  # 16, 24, 32, 48
     return b if max_length is None or n > max_length else min(b, max_length)
+
+
+def fine_length(n: int) -> int:
+    """A finer padded length for the contexts and continuations of multiple-choice requests:
+    powers of two up to 16, then four steps per octave (20, 24, 28, 32, 40, 48, 56, 64, 80, ...),
+    so padding wastes at most a fifth (about a ninth on average). Each length is one more
+    compilation (of a single decoder layer, ~0.3 s), repaid within a few hundred requests."""
+    if n <= 16:
+        return bucket_length(n)
+    step = _pow2_floor(n - 1) // 4
+    return -(-n // step) * step
 
 
 # --- the jitted pieces --------------------------------------------------------------------------
@@ -142,17 +154,23 @@ def _layer_continue(graphdef, state, x, ctx_keys, ctx_values, row_ctx, ctx_len, 
     positions = ctx_len[:, None] + jnp.arange(tc)[None, :]  # [R, Tc]
     x = x.reshape(r * tc, e)
     q, keys, values = _qkv(layer.self_attn, layer.input_layernorm(x), r, tc, positions, inv_freq)
-    q = q * (1.0 / math.sqrt(q.shape[-1]))
-    ck, cv = ctx_keys[row_ctx], ctx_values[row_ctx]  # [R, Tp, K, Dh]
-    f32 = jnp.float32
-    s_ctx = jnp.einsum("rtkgh,rskh->rkgts", q, ck.astype(q.dtype), preferred_element_type=f32)
-    s_own = jnp.einsum("rtkgh,rskh->rkgts", q, keys.astype(q.dtype), preferred_element_type=f32)
-    s_ctx = jnp.where((jnp.arange(tp)[None, :] < ctx_len[:, None])[:, None, None, None, :],
-                      s_ctx, -jnp.inf)
-    s_own = jnp.where(jnp.tril(jnp.ones((tc, tc), bool)), s_own, -jnp.inf)  # the diagonal: never empty
-    probs = jax.nn.softmax(jnp.concatenate([s_ctx, s_own], axis=-1), axis=-1)
-    out = (jnp.einsum("rkgts,rskh->rtkgh", probs[..., :tp].astype(cv.dtype), cv)
-           + jnp.einsum("rkgts,rskh->rtkgh", probs[..., tp:].astype(values.dtype), values))
+    # the G query heads of a KV head folded into the rows of one matmul against the row's context
+    # keys and its own keys side by side (one score matmul, one value matmul: 25% faster on CPU
+    # than separate context and own-key products), scores and softmax in float32
+    _, _, k, g, dh = q.shape
+    rows = (q * (1.0 / math.sqrt(dh))).transpose(0, 2, 1, 3, 4).reshape(r, k, tc * g, dh)
+    keys = jnp.concatenate([ctx_keys[row_ctx], keys.astype(ctx_keys.dtype)], axis=1)
+    values = jnp.concatenate([ctx_values[row_ctx], values.astype(ctx_values.dtype)], axis=1)
+    scores = jnp.einsum("rkqh,rskh->rkqs", rows, keys.astype(rows.dtype),
+                        preferred_element_type=jnp.float32)  # [R, K, Tc*G, Tp+Tc]
+    s_idx = jnp.arange(tp + tc)
+    q_idx = jnp.repeat(jnp.arange(tc), g)  # the position in the row of every query row
+    visible = jnp.where(s_idx[None, None, :] < tp,
+                        (s_idx[None, :] < ctx_len[:, None])[:, None, :],  # the context's real keys
+                        s_idx[None, None, :] - tp <= q_idx[None, :, None])  # own keys, causal
+    probs = jax.nn.softmax(jnp.where(visible[:, None], scores, -jnp.inf), axis=-1)
+    out = jnp.einsum("rkqs,rskh->rkqh", probs.astype(values.dtype), values)
+    out = out.reshape(r, k, tc, g, dh).transpose(0, 2, 1, 3, 4)  # [R, Tc, K, G, Dh]
     return _finish(layer, x, out).reshape(r, tc, e)
 
 
@@ -378,13 +396,15 @@ class NnxpruneLM(TemplateLM):
         into every layer's keys and values, then its continuations as rows that attend to them
         (`_Scorer.contexts`, `_Scorer.continuations`).
 
-        Contexts go in chunks, shortest first, of about `ROW_TOKENS * batch_size` padded tokens;
-        a chunk's continuations, whatever their context, are sorted by length and cut into
-        calls of about as many tokens, so a row pads only to its length bucket."""
-        budget = ROW_TOKENS * self.batch_size
+        Contexts go in chunks, shortest first, of about `CHUNK_CALLS * ROW_TOKENS * batch_size`
+        padded tokens (their keys and values stay in memory while the chunk is scored); a chunk's
+        continuations, whatever their context, are sorted by length and cut into calls of about
+        `ROW_TOKENS * batch_size` tokens, so a row pads only to its length bucket, and large
+        chunks leave few calls part-filled."""
+        budget = CHUNK_CALLS * ROW_TOKENS * self.batch_size
         chunk: list[tuple[int, ...]] = []
         for ctx in sorted(shared, key=len):
-            if chunk and len(chunk) + 1 > _pow2_floor(budget // bucket_length(len(ctx) - 1)):
+            if chunk and len(chunk) + 1 > _pow2_floor(budget // fine_length(len(ctx) - 1)):
                 self._score_chunk(requests, chunk, shared, done)
                 chunk = []
             chunk.append(ctx)
@@ -392,19 +412,30 @@ class NnxpruneLM(TemplateLM):
             self._score_chunk(requests, chunk, shared, done)
 
     def _context_kv(self, chunk: list[tuple[int, ...]]) -> list[tuple[jax.Array, jax.Array]]:
-        """Every layer's keys and values `[D, Tp, K, Dh]` of the contexts in `chunk` (sorted by
-        length; each without its last token). Contexts of one length bucket run together, so a
-        short context is not padded to the longest; the results are padded and stacked."""
-        runs: dict[int, list[tuple[int, ...]]] = defaultdict(list)
-        for ctx in chunk:
-            runs[bucket_length(len(ctx) - 1)].append(ctx)
-        tp = max(runs)
-        parts = []
-        for length, run in sorted(runs.items()):
-            tokens = np.zeros((bucket_length(len(run)), length), np.int32)
+        """Every layer's keys and values `[D, Tp, K, Dh]` of the contexts in `chunk` (sorted
+        longest first; each without its last token), in `chunk`'s order.
+
+        A call takes the contexts of one length bucket (`fine_length`, at most `ROW_TOKENS *
+        batch_size` tokens), its row count rounded up to a bucket with the next shorter contexts
+        (cheaper than rows of zeros; only the last call pads with zeros), so a short context is
+        not padded to the longest and a task compiles a few shapes; the results are padded to the
+        longest and stacked."""
+        budget = ROW_TOKENS * self.batch_size
+        parts, start = [], 0
+        while start < len(chunk):
+            length = fine_length(len(chunk[start]) - 1)
+            most = _pow2_floor(max(1, budget // length))
+            count = 1
+            while (count < most and start + count < len(chunk)
+                   and fine_length(len(chunk[start + count]) - 1) == length):
+                count += 1
+            run = chunk[start:start + bucket_length(count)]
+            tokens = np.zeros((bucket_length(count), length), np.int32)
             for d, ctx in enumerate(run):
                 tokens[d, :len(ctx) - 1] = ctx[:-1]
             parts.append((len(run), self._scorer.contexts(tokens)))
+            start += len(run)
+        tp = parts[0][1][0][0].shape[1]
         spare = bucket_length(len(chunk)) - len(chunk)  # rows of zeros: few compiled shapes
 
         def stack(arrays):
@@ -418,6 +449,7 @@ class NnxpruneLM(TemplateLM):
 
     def _score_chunk(self, requests, chunk, shared, done) -> None:
         budget = ROW_TOKENS * self.batch_size
+        chunk = chunk[::-1]  # longest context first (see _context_kv)
         kv = self._context_kv(chunk)
         # (request, context index), longest continuation first; a call takes the rows of one
         # length bucket (at most `budget` tokens), and its padding rows, if any, go to the next
@@ -426,11 +458,11 @@ class NnxpruneLM(TemplateLM):
                       key=lambda row: -len(requests[row[0]][2]))
         start = 0
         while start < len(rows):
-            tc = bucket_length(len(requests[rows[start][0]][2]))
+            tc = fine_length(len(requests[rows[start][0]][2]))
             most = _pow2_floor(max(1, budget // tc))
             count = 1
             while (count < most and start + count < len(rows)
-                   and bucket_length(len(requests[rows[start + count][0]][2])) == tc):
+                   and fine_length(len(requests[rows[start + count][0]][2])) == tc):
                 count += 1
             n_rows = bucket_length(count)
             batch = rows[start:start + n_rows]

@@ -80,6 +80,15 @@ def test_bucket_length():
     assert bucket_length(300, 300) == 300 and bucket_length(600) == 768
 
 
+def test_fine_length():
+    from nnxprune.evaluate.lmeval import fine_length
+
+    lengths = [fine_length(n) for n in range(1, 600)]
+    assert lengths[:17] == [1, 2, 4, 4] + [8] * 4 + [16] * 8 + [20]
+    assert sorted(set(lengths))[5:14] == [20, 24, 28, 32, 40, 48, 56, 64, 80]
+    assert all(n <= b < 1.25 * n for n, b in zip(range(17, 600), lengths[16:]))  # waste < 20%
+
+
 def test_loglikelihood_equals_hf(tiny):
     """Our loglikelihoods equal lm-eval's hf model within 1e-3 nats, greedy flags equal, and a
     shared context with one-token continuations is scored in one row."""
