@@ -38,9 +38,14 @@ Deviations from the reference, on purpose:
   sparsity 0). We prune exactly `int(numel * sparsity)` per block, ties broken by position (as
   `masks.unstructured_keep` does): one weight per block fewer than the reference.
 - N:M ties are broken by position (stable sort) rather than by `torch.topk`'s unspecified order.
-- The reference raises when a Cholesky factorization fails. We retry inside the same jit with
-  `percdamp` raised tenfold (from 1e-6 when it was 0), up to `max_retries` times, and report the
-  retries and the damping used in `info`; `sparsegpt_prune` raises only if all retries fail.
+- The reference raises when a Cholesky factorization fails. We retry with `percdamp` raised
+  tenfold (from 1e-6 when it was 0), up to `max_retries` times, and report the retries and the
+  damping used in `info`; `sparsegpt_prune` raises only if all retries fail.
+- The factor `U` comes from one Cholesky of the reversed damped Hessian and one triangular
+  inverse (`_inverse_factor`), not from an explicit inverse and a second Cholesky: the same
+  matrix, fewer flops. It depends only on `H`, so `hessian_factor` computes it once for all the
+  projections that read one input (q, k, v; gate, up) and `sparsegpt_prune(..., factor=...)`
+  takes it.
 
 Hessian accumulation (`hessian_update`) reproduces `add_batch`: with `t` new samples,
 `H <- H * n / (n + t)`, `n <- n + t`, `H <- H + (sqrt(2 / n) x)^T (sqrt(2 / n) x)`, in float32,
@@ -49,13 +54,12 @@ leading dim of a `[batch, seq, in]` input; a 2-D `[tokens, in]` input counts as 
 tokens. The scale of `H` does not change the mask or the weights (damping is relative); it only
 scales `info["error"]`.
 
-Everything runs in float32. The whole per-matrix procedure (dead inputs, damping with retries,
-factorizations, all blocks) is one `jax.jit`, specialised on the shapes and on
-`sparsity / n / m / blocksize / max_retries`. Blocks, N:M groups and inputs are `lax.fori_loop`s
-(a partial last block is padded), so compile time does not grow with the matrix: measured on
-CPU, unrolling the block loop in Python compiled in 3-8 s for in = 576 / 1536 against 2-3 s for
-loops, at about the same run time, though the loop form spends twice the minimal flops on the
-lazy updates (see `_sparsegpt`).
+Everything runs in float32. The factorization runs through LAPACK on the host on CPU (2-3x
+faster there than XLA's) and jitted on other backends (`hessian_factor`); the rest of the
+per-matrix procedure (dead inputs, all blocks) is one `jax.jit`, specialised on the shapes and on
+`sparsity / n / m / blocksize`. Blocks, sub-blocks of 16 inputs, N:M groups and inputs are
+`lax.fori_loop`s (a partial last block is padded), so compile time does not grow with the
+matrix; the lazy updates spend twice the minimal flops (see `_sparsegpt`).
 
 Example:
     >>> H, count = hessian_init(576)
@@ -69,6 +73,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -78,7 +83,7 @@ from jax import lax
 from nnxprune.algorithms.masks import check_sparsity
 from nnxprune.errors import UserError
 
-__all__ = ["hessian_init", "hessian_update", "sparsegpt_prune"]
+__all__ = ["hessian_init", "hessian_update", "hessian_factor", "HessianFactor", "sparsegpt_prune"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -152,13 +157,43 @@ def _prune_n_of_m(scores, n: int):
 
 
 def _inverse_factor(H, percdamp):
-    """Upper Cholesky factor `U` of `(H + damp I)^-1` (`= U^T U`) and `damp`; NaN on failure."""
+    """Upper Cholesky factor `U` of `(H + damp I)^-1` (`= U^T U`) and `damp`; NaN on failure.
+
+    With `J` the reversal permutation and `J (H + damp I) J = L L^T`, `U = J L^-1 J`: upper
+    triangular with a positive diagonal, and `U^T U = J L^-T L^-1 J = (H + damp I)^-1`. One
+    Cholesky and one triangular inverse, instead of the reference's Cholesky, inverse and second
+    Cholesky (the same factor; 1.3-2.5x faster)."""
     eye = jnp.eye(H.shape[0], dtype=H.dtype)
     damp = percdamp * jnp.mean(jnp.diag(H))
-    lower = jnp.linalg.cholesky(H + damp * eye)
-    hinv = jax.scipy.linalg.cho_solve((lower, True), eye)
-    upper = jnp.triu(jnp.linalg.cholesky(hinv).T)
-    return upper, damp
+    lower = jnp.linalg.cholesky((H + damp * eye)[::-1, ::-1])
+    upper = jax.scipy.linalg.solve_triangular(lower, eye, lower=True)[::-1, ::-1]
+    return jnp.triu(upper), damp
+
+
+def _host_factor_with_retries(H, percdamp: float, max_retries: int):
+    """`_factor_with_retries` with LAPACK on the host (float32 `potrf` and `trtri`): on CPU 2-3x
+    faster than XLA's factorizations. Returns `(retries, percdamp, U, damp)`; U is NaN if every
+    try failed."""
+    import scipy.linalg
+
+    H = np.asarray(H, np.float32)
+    flipped = np.ascontiguousarray(H[::-1, ::-1])
+    mean_diag = np.float32(np.mean(np.diag(H)))
+    p = np.float32(percdamp)
+    for retries in range(max_retries + 1):
+        if retries:
+            p = np.float32(p * 10 if p > 0 else 1e-6)
+        damp = np.float32(p * mean_diag)
+        try:
+            lower = scipy.linalg.cholesky(flipped + damp * np.eye(H.shape[0], dtype=np.float32),
+                                          lower=True, check_finite=False)
+        except np.linalg.LinAlgError:
+            continue
+        inv, info = scipy.linalg.lapack.strtri(lower, lower=1)
+        upper = np.triu(inv[::-1, ::-1])
+        if info == 0 and np.all(np.isfinite(upper)):
+            return retries, p, upper, damp
+    return max_retries, p, np.full(H.shape, np.nan, np.float32), damp
 
 
 def _factor_with_retries(H, percdamp, max_retries):
@@ -193,17 +228,56 @@ def _prune_inputs(B, U1, prune, E, err, start, stop):
     return lax.fori_loop(start, stop, step, (B, E, err))
 
 
-@functools.partial(jax.jit, static_argnames=("sparsity", "n", "m", "blocksize", "max_retries"))
-def _sparsegpt(kernel, H, percdamp, *, sparsity, n, m, blocksize, max_retries):
-    W = kernel.astype(jnp.float32)
-    H = H.astype(jnp.float32)
-    dim, out = W.shape
+SUB_BLOCK = 16
 
+
+def _sub_block(blocksize: int, m: int) -> int:
+    """The sub-block length: `SUB_BLOCK` rounded up to whole N:M groups, if it divides the block;
+    else the whole block."""
+    sub = -(-SUB_BLOCK // max(m, 1)) * max(m, 1)
+    return sub if blocksize % sub == 0 else blocksize
+
+
+class HessianFactor(NamedTuple):
+    """What SparseGPT needs of a Hessian, computed once and shared by every projection that reads
+    the same input (q, k and v; gate and up): the upper Cholesky factor `upper` of the damped
+    inverse, the `dead` inputs (zero diagonal), and the damping actually used."""
+
+    upper: jax.Array  # [in, in] float32; NaN if the factorization failed after every retry
+    dead: jax.Array  # [in] bool
+    damping: float  # absolute value added to the diagonal
+    percdamp: float  # relative damping finally used
+    retries: int  # tenfold damping increases after failed factorizations
+
+
+@functools.partial(jax.jit, static_argnames=("max_retries",))
+def _device_factor(H, percdamp, *, max_retries):
     dead = jnp.diag(H) == 0
-    H = H + jnp.diag(dead.astype(jnp.float32))
-    W = jnp.where(dead[:, None], 0.0, W)
+    retries, p, U, damp = _factor_with_retries(H + jnp.diag(dead.astype(H.dtype)), percdamp,
+                                               max_retries)
+    return U, dead, damp, p, retries
 
-    retries, percdamp, U, damp = _factor_with_retries(H, percdamp, max_retries)
+
+def hessian_factor(H, *, percdamp: float = 0.01, max_retries: int = 8) -> HessianFactor:
+    """Dead inputs get `H[i, i] = 1`; then `U` with `U^T U = (H + percdamp * mean(diag H) I)^-1`,
+    the damping raised tenfold (from 1e-6 when 0) after each failed factorization, at most
+    `max_retries` times. On CPU through LAPACK on the host, elsewhere jitted on the device."""
+    H = jnp.asarray(H, jnp.float32)
+    if jax.default_backend() == "cpu":
+        H_np = np.asarray(H)
+        dead = np.diag(H_np) == 0
+        retries, p, U, damp = _host_factor_with_retries(H_np + np.diag(dead.astype(np.float32)),
+                                                        percdamp, max_retries)
+        return HessianFactor(jnp.asarray(U), jnp.asarray(dead), float(damp), float(p), int(retries))
+    U, dead, damp, p, retries = _device_factor(H, jnp.float32(percdamp), max_retries=max_retries)
+    return HessianFactor(U, dead, float(damp), float(p), int(retries))
+
+
+@functools.partial(jax.jit, static_argnames=("sparsity", "n", "m", "blocksize"))
+def _sparsegpt(kernel, U, dead, *, sparsity, n, m, blocksize):
+    W = kernel.astype(jnp.float32)
+    dim, out = W.shape
+    W = jnp.where(dead[:, None], 0.0, W)
 
     # Pad the inputs to whole blocks: zero weights, identity in U (no coupling), +inf scores (never
     # picked by the unstructured selection; N:M needs no padding since blocksize % m == 0 and
@@ -218,32 +292,57 @@ def _sparsegpt(kernel, H, percdamp, *, sparsity, n, m, blocksize, max_retries):
                           for start in range(0, dim, blocksize)], jnp.int32)
     inputs = jnp.arange(size)
 
+    # Inside a block, inputs go in sub-blocks of `sub`: the input-by-input OBS steps touch only
+    # the sub-block's `[sub, out]` rows, and the rest of the block gets the sub-block's errors in
+    # one matmul (the lazy batch update again, one level down). Same arithmetic up to summation
+    # order; about 3x faster on CPU than stepping over the whole `[blocksize, out]` block.
+    sub = _sub_block(blocksize, m)
+    block_idx = jnp.arange(blocksize)
+
+    def sub_block(j, carry):
+        B, E, prune, err, U1 = carry
+        first = j * sub
+        Bs = lax.dynamic_slice_in_dim(B, first, sub, 0)
+        Us = lax.dynamic_slice(U1, (first, first), (sub, sub))
+        Es = jnp.zeros_like(Bs)
+        ps = lax.dynamic_slice_in_dim(prune, first, sub, 0)
+        if n == 0:
+            Bs, Es, err = _prune_inputs(Bs, Us, ps, Es, err, 0, sub)
+        else:
+            ds = jnp.diag(Us)[:, None]
+
+            def group(g, carry):
+                Bs, Es, ps, err = carry
+                at = g * m
+                Bg = lax.dynamic_slice_in_dim(Bs, at, m, 0)
+                dg = lax.dynamic_slice_in_dim(ds, at, m, 0)
+                ps = lax.dynamic_update_slice_in_dim(ps, _prune_n_of_m(Bg * Bg / (dg * dg), n), at, 0)
+                Bs, Es, err = _prune_inputs(Bs, Us, ps, Es, err, at, at + m)
+                return Bs, Es, ps, err
+
+            Bs, Es, ps, err = lax.fori_loop(0, sub // m, group, (Bs, Es, ps, err))
+            prune = lax.dynamic_update_slice_in_dim(prune, ps, first, 0)
+        rows = lax.dynamic_slice_in_dim(U1, first, sub, 0)  # U1[sub-block, :]
+        later = jnp.where(block_idx[None, :] >= first + sub, rows, 0.0)
+        B = lax.dynamic_update_slice_in_dim(B - later.T @ Es, Bs, first, 0)
+        E = lax.dynamic_update_slice_in_dim(E, Es, first, 0)
+        return B, E, prune, err, U1
+
     def block(b, carry):
         W, keep, err = carry
         start = b * blocksize
         B = lax.dynamic_slice_in_dim(W, start, blocksize, 0)
         rows = lax.dynamic_slice_in_dim(U, start, blocksize, 0)  # U[block, :]
         U1 = lax.dynamic_slice_in_dim(rows, start, blocksize, 1)  # U[block, block]
-        d = jnp.diag(U1)[:, None]
         E = jnp.zeros_like(B)
         if n == 0:
+            d = jnp.diag(U1)[:, None]
             scores = B * B / (d * d)
             scores = jnp.where(lax.dynamic_slice_in_dim(real, start, blocksize, 0), scores, jnp.inf)
             prune = _prune_smallest(scores, to_prune[b])
-            B, E, err = _prune_inputs(B, U1, prune, E, err, 0, blocksize)
         else:
-            def group(g, carry):
-                B, E, prune, err = carry
-                first = g * m
-                Bg = lax.dynamic_slice_in_dim(B, first, m, 0)
-                dg = lax.dynamic_slice_in_dim(d, first, m, 0)
-                picked = _prune_n_of_m(Bg * Bg / (dg * dg), n)
-                prune = lax.dynamic_update_slice_in_dim(prune, picked, first, 0)
-                B, E, err = _prune_inputs(B, U1, prune, E, err, first, first + m)
-                return B, E, prune, err
-
             prune = jnp.zeros(B.shape, bool)
-            B, E, prune, err = lax.fori_loop(0, blocksize // m, group, (B, E, prune, err))
+        B, E, prune, err, _ = lax.fori_loop(0, blocksize // sub, sub_block, (B, E, prune, err, U1))
         # Lazy batch update of the later inputs. Shapes are static, so it runs over all inputs
         # with U's entries for this block and the earlier ones zeroed (twice the minimal flops).
         later = jnp.where(inputs[None, :] >= start + blocksize, rows, 0.0)
@@ -254,11 +353,12 @@ def _sparsegpt(kernel, H, percdamp, *, sparsity, n, m, blocksize, max_retries):
 
     keep = jnp.ones(W.shape, bool)
     W, keep, err = lax.fori_loop(0, blocks, block, (W, keep, jnp.float32(0.0)))
-    return W[:dim], keep[:dim], damp, percdamp, retries, err / 2
+    return W[:dim], keep[:dim], err / 2
 
 
 def sparsegpt_prune(kernel, H, *, sparsity: float | None, n: int = 0, m: int = 0,
-                    blocksize: int = 128, percdamp: float = 0.01, max_retries: int = 8):
+                    blocksize: int = 128, percdamp: float = 0.01, max_retries: int = 8,
+                  factor: HessianFactor | None = None):
     """Prunes `kernel [in, out]` given its inputs' Hessian `H [in, in]` (see `hessian_update`).
 
     Give either `sparsity` (unstructured, that fraction of every block of `blocksize` inputs) or
@@ -297,13 +397,19 @@ def sparsegpt_prune(kernel, H, *, sparsity: float | None, n: int = 0, m: int = 0
             raise UserError("give a sparsity or an N:M pattern")
         sparsity = check_sparsity(sparsity)
     blocksize = min(blocksize, dim)  # one block either way; saves padding (dim % m == 0 for N:M)
-    new_kernel, keep, damp, p, retries, err = _sparsegpt(
-        kernel, H, jnp.float32(percdamp), sparsity=sparsity, n=n, m=m, blocksize=blocksize,
-        max_retries=max_retries)
-    info = {"damping": float(damp), "percdamp": float(p), "retries": int(retries),
+    if factor is None:
+        factor = hessian_factor(H, percdamp=percdamp, max_retries=max_retries)
+    elif factor.upper.shape != H.shape:
+        raise UserError(f"the Hessian factor is {tuple(factor.upper.shape)}, H is {tuple(H.shape)}")
+    fail = ValueError(f"SparseGPT: the damped Hessian could not be factorized, even after "
+                      f"{factor.retries} retries with percdamp raised to {factor.percdamp:g}; "
+                      "is H finite?")
+    if not bool(jnp.all(jnp.isfinite(factor.upper))):
+        raise fail
+    new_kernel, keep, err = _sparsegpt(kernel, factor.upper, factor.dead, sparsity=sparsity, n=n,
+                                       m=m, blocksize=blocksize)
+    info = {"damping": factor.damping, "percdamp": factor.percdamp, "retries": factor.retries,
             "error": float(err)}
     if not (math.isfinite(info["error"]) and bool(jnp.all(jnp.isfinite(new_kernel)))):
-        raise ValueError(f"SparseGPT: the damped Hessian could not be factorized, even after "
-                         f"{max_retries} retries with percdamp raised to {info['percdamp']:g}; "
-                         "is H finite?")
+        raise fail
     return new_kernel, keep, info

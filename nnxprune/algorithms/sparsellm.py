@@ -85,7 +85,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from nnxprune.algorithms.sparsegpt import sparsegpt_prune
+from nnxprune.algorithms.sparsegpt import hessian_factor, sparsegpt_prune
 from nnxprune.errors import UserError
 
 __all__ = ["init_aux", "update_p", "update_z", "update_s", "refit", "objective_terms",
@@ -255,15 +255,16 @@ def sparsellm_mlp(X, Y, gate, up, down, xtx, nsamples: int, *, sparsity: float |
                                                                     refit_damp))
     scale = 2.0 / nsamples
 
-    def prune(kernel, H, name, rnd):
+    def prune(kernel, H, name, rnd, factor=None):
         try:
             return sparsegpt_prune(kernel, H, sparsity=sparsity, n=n, m=m, blocksize=blocksize,
-                                   percdamp=percdamp)
+                                   percdamp=percdamp, factor=factor)
         except ValueError as e:
             raise UserError(f"SparseLLM: {where}.{name}, round {rnd}: {e}") from None
 
     z, s, p = init_aux(X, gate, up)
     h_x = xtx * scale
+    f_x = hessian_factor(h_x, percdamp=percdamp)  # gate and up, every round: X does not change
     h_p = _tdot(p, p) * scale if h_down is None else jnp.asarray(h_down, _f32)
     x_chol = damped_cholesky(xtx, refit_damp) if iterations > 1 else None
     y_norm = float(jnp.sum(Y * Y))
@@ -273,8 +274,8 @@ def sparsellm_mlp(X, Y, gate, up, down, xtx, nsamples: int, *, sparsity: float |
         if rnd > 0:
             gate, up, down, ptp = refit(X, x_chol, Y, z, s, p, refit_damp)
             h_p = ptp * scale
-        gate, keep_g, info_g = prune(gate, h_x, "gate_proj", rnd)
-        up, keep_u, info_u = prune(up, h_x, "up_proj", rnd)
+        gate, keep_g, info_g = prune(gate, h_x, "gate_proj", rnd, f_x)
+        up, keep_u, info_u = prune(up, h_x, "up_proj", rnd, f_x)
         down, keep_d, info_d = prune(down, h_p, "down_proj", rnd)
         recon = float(reconstruction_error(X, Y, gate, up, down))
         before = float(objective_terms(X, Y, gate, up, down, z, s, p, alpha, beta, gamma)["total"])

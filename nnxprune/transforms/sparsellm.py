@@ -49,7 +49,8 @@ from nnxprune.errors import UserError
 from nnxprune.graph import mask_weights
 from nnxprune.models.llama import LlamaConfig
 from nnxprune.transforms.base import Context, register
-from nnxprune.transforms.sparsity import _calibration_tokens, _measured, _node, _record, _Sparsify
+from nnxprune.transforms.sparsity import (_calibration_tokens, _measured, _node, _record,
+                                         _Sparsify, shared_factor)
 
 MLP_NAMES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -204,13 +205,16 @@ class SparseLLM(_Sparsify):
                                     "contain NaN/Inf; stopping")
                 timings["mlp_io"] += time.perf_counter() - t0
             t0 = time.perf_counter()
+            factors = {}
             for name, s in stats.items():
                 if (i, name) not in chosen or name in MLP_NAMES:
                     continue
                 full = f"layers.{i}.{name}"
                 lin = _node(layer, name)
                 try:
-                    kernel, keep, info = sparsegpt_prune(lin.effective_kernel(), s.hessian(), **prune_kw)
+                    kernel, keep, info = sparsegpt_prune(
+                        lin.effective_kernel(), s.hessian(),
+                        factor=shared_factor(factors, name, s, self.percdamp), **prune_kw)
                 except ValueError as e:
                     raise UserError(f"SparseLLM: {full}: {e}") from None
                 set_kernel(lin, kernel, keep, full)

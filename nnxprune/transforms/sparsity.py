@@ -43,6 +43,23 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
+# Projections that read the same tensor (so the same Hessian): SparseGPT factors it once.
+SHARED_INPUT = {"self_attn.q_proj": "self_attn.input", "self_attn.k_proj": "self_attn.input",
+                "self_attn.v_proj": "self_attn.input", "mlp.gate_proj": "mlp.input",
+                "mlp.up_proj": "mlp.input"}
+
+
+def shared_factor(cache: dict, name: str, stats, percdamp: float):
+    """SparseGPT's Hessian factor for projection `name` of one layer (its `ProjectionStats`),
+    computed once per input tensor: `cache` maps each input (`SHARED_INPUT`) to its factor."""
+    from nnxprune.algorithms.sparsegpt import hessian_factor
+
+    key = SHARED_INPUT.get(name, name)
+    if key not in cache:
+        cache[key] = hessian_factor(stats.hessian(), percdamp=percdamp)
+    return cache[key]
+
+
 def _in_features(config: LlamaConfig, layer: int, name: str) -> int:
     s = config.layers[layer]
     return {"self_attn.o_proj": s.num_heads * config.head_dim,
@@ -220,14 +237,16 @@ class SparseGPT(_Sparsify):
         selected = {(i, n) for i, n in self.selected(model.config)}
 
         def visit(i, layer, stats):
+            factors = {}
             for name, s in stats.items():
                 if (i, name) not in selected:
                     continue
                 lin = _node(layer, name)
                 kernel, keep, info = sparsegpt_prune(
                     lin.effective_kernel(), s.hessian(),
+                    factor=shared_factor(factors, name, s, self.percdamp),
                     sparsity=None if nm else self.sparsity, n=nm[0] if nm else 0,
-                    m=nm[1] if nm else 0, blocksize=self.blocksize, percdamp=self.percdamp)
+                    m=nm[1] if nm else 0, blocksize=self.blocksize)
                 full = f"layers.{i}.{name}"
                 if not np.isfinite(np.asarray(kernel)).all():
                     raise FloatingPointError(f"SparseGPT produced non-finite weights in {full}")

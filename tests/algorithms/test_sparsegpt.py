@@ -324,3 +324,31 @@ def test_rejects_bad_arguments():
     w, H = jnp.arange(1.0, 64 * 32 + 1).reshape(64, 32), jnp.eye(64)
     _, keep, _ = sparsegpt_prune(w, H, sparsity=0.5, n=2, m=4, blocksize=32)
     assert (~np.asarray(keep)).sum() == 64 * 32 // 2
+
+
+def test_device_and_host_factorizations_agree():
+    """The jitted factorization (used on GPU/TPU) and the host LAPACK one (used on CPU) give the
+    same factor, dead inputs and retries; and `U^T U` is the damped inverse."""
+    from nnxprune.algorithms.sparsegpt import _device_factor, hessian_factor
+
+    rng = np.random.default_rng(11)
+    x = correlated_inputs(rng, 512, 48)
+    x[:, 7] = 0
+    H = np.asarray(hessian_of(x))
+    low_rank = np.asarray(hessian_of((rng.standard_normal((256, 4)) @ rng.standard_normal((4, 48)))
+                                     .astype(np.float32)))
+    for h, percdamp in ((H, 0.01), (low_rank, 1e-10)):
+        host = hessian_factor(h, percdamp=percdamp)
+        U, dead, damp, p, retries = _device_factor(jnp.asarray(h), jnp.float32(percdamp), max_retries=8)
+        assert int(retries) == host.retries and float(p) == pytest.approx(host.percdamp, rel=1e-5)
+        np.testing.assert_array_equal(np.asarray(dead), np.asarray(host.dead))
+        scale = np.abs(np.asarray(host.upper)).max()
+        np.testing.assert_allclose(np.asarray(U), np.asarray(host.upper), atol=2e-4 * scale)
+        u = np.float64(np.asarray(host.upper))
+        assert np.allclose(u, np.triu(u)) and np.all(np.diag(u) > 0)
+    host = hessian_factor(H)  # well conditioned: U^T U is the damped inverse
+    assert host.retries == 0 and host.dead.tolist() == [i == 7 for i in range(48)]
+    inv = np.linalg.inv(np.float64(H) + np.diag(np.asarray(host.dead, np.float64))
+                        + host.damping * np.eye(48))
+    u = np.float64(np.asarray(host.upper))
+    np.testing.assert_allclose(u.T @ u, inv, atol=1e-4 * np.abs(inv).max())

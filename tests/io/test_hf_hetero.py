@@ -235,6 +235,34 @@ def test_uniform_export_loads_in_transformers(tmp_path):
     np.testing.assert_allclose(logits(model), ref, atol=1e-4, rtol=0)
 
 
+def test_uniformly_pruned_model_loads_in_transformers(tmp_path):
+    """Surgery that keeps every layer alike (a layer dropped, every MLP shrunk, one query head per
+    KV group removed, every hidden channel count cut) plus 50% unstructured masks exports a plain
+    `LlamaForCausalLM` folder whose logits equal ours."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from nnxprune.transforms import (Context, DropLayers, Magnitude, Pipeline, RemoveQueryHeads,
+                                     ShrinkHidden, ShrinkMLP)
+
+    model = build(tiny(num_layers=3, num_heads=6, num_kv_heads=2))
+    Pipeline(steps=(DropLayers(layers=(1,)), ShrinkMLP(fraction=0.25),
+                    RemoveQueryHeads(per_kv_group=1), ShrinkHidden(count=8),
+                    Magnitude(sparsity=0.5)))(model, Context(progress=False))
+    cfg = model.config
+    assert (cfg.num_layers, cfg.hidden_size) == (2, 56)
+    assert {(s.num_heads, s.num_kv_heads, s.intermediate_size) for s in cfg.layers} == {(4, 2, 96)}
+    ours = logits(model)
+    export_hf(model, tmp_path / "hf")
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert type(ref_model).__name__ == "LlamaForCausalLM"
+    down = ref_model.model.layers[0].mlp.down_proj.weight.detach().numpy()
+    assert abs((down == 0).mean() - 0.5) < 0.01  # the masks went out baked into the weights
+    with torch.no_grad():
+        ref = ref_model.eval()(torch.tensor(np.asarray(TOKENS), dtype=torch.long)).logits.numpy()
+    assert np.abs(ref).max() > 1.0
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
 # -- plain transformers refuses heterogeneous folders ----------------------------------------------
 UNRECOGNIZED = r"model type `nnxprune_llama` but Transformers does not recognize this architecture"
 LOAD_KWARGS = [{}, {"ignore_mismatched_sizes": True}]
