@@ -122,7 +122,7 @@ def prune_and_score(setup, spec: dict):
     pattern = spec.get("pattern") or f"{float(spec['sparsity']):.0%}"
     row = {"method": spec["kind"], "pattern": pattern, "ppl": result.ppl,
            "sparsity": measured_sparsity(model)["overall"], "prune_seconds": seconds,
-           "peak_memory_bytes": memory.peak}
+           "peak_memory_bytes": memory.peak, "memory_before_bytes": memory.start}
     if entry.get("damping_retries"):
         row["damping_retries"] = entry["damping_retries"]
     return row, entry

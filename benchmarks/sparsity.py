@@ -18,8 +18,9 @@ import argparse
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
-
+from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (add_pruning_args, matmul_rate, prepare_pruning, prune_and_score,  # noqa: E402
@@ -38,6 +39,27 @@ def decoder_flops_per_token(config, seqlen: int) -> float:
     return total
 
 
+def working_set_bytes(config, nsamples: int, seqlen: int, batch_size: int) -> dict:
+    """What pruning may hold beside the model (already resident before pruning starts): one
+    layer (float32 kernels and their boolean masks, once more for the pruned copy), the
+    calibration activations (the layer's inputs and outputs, `[N, T, D]` float32 each), the
+    statistics of every projection input (X^T X, `[in, in]` float32 each), one batch's forward
+    temporaries (about `[b, T, 3F + 6D]` float32) and SparseGPT's per-matrix arrays (kernel, mask,
+    factor and its inverse Hessian, `[in, out]` and `[in, in]` float32). The memory bound of the
+    issue is the model weights plus this."""
+    widest = max(config.layers, key=lambda s: s.intermediate_size)
+    d, f = config.hidden_size, widest.intermediate_size
+    q, kv = widest.num_heads * config.head_dim, widest.num_kv_heads * config.head_dim
+    params = d * q + 2 * d * kv + q * d + 3 * d * f
+    inputs = {"q": d, "k": d, "v": d, "o": q, "gate": d, "up": d, "down": f}
+    parts = {"layer": params * (4 + 1) * 2,
+             "activations": 2 * nsamples * seqlen * d * 4,
+             "statistics": sum(i * i * 4 for i in inputs.values()),
+             "batch_forward": batch_size * seqlen * (3 * f + 6 * d) * 4,
+             "sparsegpt_matrix": max(i * i for i in inputs.values()) * 4 * 3 + d * f * 4 * 3}
+    return {**parts, "total": sum(parts.values())}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="magnitude,wanda,sparsegpt")
@@ -49,6 +71,7 @@ def main(argv=None) -> int:
     rates = [matmul_rate()]  # measured again before every method; the median is the floor
     flops = 2 * decoder_flops_per_token(setup.loaded.model.config, args.seqlen) * setup.calib.tokens.size
     rows = [setup.dense_row]
+    bound = working_set_bytes(setup.loaded.model.config, args.nsamples, args.seqlen, args.batch_size)
     for method in args.methods.split(","):
         for pattern in args.patterns.split(","):
             spec = {"kind": method, **({"pattern": pattern} if ":" in pattern
@@ -58,9 +81,11 @@ def main(argv=None) -> int:
             rates.append(matmul_rate())
             row, entry = prune_and_score(setup, spec)
             forward = sum(v for k, v in entry.get("timings", {}).items() if k != "visit")
+            extra = row["peak_memory_bytes"] - row["memory_before_bytes"]
             row.update(calibration_forward_seconds=forward,
                        solve_seconds=row["prune_seconds"] - forward, floor_ratio=None,
-                       matmul_gflops_before=rates[-1])
+                       matmul_gflops_before=rates[-1], memory_added_bytes=extra,
+                       memory_within_bound=bool(extra <= bound["total"]))
             rows.append(row)
             print(f"{method:9s} {row['pattern']:>4s}  ppl {row['ppl']:10.3f}  sparsity "
                   f"{row['sparsity']:.4f}  {row['prune_seconds']:6.1f} s (forward {forward:.1f}, "
@@ -74,21 +99,33 @@ def main(argv=None) -> int:
             row["floor_ratio"] = row["calibration_forward_seconds"] / floor
     print(f"matmul {rate:.0f} GFLOP/s (median of {len(rates)}); calibration floor {floor:.1f} s "
           f"({flops / 1e12:.2f} TFLOP: two passes over {setup.calib.tokens.size:,} tokens)", flush=True)
+    weights = sum(int(np.prod(v.shape)) * v.dtype.itemsize
+                  for v in jax.tree.leaves(nnx.state(setup.loaded.model, nnx.Param)))
     report = pruning_report("sparsity", args, setup, matmul_gflops=rate, matmul_gflops_runs=rates,
-                            calibration_floor_seconds=floor, calibration_flops=flops, rows=rows)
+                            calibration_floor_seconds=floor, calibration_flops=flops,
+                            weights_bytes=weights, working_set_bound_bytes=bound, rows=rows)
     md = ["| method | pattern | perplexity | sparsity | prune s | calib. forward s | solve s | "
-          "forward / floor | peak memory |", "|---|---|---|---|---|---|---|---|---|"]
+          "forward / floor | peak memory | added while pruning |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["method"] == "dense":
-            md.append(f"| dense | - | {r['ppl']:.2f} | {r['sparsity']:.2%} | | | | | |")
+            md.append(f"| dense | - | {r['ppl']:.2f} | {r['sparsity']:.2%} | | | | | | |")
             continue
         ratio = f"{r['floor_ratio']:.2f}x" if r["floor_ratio"] else "-"
         md.append(f"| {r['method']} | {r['pattern']} | {r['ppl']:.2f} | {r['sparsity']:.2%} | "
                   f"{r['prune_seconds']:.1f} | {r['calibration_forward_seconds']:.1f} | "
-                  f"{r['solve_seconds']:.1f} | {ratio} | {r['peak_memory_bytes'] / 2**30:.2f} GiB |")
+                  f"{r['solve_seconds']:.1f} | {ratio} | {r['peak_memory_bytes'] / 2**30:.2f} GiB | "
+                  f"{r['memory_added_bytes'] / 2**20:.0f} MiB |")
     md += ["", f"{args.model} ({setup.loaded.source}); calibration c4 {args.nsamples} x {args.seqlen}, "
                f"seed {args.seed}; {setup.protocol.describe()}. Matmul rate {rate:.0f} GFLOP/s (median "
-               f"of {len(rates)}); calibration floor {floor:.1f} s (two forward passes per layer)."]
+               f"of {len(rates)}); calibration floor {floor:.1f} s (two forward passes per layer). "
+               f"Peak memory is the process's resident set while pruning (the dense model, its copy "
+               f"being pruned, the evaluation windows and the runtime included); 'added' is that peak "
+               f"minus the resident set when pruning began, against a bound of "
+               f"{bound['total'] / 2**20:.0f} MiB for one layer, the calibration activations, the "
+               f"statistics, one batch's forward and one SparseGPT matrix (model weights: "
+               f"{weights / 2**20:.0f} MiB, resident before). Within the bound: "
+               f"{sum(r.get('memory_within_bound', False) for r in rows)} of {len(rows) - 1} rows."]
     write_results(args.out, report, "\n".join(md) + "\n")
     return 0
 

@@ -56,7 +56,7 @@ class PeakMemory:
     """
 
     def __init__(self, interval: float = 0.05):
-        self.interval, self.peak, self._stop = interval, 0, None
+        self.interval, self.start, self.peak, self._stop = interval, 0, 0, None
 
     @staticmethod
     def current() -> int:
@@ -74,7 +74,7 @@ class PeakMemory:
     def __enter__(self):
         import threading
 
-        self.peak = self.current()
+        self.start = self.peak = self.current()
         self._stop = threading.Event()
 
         def poll():

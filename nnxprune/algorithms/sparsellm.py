@@ -118,22 +118,27 @@ def init_aux(X, gate, up):
     return z, s, jax.nn.silu(s) * z
 
 
+def _p_closed_form(Y, Wd, a, beta, gamma):
+    K = (gamma / beta) * jnp.eye(Wd.shape[1], dtype=_f32) + _tdot(Wd, Wd)
+    M = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(K), True), Wd.T)  # K^-1 Wd^T [d, f]
+    return a + _dot(Y - _dot(a, Wd), M)
+
+
 @jax.jit
 def update_p(Y, down, z, s, beta, gamma):
     """argmin_p `beta ||Y - p Wd||^2 + gamma ||p - silu(s) z||^2`, exactly (module docstring)."""
-    Wd = down.astype(_f32)
-    a = jax.nn.silu(s) * z
-    K = (gamma / beta) * jnp.eye(Wd.shape[1], dtype=_f32) + _tdot(Wd, Wd)
-    M = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(K), True), Wd.T)  # K^-1 Wd^T [d, f]
-    return a + _dot(Y.astype(_f32) - _dot(a, Wd), M)
+    return _p_closed_form(Y.astype(_f32), down.astype(_f32), jax.nn.silu(s) * z, beta, gamma)
+
+
+def _z_closed_form(m, s, p, alpha, gamma):
+    sw = jax.nn.silu(s)
+    return (alpha * m + gamma * sw * p) / (alpha + gamma * sw * sw)
 
 
 @jax.jit
 def update_z(X, up, s, p, alpha, gamma):
     """argmin_z `alpha ||z - X Wu||^2 + gamma ||p - silu(s) z||^2` (elementwise closed form)."""
-    m = _dot(X.astype(_f32), up.astype(_f32))
-    sw = jax.nn.silu(s)
-    return (alpha * m + gamma * sw * p) / (alpha + gamma * sw * sw)
+    return _z_closed_form(_dot(X.astype(_f32), up.astype(_f32)), s, p, alpha, gamma)
 
 
 def _s_objective(s, n, z, p, alpha, gamma):
@@ -141,12 +146,7 @@ def _s_objective(s, n, z, p, alpha, gamma):
     return alpha * (s - n) ** 2 + gamma * r * r
 
 
-@functools.partial(jax.jit, static_argnames=("steps",))
-def update_s(X, gate, z, p, s, alpha, gamma, lr, *, steps):
-    """`steps` gradient steps of size `lr` on `alpha ||s - X Wg||^2 + gamma ||p - silu(s) z||^2`;
-    a step is kept only for the elements whose own objective it does not raise."""
-    n = _dot(X.astype(_f32), gate.astype(_f32))
-
+def _s_steps(n, z, p, s, alpha, gamma, lr, steps):
     def step(_, s):
         grad = 2 * alpha * (s - n) - 2 * gamma * (p - jax.nn.silu(s) * z) * z * _dsilu(s)
         new = s - lr * grad
@@ -154,6 +154,37 @@ def update_s(X, gate, z, p, s, alpha, gamma, lr, *, steps):
         return jnp.where(better, new, s)
 
     return lax.fori_loop(0, steps, step, s)
+
+
+@functools.partial(jax.jit, static_argnames=("steps",))
+def update_s(X, gate, z, p, s, alpha, gamma, lr, *, steps):
+    """`steps` gradient steps of size `lr` on `alpha ||s - X Wg||^2 + gamma ||p - silu(s) z||^2`;
+    a step is kept only for the elements whose own objective it does not raise."""
+    return _s_steps(_dot(X.astype(_f32), gate.astype(_f32)), z, p, s, alpha, gamma, lr, steps)
+
+
+def _terms(mg, mu, pd, Y, z, s, p, alpha, beta, gamma):
+    """The objective's terms from `mg = X Wg`, `mu = X Wu`, `pd = p Wd`."""
+    terms = {"up": alpha * jnp.sum((z - mu) ** 2), "gate": alpha * jnp.sum((s - mg) ** 2),
+             "act": gamma * jnp.sum((p - jax.nn.silu(s) * z) ** 2),
+             "down": beta * jnp.sum((Y - pd) ** 2)}
+    terms["total"] = terms["up"] + terms["gate"] + terms["act"] + terms["down"]
+    return terms
+
+
+@functools.partial(jax.jit, static_argnames=("s_steps",))
+def _round(X, Y, gate, up, down, z, s, p, alpha, beta, gamma, s_lr, *, s_steps):
+    """One round's work after the weights are pruned, in one program that computes `X Wg` and
+    `X Wu` once: the pruned MLP's reconstruction error, the objective before, the updates of p,
+    z and s (`update_p`, `update_z`, `update_s`), and the objective's terms after them."""
+    X, Y, Wd = X.astype(_f32), Y.astype(_f32), down.astype(_f32)
+    mg, mu = _dot(X, gate.astype(_f32)), _dot(X, up.astype(_f32))
+    recon = jnp.sum((Y - _dot(jax.nn.silu(mg) * mu, Wd)) ** 2)
+    before = _terms(mg, mu, _dot(p, Wd), Y, z, s, p, alpha, beta, gamma)["total"]
+    p = _p_closed_form(Y, Wd, jax.nn.silu(s) * z, beta, gamma)
+    z = _z_closed_form(mu, s, p, alpha, gamma)
+    s = _s_steps(mg, z, p, s, alpha, gamma, s_lr, s_steps)
+    return z, s, p, recon, before, _terms(mg, mu, _dot(p, Wd), Y, z, s, p, alpha, beta, gamma)
 
 
 @jax.jit
@@ -191,14 +222,8 @@ def reconstruction_error(X, Y, gate, up, down):
 def objective_terms(X, Y, gate, up, down, z, s, p, alpha, beta, gamma):
     """The four terms of the relaxed objective `L` (module docstring) and their sum."""
     X = X.astype(_f32)
-    terms = {
-        "up": alpha * jnp.sum((z - _dot(X, up.astype(_f32))) ** 2),
-        "gate": alpha * jnp.sum((s - _dot(X, gate.astype(_f32))) ** 2),
-        "act": gamma * jnp.sum((p - jax.nn.silu(s) * z) ** 2),
-        "down": beta * jnp.sum((Y.astype(_f32) - _dot(p, down.astype(_f32))) ** 2),
-    }
-    terms["total"] = terms["up"] + terms["gate"] + terms["act"] + terms["down"]
-    return terms
+    return _terms(_dot(X, gate.astype(_f32)), _dot(X, up.astype(_f32)),
+                  _dot(p, down.astype(_f32)), Y.astype(_f32), z, s, p, alpha, beta, gamma)
 
 
 def _finite(*arrays) -> bool:
@@ -277,13 +302,10 @@ def sparsellm_mlp(X, Y, gate, up, down, xtx, nsamples: int, *, sparsity: float |
         gate, keep_g, info_g = prune(gate, h_x, "gate_proj", rnd, f_x)
         up, keep_u, info_u = prune(up, h_x, "up_proj", rnd, f_x)
         down, keep_d, info_d = prune(down, h_p, "down_proj", rnd)
-        recon = float(reconstruction_error(X, Y, gate, up, down))
-        before = float(objective_terms(X, Y, gate, up, down, z, s, p, alpha, beta, gamma)["total"])
-        p = update_p(Y, down, z, s, beta, gamma)
-        z = update_z(X, up, s, p, alpha, gamma)
-        s = update_s(X, gate, z, p, s, alpha, gamma, s_lr, steps=s_steps)
-        terms = {k: float(v) for k, v in
-                 objective_terms(X, Y, gate, up, down, z, s, p, alpha, beta, gamma).items()}
+        z, s, p, recon, before, terms = _round(X, Y, gate, up, down, z, s, p, alpha, beta, gamma,
+                                               s_lr, s_steps=s_steps)
+        recon, before = float(recon), float(before)
+        terms = {k: float(v) for k, v in terms.items()}
         if not (math.isfinite(recon) and math.isfinite(before)
                 and all(math.isfinite(v) for v in terms.values())):
             raise UserError(f"SparseLLM: {where}, round {rnd}: the objective became non-finite "
