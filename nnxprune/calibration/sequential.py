@@ -120,7 +120,7 @@ def _forward_with_stats(graphdef, state, x, inv_freq, want_xtx: bool):
     def run(layer, x):
         return layer(x, positions, inv_freq)[0]
 
-    out, captured = nnx.capture(run, ProjectionInput)(layer, x)
+    _, captured = nnx.capture(run, ProjectionInput)(layer, x)
     stats = {}
     for path, var in nnx.to_flat_state(captured):
         (inp,) = var.get_value() if hasattr(var, "get_value") else var.value
@@ -128,7 +128,9 @@ def _forward_with_stats(graphdef, state, x, inv_freq, want_xtx: bool):
         name = ".".join(map(str, path[:-1]))
         stats[name] = (jnp.sum(rows * rows, axis=0),
                        jnp.dot(rows.T, rows, precision=jax.lax.Precision.HIGHEST) if want_xtx else None)
-    return out, stats
+    # only the statistics leave the program, so XLA drops what no projection input needs (the
+    # down projection's product and the residual sum): the pruned forward gives the outputs
+    return stats
 
 
 def embed_inputs(model, tokens: np.ndarray, batch_size: int = 8) -> jax.Array:
@@ -186,8 +188,8 @@ def run_sequential(model, tokens: np.ndarray, visit: Visit, *, targets: str | No
             _set_recording(layer, names, False)
             sums: dict[str, list] = {}
             for start in range(0, n_seq, bs):
-                _, batch_stats = _forward_with_stats(graphdef, state, x[start:start + bs], inv_freq,
-                                                     want_xtx)
+                batch_stats = _forward_with_stats(graphdef, state, x[start:start + bs], inv_freq,
+                                                  want_xtx)
                 for name, (sumsq, xtx) in batch_stats.items():
                     if name not in sums:
                         sums[name] = [sumsq, xtx]
@@ -195,9 +197,9 @@ def run_sequential(model, tokens: np.ndarray, visit: Visit, *, targets: str | No
                         sums[name][0] = sums[name][0] + sumsq
                         if xtx is not None:
                             sums[name][1] = sums[name][1] + xtx
+            jax.block_until_ready(sums)  # (ProjectionStats is no pytree: block on the arrays)
             stats = {name: ProjectionStats(tokens=n_seq * seqlen, sequences=n_seq, sumsq=s, xtx=h)
                      for name, (s, h) in sums.items()}
-            jax.block_until_ready(stats)
             timings["forward_stats"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             visit(i, layer, stats)
