@@ -66,20 +66,28 @@ def _write(args, setup, num_layers, rows, quiet=False) -> None:
 
     report = pruning_report("sparsellm", args, setup, sparsellm_iterations=args.iterations, rows=rows)
     md = ["| method | pattern | layers | perplexity | sparsity (all layers) | prune s | peak memory | "
-          "MLP rel. error round 1 -> kept |", "|---|---|---|---|---|---|---|---|"]
+          "MLP rel. error round 1 -> kept | layers worse than round 1 | objective last / first |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["method"] == "dense":
-            md.append(f"| dense | - | - | {r['ppl']:.2f} | {r['sparsity']:.2%} | | | |")
+            md.append(f"| dense | - | - | {r['ppl']:.2f} | {r['sparsity']:.2%} | | | | | |")
             continue
-        err = (f"{r['mlp_relative_error_round1']:.4f} -> {r['mlp_relative_error_last']:.4f}"
-               if "mlp_relative_error_last" in r else "")
+        err = worse = ratio = ""
+        if "mlp_relative_error_last" in r:
+            err = f"{r['mlp_relative_error_round1']:.4f} -> {r['mlp_relative_error_last']:.4f}"
+            layers = r["layers"].values()
+            worse = (f"{sum(v['rounds'][v['kept_round']]['relative'] > v['rounds'][0]['relative'] for v in layers)}"
+                     f" of {len(layers)}")
+            ratio = f"{np.mean([v['rounds'][-1]['after'] / v['rounds'][0]['before'] for v in layers]):.3f}"
         md.append(f"| {r['method']} | {r['pattern']} | {r['scope']} | {r['ppl']:.2f} | "
                   f"{r['sparsity']:.2%} | {r['prune_seconds']:.1f} | "
-                  f"{r['peak_memory_bytes'] / 2**30:.2f} GiB | {err} |")
+                  f"{r['peak_memory_bytes'] / 2**30:.2f} GiB | {err} | {worse} | {ratio} |")
     md += ["", f"{args.model} ({setup.loaded.source}); calibration c4 {args.nsamples} x {args.seqlen}, "
                f"seed {args.seed}; {setup.protocol.describe()}. SparseLLM: alpha = beta = gamma = 5, "
                f"{args.iterations} rounds; 'half' = the first {first_layers(num_layers, 0.5)} "
-               f"of {num_layers} layers, the rest dense."]
+               f"of {num_layers} layers, the rest dense. 'Objective' is the relaxed SparseLLM objective "
+               f"(all four terms) after the last round over before the first, averaged over the "
+               f"pruned layers; the MLP error is the true one, ||Y - MLP_pruned(X)||^2 / ||Y||^2."]
     write_results(args.out, report, "\n".join(md) + "\n", quiet=quiet)
 
 
