@@ -162,7 +162,7 @@ def _inverse_factor(H, percdamp):
     With `J` the reversal permutation and `J (H + damp I) J = L L^T`, `U = J L^-1 J`: upper
     triangular with a positive diagonal, and `U^T U = J L^-T L^-1 J = (H + damp I)^-1`. One
     Cholesky and one triangular inverse, instead of the reference's Cholesky, inverse and second
-    Cholesky (the same factor; 1.3-2.5x faster)."""
+    Cholesky (the same factor; measured 1.35x faster jitted at in = 1536, 1.9x at 576)."""
     eye = jnp.eye(H.shape[0], dtype=H.dtype)
     damp = percdamp * jnp.mean(jnp.diag(H))
     lower = jnp.linalg.cholesky((H + damp * eye)[::-1, ::-1])
@@ -295,7 +295,7 @@ def _sparsegpt(kernel, U, dead, *, sparsity, n, m, blocksize):
     # Inside a block, inputs go in sub-blocks of `sub`: the input-by-input OBS steps touch only
     # the sub-block's `[sub, out]` rows, and the rest of the block gets the sub-block's errors in
     # one matmul (the lazy batch update again, one level down). Same arithmetic up to summation
-    # order; about 3x faster on CPU than stepping over the whole `[blocksize, out]` block.
+    # order; up to 2x faster per matrix on CPU (576 x 576) than stepping over the whole block.
     sub = _sub_block(blocksize, m)
     block_idx = jnp.arange(blocksize)
 

@@ -128,6 +128,14 @@ def test_driver_hessian_matches_inputs():
     s = got[0]["mlp.down_proj"]
     assert s.tokens == 8 * 32 and s.sequences == 8
     np.testing.assert_allclose(np.asarray(s.hessian()), 2 / 8 * x.T @ x, rtol=1e-3, atol=1e-3)
+    # the projections SparseGPT factors once per input (SHARED_INPUT) do read one tensor
+    from nnxprune.transforms.sparsity import SHARED_INPUT
+
+    for i, stats in got.items():
+        for shared in set(SHARED_INPUT.values()):
+            names = [n for n, key in SHARED_INPUT.items() if key == shared]
+            for n in names[1:]:
+                np.testing.assert_array_equal(np.asarray(stats[n].xtx), np.asarray(stats[names[0]].xtx))
 
 
 def test_same_seed_same_masks_and_embed_once():
