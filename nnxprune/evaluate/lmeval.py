@@ -266,6 +266,19 @@ def _pow2_floor(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 
 
+def _bucket_run(lengths: list[int], start: int, budget: int) -> tuple[int, int]:
+    """For items sorted longest first: the `fine_length` bucket of item `start` and how many
+    items from there share it, at most a power of two that keeps bucket x count within `budget`
+    tokens (one call's rows)."""
+    length = fine_length(lengths[start])
+    most = _pow2_floor(max(1, budget // length))
+    count = 1
+    while (count < most and start + count < len(lengths)
+           and fine_length(lengths[start + count]) == length):
+        count += 1
+    return length, count
+
+
 @register_model("nnxprune")
 class NnxpruneLM(TemplateLM):
     """lm-eval model over an nnxprune model. `model` is anything `nnxprune.io.load.load_model`
@@ -422,13 +435,9 @@ class NnxpruneLM(TemplateLM):
         longest and stacked."""
         budget = ROW_TOKENS * self.batch_size
         parts, start = [], 0
+        lengths = [len(ctx) - 1 for ctx in chunk]
         while start < len(chunk):
-            length = fine_length(len(chunk[start]) - 1)
-            most = _pow2_floor(max(1, budget // length))
-            count = 1
-            while (count < most and start + count < len(chunk)
-                   and fine_length(len(chunk[start + count]) - 1) == length):
-                count += 1
+            length, count = _bucket_run(lengths, start, budget)
             run = chunk[start:start + bucket_length(count)]
             tokens = np.zeros((bucket_length(count), length), np.int32)
             for d, ctx in enumerate(run):
@@ -456,14 +465,10 @@ class NnxpruneLM(TemplateLM):
         # shorter rows (cheaper than rows of zeros)
         rows = sorted(((i, d) for d, ctx in enumerate(chunk) for i in shared[ctx]),
                       key=lambda row: -len(requests[row[0]][2]))
+        lengths = [len(requests[i][2]) for i, _ in rows]
         start = 0
         while start < len(rows):
-            tc = fine_length(len(requests[rows[start][0]][2]))
-            most = _pow2_floor(max(1, budget // tc))
-            count = 1
-            while (count < most and start + count < len(rows)
-                   and fine_length(len(requests[rows[start + count][0]][2])) == tc):
-                count += 1
+            tc, count = _bucket_run(lengths, start, budget)
             n_rows = bucket_length(count)
             batch = rows[start:start + n_rows]
             start += len(batch)
