@@ -46,7 +46,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from nnxprune.errors import UserError
-from nnxprune.evaluate.perplexity import LOGIT_CHUNK
+from nnxprune.evaluate.head import head_logprobs
 from nnxprune.models import llama as llama_lib
 
 __all__ = ["NnxpruneLM", "bucket_length", "fine_length", "run_tasks", "results_table"]
@@ -176,23 +176,8 @@ def _layer_continue(graphdef, state, x, ctx_keys, ctx_values, row_ctx, ctx_len, 
 
 def _logprobs(model, h, targets):
     """Log-probabilities of `targets [N]` and the argmax ids, from last-layer hidden states
-    `h [N, E]` (before the final norm), the output head applied `LOGIT_CHUNK` rows at a time
-    (memory stays at `LOGIT_CHUNK * V` floats)."""
-    n, e = h.shape
-    chunk = min(LOGIT_CHUNK, n)
-    pad = -n % chunk
-    h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, e)
-    targets = jnp.pad(targets, (0, pad)).reshape(-1, chunk)
-
-    def one(args):
-        hc, tc = args
-        logits = model.logits(model.norm(hc)).astype(jnp.float32)
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
-        return picked - logz, jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    lp, top = jax.lax.map(one, (h, targets))
-    return lp.reshape(-1)[:n], top.reshape(-1)[:n]
+    `h [N, E]` (before the final norm); the head runs in tiles (`evaluate.head`)."""
+    return head_logprobs(model, model.norm(h), targets, with_argmax=True)
 
 
 @_static_jit

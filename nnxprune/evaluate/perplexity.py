@@ -6,8 +6,8 @@ windows, which equals the Wanda / SparseGPT reference evaluation (mean of per-wi
 because every window predicts the same number of tokens.
 
 The scoring function is one `jax.jit` over the model's state, compiled ahead of time once per
-batch shape (the ragged last batch is padded and masked, so there is one shape). Logits are
-computed in token chunks so a batch of long windows never materialises `[B, T, V]` at once.
+batch shape (the ragged last batch is padded and masked, so there is one shape). The output head
+runs in position chunks and vocabulary tiles (`evaluate.head`), so no `[B, T, V]` logits exist.
 
 Example:
     >>> result = evaluate_perplexity(loaded.model, loaded.tokenizer, protocol_for("wikitext2"),
@@ -30,10 +30,9 @@ from tqdm.auto import tqdm
 
 from nnxprune.errors import UserError
 from nnxprune.evaluate import data as data_lib
+from nnxprune.evaluate.head import head_logprobs
 from nnxprune.evaluate.protocol import PerplexityProtocol
 from nnxprune.models.llama import Llama
-
-LOGIT_CHUNK = 256  # tokens per output-head chunk: bounds memory at B * 256 * V floats
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -65,23 +64,8 @@ def token_nll(model: Llama, tokens: jax.Array) -> jax.Array:
     h, _ = model.hidden_states(tokens)
     h, targets = h[:, :-1], tokens[:, 1:]
     b, t, d = h.shape
-    chunk = min(LOGIT_CHUNK, t)
-    pad = -t % chunk
-    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    n = (t + pad) // chunk
-    h_chunks = h.reshape(b, n, chunk, d).swapaxes(0, 1)  # [N, B, C, D]
-    target_chunks = targets.reshape(b, n, chunk).swapaxes(0, 1)
-
-    def chunk_nll(args):
-        hc, tc = args
-        logits = model.logits(hc).astype(jnp.float32)  # [B, C, V]
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
-        return logz - picked
-
-    nll = jax.lax.map(chunk_nll, (h_chunks, target_chunks))  # [N, B, C]
-    return nll.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+    lp, _ = head_logprobs(model, h.reshape(b * t, d), targets.reshape(-1))
+    return -lp.reshape(b, t)
 
 
 def make_scorer(model: Llama):

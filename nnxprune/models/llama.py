@@ -288,8 +288,12 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Llama3RopeScaling | None
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
     """Rotates `x [B, T, H, Dh]` by `positions [B, T]` (HF's rotate-half layout)."""
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
-    cos = jnp.cos(freqs)[:, :, None, :]
-    sin = jnp.sin(freqs)[:, :, None, :]
+    # The barrier makes XLA compute the tables once, not inside the rotation's fusion once per
+    # head and half (on CPU that recomputation made RoPE 3.5x slower than the rotation itself).
+    # (A barrier on the (cos, sin) pair is simplified away; one on their concatenation holds.)
+    half = freqs.shape[-1]
+    table = jax.lax.optimization_barrier(jnp.concatenate([jnp.cos(freqs), jnp.sin(freqs)], -1))
+    cos, sin = table[:, :, None, :half], table[:, :, None, half:]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
@@ -318,12 +322,19 @@ def _blocked_causal_attention(q: jax.Array, keys: jax.Array, values: jax.Array,
                               positions: jax.Array) -> jax.Array:
     """Causal self-attention without a cache, fast on CPU. Exact, not an approximation.
 
-    Two things make it fast: the G query heads that share a KV head are folded into the rows of
-    one matmul per KV head (`[T*G, Dh] x [Dh, S]`), so the matmuls are tall instead of G small
-    ones; and query rows go in blocks of `ATTN_BLOCK` positions, each against only the keys up
-    to its last position, which skips the upper triangle. At T=1024 on a 2-core CPU the
-    attention core runs 2.4x faster than the unfolded 128-row blocks and on par with torch's
-    fused SDPA kernel. With positions increasing along T no query sees a later key anyway.
+    `positions [B, T]` must increase along T (as they do for whole rows); key `s` is visible to
+    query `t` when `positions[s] <= positions[t]`.
+
+    - The G query heads that share a KV head are folded into the rows of one matmul per KV head
+      (`[T*G, Dh] x [Dh, S]`), so the matmuls are tall instead of G small ones.
+    - Query rows go in blocks of `ATTN_BLOCK` positions, each against only the keys up to its
+      last position, which skips the upper triangle.
+    - Within a block, the keys before the block are all visible and need no mask: only the
+      `ATTN_BLOCK`-wide diagonal tile is masked. The two parts share one running max; their
+      unnormalised exponentials go through two value matmuls and the `[R, Dh]` sum is divided
+      once by the row total, instead of normalising the `[R, S]` probabilities.
+    At T=1024 (SmolLM2 shapes, one core) that last step made the core 1.2x faster than one
+    masked softmax per block.
     """
     b, t, k, g, dh = q.shape
     rows = (q * (1.0 / math.sqrt(dh))).transpose(0, 2, 1, 3, 4).reshape(b, k, t * g, dh)
@@ -334,12 +345,25 @@ def _blocked_causal_attention(q: jax.Array, keys: jax.Array, values: jax.Array,
     for start in range(0, t, ATTN_BLOCK):
         stop = min(start + ATTN_BLOCK, t)
         block = rows[:, :, start * g:stop * g]
-        scores = jnp.einsum("bkrd,bksd->bkrs", block, keys_t[:, :, :stop],
-                            preferred_element_type=jnp.float32)
-        visible = positions[:, None, :stop] <= row_pos[:, start * g:stop * g, None]  # [B, R, S]
-        scores = jnp.where(visible[:, None], scores, -jnp.inf)
-        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-        outs.append(jnp.einsum("bkrs,bksd->bkrd", probs, values_t[:, :, :stop]))
+        diag = jnp.einsum("bkrd,bksd->bkrs", block, keys_t[:, :, start:stop],
+                          preferred_element_type=jnp.float32)
+        visible = positions[:, None, start:stop] <= row_pos[:, start * g:stop * g, None]
+        diag = jnp.where(visible[:, None], diag, -jnp.inf)
+        top = jnp.max(diag, axis=-1, keepdims=True)  # finite: a row always sees its own key
+        if start:
+            before = jnp.einsum("bkrd,bksd->bkrs", block, keys_t[:, :, :start],
+                                preferred_element_type=jnp.float32)
+            top = jnp.maximum(top, jnp.max(before, axis=-1, keepdims=True))
+        e = jnp.exp(diag - top)
+        total = jnp.sum(e, axis=-1, keepdims=True)
+        out = jnp.einsum("bkrs,bksd->bkrd", e.astype(values.dtype), values_t[:, :, start:stop],
+                         preferred_element_type=jnp.float32)
+        if start:
+            e = jnp.exp(before - top)
+            total = total + jnp.sum(e, axis=-1, keepdims=True)
+            out = out + jnp.einsum("bkrs,bksd->bkrd", e.astype(values.dtype), values_t[:, :, :start],
+                                   preferred_element_type=jnp.float32)
+        outs.append((out / total).astype(values.dtype))
     return jnp.concatenate(outs, axis=2).reshape(b, k, t, g, dh).transpose(0, 2, 1, 3, 4)
 
 

@@ -1,0 +1,83 @@
+"""Log-probabilities of chosen tokens under the output head, without `[N, V]` logits.
+
+Scoring needs, per position, only `log p(target) = logit[target] - logsumexp(logits)` (and, for
+greedy checks, the argmax). Materialising the logits is the slow part on CPU: `[N, V]` floats go
+out to memory and come back for the reductions. Here the vocabulary goes in tiles of
+`VOCAB_TILE` columns with a running max and sum (the online logsumexp), so each tile's logits stay
+in cache; the target's logit is one row-wise dot product. Positions go in chunks of `ROW_CHUNK`.
+
+Exact up to float32 summation order. On SmolLM2 shapes (1024 positions, V = 49,152, one core)
+this is 1.3x faster than full logits in 256-row chunks followed by `logsumexp`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+VOCAB_TILE = 2048  # output-head columns per step; a [ROW_CHUNK, VOCAB_TILE] tile fits in L2
+ROW_CHUNK = 512  # positions per step; memory stays at ROW_CHUNK * VOCAB_TILE floats
+
+
+def output_matrix(model) -> tuple[jax.Array, int]:
+    """The output head as `(matrix, vocab_axis)`: the tied embedding `[V, D]` (axis 0) or the
+    `lm_head` kernel `[D, V]` (axis 1), masks applied."""
+    if model.lm_head is None:
+        return model.embed_tokens.effective_embedding(), 0
+    return model.lm_head.effective_kernel(), 1
+
+
+def _tile_logits(h, w, axis, start, size):
+    tile = jax.lax.dynamic_slice_in_dim(w, start, size, axis=axis)
+    eq = "nd,vd->nv" if axis == 0 else "nd,dv->nv"
+    return jnp.einsum(eq, h.astype(w.dtype), tile, preferred_element_type=jnp.float32)
+
+
+def _chunk(h, targets, w, axis, with_argmax):
+    n = h.shape[0]
+    vocab = w.shape[axis]
+    tile = min(VOCAB_TILE, vocab)
+    full = vocab // tile
+
+    def update(carry, logits, offset):
+        top, total, best, best_id = carry
+        tile_max = jnp.max(logits, axis=-1)
+        new_top = jnp.maximum(top, tile_max)
+        total = total * jnp.exp(top - new_top) + jnp.sum(jnp.exp(logits - new_top[:, None]), -1)
+        if with_argmax:  # strict '>' keeps the first index on ties, as jnp.argmax does
+            better = tile_max > best
+            best_id = jnp.where(better, offset + jnp.argmax(logits, axis=-1).astype(jnp.int32), best_id)
+            best = jnp.where(better, tile_max, best)
+        return new_top, total, best, best_id
+
+    def step(carry, i):
+        start = i * tile
+        return update(carry, _tile_logits(h, w, axis, start, tile), start), None
+
+    init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32),
+            jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.int32))
+    carry, _ = jax.lax.scan(step, init, jnp.arange(full))
+    if vocab % tile:  # the last, narrower tile
+        start = full * tile
+        carry = update(carry, _tile_logits(h, w, axis, start, vocab - start), start)
+    top, total, _, best_id = carry
+    rows = jnp.take(w, targets, axis=axis)  # [N, D] or [D, N]
+    picked = jnp.einsum("nd,nd->n" if axis == 0 else "nd,dn->n", h.astype(w.dtype), rows,
+                        preferred_element_type=jnp.float32)
+    # min: the dot product may round a hair above the tiles' max when the target is the argmax
+    return jnp.minimum(picked - (top + jnp.log(total)), 0.0), best_id
+
+
+def head_logprobs(model, h: jax.Array, targets: jax.Array, *, with_argmax: bool = False
+                  ) -> tuple[jax.Array, jax.Array | None]:
+    """`h [N, D]` final-normed hidden states, `targets [N]` token ids: `log p(target)` `[N]`
+    (float32) and, with `with_argmax`, the argmax token ids `[N]` (else None)."""
+    w, axis = output_matrix(model)
+    n, d = h.shape
+    chunk = min(ROW_CHUNK, n)
+    pad = -n % chunk
+    hc = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, d)
+    tc = jnp.pad(targets, (0, pad)).reshape(-1, chunk)
+    lp, top = jax.lax.map(lambda a: _chunk(a[0], a[1], w, axis, with_argmax), (hc, tc))
+    lp, top = lp.reshape(-1)[:n], top.reshape(-1)[:n]
+    return lp, (top if with_argmax else None)

@@ -1,0 +1,51 @@
+"""The tiled output head equals full logits followed by log-softmax."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nnxprune.evaluate import head as head_lib
+from nnxprune.models.llama import Llama, LlamaConfig
+from tests.conftest import randomize_params
+
+
+def _model(tie: bool, vocab: int) -> Llama:
+    cfg = LlamaConfig.uniform(vocab_size=vocab, hidden_size=32, num_layers=1, num_heads=2,
+                              num_kv_heads=1, intermediate_size=64, head_dim=16,
+                              tie_word_embeddings=tie)
+    return randomize_params(Llama(cfg, rngs=nnx.Rngs(0)), scale=0.5)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "lm_head"])
+@pytest.mark.parametrize("tile,rows", [(64, 50), (256, 512), (1000, 7)],
+                         ids=["ragged-tail", "one-tile", "tile-over-vocab"])
+def test_tiled_head_equals_full_log_softmax(monkeypatch, tie, tile, rows):
+    vocab, n = 300, 173  # 300 % 64 != 0: a narrower last tile; 173 % 50 != 0: padded rows
+    monkeypatch.setattr(head_lib, "VOCAB_TILE", tile)
+    monkeypatch.setattr(head_lib, "ROW_CHUNK", rows)
+    model = _model(tie, vocab)
+    h = jax.random.normal(jax.random.PRNGKey(1), (n, 32)) * 2.0
+    targets = jax.random.randint(jax.random.PRNGKey(2), (n,), 0, vocab)
+    logits = np.asarray(model.logits(h), np.float64)
+    ref = jax.nn.log_softmax(logits, axis=-1)[np.arange(n), np.asarray(targets)]
+    assert np.ptp(ref) > 1.0  # real spread, not near-uniform logits
+    lp, top = jax.jit(lambda h, t: head_lib.head_logprobs(model, h, t, with_argmax=True))(h, targets)
+    np.testing.assert_allclose(np.asarray(lp), ref, atol=2e-5, rtol=0)
+    np.testing.assert_array_equal(np.asarray(top), logits.argmax(-1))
+    assert np.all(np.asarray(lp) <= 0)
+    lp_only, none = head_lib.head_logprobs(model, h, targets)
+    assert none is None
+    np.testing.assert_allclose(np.asarray(lp_only), np.asarray(lp), atol=1e-6, rtol=0)
+
+
+def test_argmax_ties_keep_the_first_index(monkeypatch):
+    monkeypatch.setattr(head_lib, "VOCAB_TILE", 64)
+    model = _model(True, 300)
+    emb = np.asarray(model.embed_tokens.embedding[...]).copy()
+    emb[200] = emb[10]  # tokens 10 and 200 (different tiles) give identical logits
+    model.embed_tokens.embedding[...] = jnp.asarray(emb)
+    h = jnp.asarray(emb[10:11] * 10.0)  # makes token 10 (and 200) the top logit
+    _, top = head_lib.head_logprobs(model, h, jnp.array([0]), with_argmax=True)
+    assert int(top[0]) == 10 == int(np.argmax(np.asarray(model.logits(h))[0]))
