@@ -8,7 +8,8 @@ In one process, on the same WikiText-2 windows and the same thread settings:
    batches, same NLL (float32 log-softmax of the logits for tokens 1..T-1); one untimed warm-up batch;
 3. the matmul floor: jitted fp32 matmuls in JAX (median GFLOP/s of the best shape), the model's matmul FLOPs per window counted from
    its kernel shapes, and `floor_ratio = seconds / (flops / best matmul rate)`.
-The three are interleaved (one repeat of each in turn) so that load from other processes on a
+4. torch's own fp32 matmul on the same shapes (transformers' floor, when it is faster than JAX's).
+The four are interleaved (one repeat of each in turn) so that load from other processes on a
 shared machine falls on all alike; each number is the median over `--repeats`. Prints a Markdown table; writes JSON atomically.
 
     python benchmarks/eval_speed.py --model smollm2-135m --seqlen 1024 --windows 8 \\
@@ -57,6 +58,19 @@ def matmul_flops_per_window(model, seqlen: int) -> dict:
     return {"projection_params": proj, "lm_head_params": head,
             "projections": 2 * t * proj, "lm_head": 2 * t * head, "attention": attn,
             "total": 2 * t * (proj + head) + attn}
+
+
+def torch_matmul_rate(torch, m: int, k: int, n: int, repeats: int = 5) -> float:
+    """Median GFLOP/s of torch's fp32 `[m,k] @ [k,n]` (MKL/oneDNN on CPU), the same threads."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    with torch.inference_mode():
+        a @ b
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+    return 2 * m * k * n / median(times) / 1e9
 
 
 def prepare_nnxprune(model, windows: np.ndarray, batch_size: int):
@@ -187,9 +201,12 @@ def main(argv=None) -> int:
                   "transformers": transformers.__version__, "torch": torch.__version__}
     ours = {"seconds": [], "compile_seconds": compile_seconds}
     rate_runs = {name: [] for name in shapes}
+    torch_rate_runs = {name: [] for name in shapes}
     for r in range(args.repeats):
         for name, shape in shapes.items():
             rate_runs[name].append(time_matmul(*shape, repeats=5))
+            if hf_pass is not None:  # torch's own GEMM on the same shape: transformers' floor
+                torch_rate_runs[name].append(torch_matmul_rate(torch, *shape))
         sec, total = timed(nnx_pass)
         ours["seconds"].append(sec)
         ours.setdefault("nll", total / (n * (args.seqlen - 1)))
@@ -200,6 +217,8 @@ def main(argv=None) -> int:
             theirs.setdefault("nll", total / (n * (args.seqlen - 1)))
             msg += f", transformers {sec:.2f}s"
         msg += ", matmul " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rate_runs.items()) + " GFLOP/s"
+        if hf_pass is not None:
+            msg += " (torch " + ", ".join(f"{v[-1]:.1f}" for v in torch_rate_runs.values()) + ")"
         print(msg, flush=True)
     rates = {name: median(v) for name, v in rate_runs.items()}
     matmul_gflops = max(rates.values())
@@ -247,6 +266,10 @@ def main(argv=None) -> int:
             "transformers_tokens_per_second": hf_tps,
             "transformers_achieved_gflops": total_flops / theirs["median_seconds"] / 1e9,
             "transformers_floor_ratio": theirs["median_seconds"] / floor_seconds,
+            "torch_matmul_gflops_by_shape": {k: median(v) for k, v in torch_rate_runs.items()},
+            "torch_matmul_gflops_runs": torch_rate_runs,
+            "torch_floor_ratio": theirs["median_seconds"] / (
+                total_flops / (max(median(v) for v in torch_rate_runs.values()) * 1e9)),
             "transformers_attn_implementation": theirs["attn_implementation"],
             "speed_ratio": ours_tps / hf_tps,
             "ppl_transformers": theirs["ppl"],
@@ -274,6 +297,10 @@ def main(argv=None) -> int:
         ppl_s = "" if math.isnan(ppl) else f"{ppl:.4f}"
         print(f"| {name} | {sec:.2f} | {tps:.0f} | {ppl_s} | {gf:.1f} | {fr:.2f} |")
     if theirs is not None:
+        print("\ntorch's own fp32 matmul on the same shapes: " + ", ".join(
+            f"{k} {v:.0f} GFLOP/s ({v / rates[k]:.2f}x JAX's)"
+            for k, v in result["torch_matmul_gflops_by_shape"].items())
+            + f"; transformers at {result['torch_floor_ratio']:.2f}x its own matmul floor")
         print(f"\nspeed ratio nnxprune/transformers: {result['speed_ratio']:.2f}x; "
               f"ppl nnxprune {ours['ppl']:.5f} vs transformers {theirs['ppl']:.5f} "
               f"(rel diff {result['ppl_rel_diff']:.1e})")

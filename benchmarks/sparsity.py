@@ -39,6 +39,18 @@ def decoder_flops_per_token(config, seqlen: int) -> float:
     return total
 
 
+def hessian_flops_per_token(config) -> float:
+    """Matmul FLOPs of one token's SparseGPT statistics: `H += X^T X` (a full `[in, in]` product,
+    2 * in^2 per token, as the reference's forward hooks compute it) for every distinct projection
+    input of every layer: the q/k/v input, the o input, the gate/up input and the down input
+    (projections that read the same input share one Hessian)."""
+    total = 0.0
+    for s in config.layers:
+        d, q, f = config.hidden_size, s.num_heads * config.head_dim, s.intermediate_size
+        total += 2 * (d * d + q * q + d * d + f * f)
+    return total
+
+
 def working_set_bytes(config, nsamples: int, seqlen: int, batch_size: int) -> dict:
     """What pruning may hold beside the model (already resident before pruning starts): one
     layer (float32 kernels and their boolean masks, once more for the pruned copy), the
@@ -69,7 +81,11 @@ def main(argv=None) -> int:
 
     setup = prepare_pruning(args)
     rates = [matmul_rate()]  # measured again before every method; the median is the floor
-    flops = 2 * decoder_flops_per_token(setup.loaded.model.config, args.seqlen) * setup.calib.tokens.size
+    tokens = setup.calib.tokens.size
+    flops = 2 * decoder_flops_per_token(setup.loaded.model.config, args.seqlen) * tokens
+    # per method: the two forward passes, plus what its statistics cost in matmuls (Wanda's and
+    # Magnitude's none; SparseGPT's X^T X accumulation, part of its passes in the reference code)
+    method_flops = {"sparsegpt": flops + hessian_flops_per_token(setup.loaded.model.config) * tokens}
     rows = [setup.dense_row]
     bound = working_set_bytes(setup.loaded.model.config, args.nsamples, args.seqlen, args.batch_size)
     for method in args.methods.split(","):
@@ -94,15 +110,21 @@ def main(argv=None) -> int:
 
     rate = float(np.median(rates))
     floor = flops / (rate * 1e9)
+    floors = {m: f / (rate * 1e9) for m, f in method_flops.items()}
     for row in rows:
         if row.get("calibration_forward_seconds"):
-            row["floor_ratio"] = row["calibration_forward_seconds"] / floor
+            row["calibration_floor_seconds"] = floors.get(row["method"], floor)
+            row["floor_ratio"] = row["calibration_forward_seconds"] / row["calibration_floor_seconds"]
     print(f"matmul {rate:.0f} GFLOP/s (median of {len(rates)}); calibration floor {floor:.1f} s "
-          f"({flops / 1e12:.2f} TFLOP: two passes over {setup.calib.tokens.size:,} tokens)", flush=True)
+          f"({flops / 1e12:.2f} TFLOP: two passes over {tokens:,} tokens); SparseGPT "
+          f"{floors['sparsegpt']:.1f} s (with its X^T X, {method_flops['sparsegpt'] / 1e12:.2f} TFLOP)",
+          flush=True)
     weights = sum(int(np.prod(v.shape)) * v.dtype.itemsize
                   for v in jax.tree.leaves(nnx.state(setup.loaded.model, nnx.Param)))
     report = pruning_report("sparsity", args, setup, matmul_gflops=rate, matmul_gflops_runs=rates,
                             calibration_floor_seconds=floor, calibration_flops=flops,
+                            calibration_floor_seconds_by_method=floors,
+                            calibration_flops_by_method=method_flops,
                             weights_bytes=weights, working_set_bound_bytes=bound, rows=rows)
     md = ["| method | pattern | perplexity | sparsity | prune s | calib. forward s | solve s | "
           "forward / floor | peak memory | added while pruning |",
@@ -118,7 +140,9 @@ def main(argv=None) -> int:
                   f"{r['memory_added_bytes'] / 2**20:.0f} MiB |")
     md += ["", f"{args.model} ({setup.loaded.source}); calibration c4 {args.nsamples} x {args.seqlen}, "
                f"seed {args.seed}; {setup.protocol.describe()}. Matmul rate {rate:.0f} GFLOP/s (median "
-               f"of {len(rates)}); calibration floor {floor:.1f} s (two forward passes per layer). "
+               f"of {len(rates)}); calibration floor {floor:.1f} s (two forward passes per layer; for "
+               f"SparseGPT {floors['sparsegpt']:.1f} s, the passes plus its X^T X accumulation, "
+               f"{method_flops['sparsegpt'] / 1e12:.1f} TFLOP). "
                f"Peak memory is the process's resident set while pruning (the dense model, its copy "
                f"being pruned, the evaluation windows and the runtime included); 'added' is that peak "
                f"minus the resident set when pruning began, against a bound of "

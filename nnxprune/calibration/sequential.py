@@ -105,22 +105,31 @@ def _embed(graphdef, state, tokens):
     return nnx.merge(graphdef, state)(tokens)
 
 
+# Both forwards run the layer one calibration sequence at a time (`lax.map` / `lax.scan` over the
+# batch): on CPU the blocked causal attention is about 1.4x faster per sequence at batch 1 than
+# batched (its tiles stay in cache), and the whole SmolLM2 layer over 8 x 1024 tokens 1.15x.
+# Exact: each sequence is independent, and statistics are summed over sequences in the scan.
+
+
+def _layer_on_row(graphdef, state, row, inv_freq):
+    """The layer on one sequence `row [T, D]`."""
+    positions = jnp.arange(row.shape[0])[None]
+    return nnx.merge(graphdef, state)(row[None], positions, inv_freq)[0][0]
+
+
 @functools.partial(jax.jit, static_argnums=(0,))
 def _forward(graphdef, state, x, inv_freq):
-    layer = nnx.merge(graphdef, state)
-    positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-    return layer(x, positions, inv_freq)[0]
+    return jax.lax.map(lambda row: _layer_on_row(graphdef, state, row, inv_freq), x)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _forward_with_stats(graphdef, state, x, inv_freq, want_xtx: bool):
-    layer = nnx.merge(graphdef, state)
-    positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+def _row_stats(graphdef, state, row, inv_freq, want_xtx: bool):
+    """`{projection: (sum of x^2 [in], X^T X [in, in] or None)}` over one sequence `row [T, D]`."""
+    positions = jnp.arange(row.shape[0])[None]
 
-    def run(layer, x):
-        return layer(x, positions, inv_freq)[0]
+    def run(layer, row):
+        return layer(row[None], positions, inv_freq)[0]
 
-    _, captured = nnx.capture(run, ProjectionInput)(layer, x)
+    _, captured = nnx.capture(run, ProjectionInput)(nnx.merge(graphdef, state), row)
     stats = {}
     for path, var in nnx.to_flat_state(captured):
         (inp,) = var.get_value() if hasattr(var, "get_value") else var.value
@@ -128,9 +137,21 @@ def _forward_with_stats(graphdef, state, x, inv_freq, want_xtx: bool):
         name = ".".join(map(str, path[:-1]))
         stats[name] = (jnp.sum(rows * rows, axis=0),
                        jnp.dot(rows.T, rows, precision=jax.lax.Precision.HIGHEST) if want_xtx else None)
+    return stats
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _forward_with_stats(graphdef, state, x, inv_freq, want_xtx: bool):
+    """The statistics of every recorded projection input, summed over the sequences of `x`."""
+    def body(total, row):
+        stats = _row_stats(graphdef, state, row, inv_freq, want_xtx)
+        return jax.tree.map(jnp.add, total, stats), None
+
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                         jax.eval_shape(lambda r: _row_stats(graphdef, state, r, inv_freq, want_xtx), x[0]))
     # only the statistics leave the program, so XLA drops what no projection input needs (the
     # down projection's product and the residual sum): the pruned forward gives the outputs
-    return stats
+    return jax.lax.scan(body, zeros, x)[0]
 
 
 def embed_inputs(model, tokens: np.ndarray, batch_size: int = 8) -> jax.Array:
