@@ -111,25 +111,21 @@ def _embed(graphdef, state, tokens):
 # Exact: each sequence is independent, and statistics are summed over sequences in the scan.
 
 
-def _layer_on_row(graphdef, state, row, inv_freq):
-    """The layer on one sequence `row [T, D]`."""
+def _layer_on_row(layer, row, inv_freq):
+    """`layer` on one sequence `row [T, D]`."""
     positions = jnp.arange(row.shape[0])[None]
-    return nnx.merge(graphdef, state)(row[None], positions, inv_freq)[0][0]
+    return layer(row[None], positions, inv_freq)[0][0]
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _forward(graphdef, state, x, inv_freq):
-    return jax.lax.map(lambda row: _layer_on_row(graphdef, state, row, inv_freq), x)
+    return jax.lax.map(lambda row: _layer_on_row(nnx.merge(graphdef, state), row, inv_freq), x)
 
 
 def _row_stats(graphdef, state, row, inv_freq, want_xtx: bool):
     """`{projection: (sum of x^2 [in], X^T X [in, in] or None)}` over one sequence `row [T, D]`."""
-    positions = jnp.arange(row.shape[0])[None]
-
-    def run(layer, row):
-        return layer(row[None], positions, inv_freq)[0]
-
-    _, captured = nnx.capture(run, ProjectionInput)(nnx.merge(graphdef, state), row)
+    _, captured = nnx.capture(_layer_on_row, ProjectionInput)(nnx.merge(graphdef, state), row,
+                                                              inv_freq)
     stats = {}
     for path, var in nnx.to_flat_state(captured):
         (inp,) = var.get_value() if hasattr(var, "get_value") else var.value

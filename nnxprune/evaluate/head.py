@@ -40,27 +40,26 @@ def _chunk(h, targets, w, axis, with_argmax):
     full = vocab // tile
 
     def update(carry, logits, offset):
-        top, total, best, best_id = carry
+        top, total, best_id = carry  # the running max is also the best logit so far
         tile_max = jnp.max(logits, axis=-1)
         new_top = jnp.maximum(top, tile_max)
         total = total * jnp.exp(top - new_top) + jnp.sum(jnp.exp(logits - new_top[:, None]), -1)
         if with_argmax:  # strict '>' keeps the first index on ties, as jnp.argmax does
-            better = tile_max > best
-            best_id = jnp.where(better, offset + jnp.argmax(logits, axis=-1).astype(jnp.int32), best_id)
-            best = jnp.where(better, tile_max, best)
-        return new_top, total, best, best_id
+            best_id = jnp.where(tile_max > top,
+                                offset + jnp.argmax(logits, axis=-1).astype(jnp.int32), best_id)
+        return new_top, total, best_id
 
     def step(carry, i):
         start = i * tile
         return update(carry, _tile_logits(h, w, axis, start, tile), start), None
 
     init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32),
-            jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.int32))
+            jnp.zeros((n,), jnp.int32))
     carry, _ = jax.lax.scan(step, init, jnp.arange(full))
     if vocab % tile:  # the last, narrower tile
         start = full * tile
         carry = update(carry, _tile_logits(h, w, axis, start, vocab - start), start)
-    top, total, _, best_id = carry
+    top, total, best_id = carry
     rows = jnp.take(w, targets, axis=axis)  # [N, D] or [D, N]
     picked = jnp.einsum("nd,nd->n" if axis == 0 else "nd,dn->n", h.astype(w.dtype), rows,
                         preferred_element_type=jnp.float32)
