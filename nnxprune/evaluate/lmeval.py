@@ -22,6 +22,10 @@ cuts the work of a 4-way question with a context as long as its choices by about
 alone with their context (rolling windows, one-choice tasks) go as whole rows; among those, rows
 whose inputs coincide (one-token continuations of one context) are computed once, the candidates
 scored together at the last position.
+Tokens are embedded on the host, and the output head runs only on the scored positions, gathered
+into chunks of fixed row counts, so neither adds compiled shapes (about a third of the
+compilation time of a 200-document task before). The head's greedy check is a masked max, not
+an argmax (see `evaluate.head`).
 `generate_until` is greedy (or sampled when a task asks) with nnxprune's jitted KV-cache decoder;
 the text is cut at the first stop sequence as lm-eval's `hf` model cuts it.
 
@@ -52,7 +56,8 @@ from nnxprune.models import llama as llama_lib
 __all__ = ["NnxpruneLM", "bucket_length", "fine_length", "run_tasks", "results_table"]
 
 ROW_TOKENS = 256  # tokens per row of `batch_size` a shared-context call may hold (see _score_shared)
-CHUNK_CALLS = 4  # contexts of one chunk: about this many calls' worth of tokens (see _score_shared)
+CHUNK_KV_BYTES = 1 << 30  # keys and values one chunk of shared contexts may hold (see _score_shared)
+HEAD_ROWS, HEAD_ROWS_SMALL = 512, 128  # the output head's two chunk sizes (see _Scorer._score)
 
 
 def bucket_length(n: int, max_length: int | None = None) -> int:
@@ -91,12 +96,6 @@ def fine_length(n: int) -> int:
 
 def _static_jit(fn):
     return jax.jit(fn, static_argnums=0)
-
-
-@_static_jit
-def _embed(graphdef, state, tokens):
-    """Token embeddings `[B, T, E]` (any channel mask of the embedding applied)."""
-    return nnx.merge(graphdef, state).embed_tokens(tokens)
 
 
 def _qkv(attn, h, b, t, positions, inv_freq):
@@ -174,73 +173,77 @@ def _layer_continue(graphdef, state, x, ctx_keys, ctx_values, row_ctx, ctx_len, 
     return _finish(layer, x, out).reshape(r, tc, e)
 
 
-def _logprobs(model, h, targets):
-    """Log-probabilities of `targets [N]` and the argmax ids, from last-layer hidden states
-    `h [N, E]` (before the final norm); the head runs in tiles (`evaluate.head`)."""
-    return head_logprobs(model, model.norm(h), targets, with_argmax=True)
-
-
 @_static_jit
-def _head(graphdef, state, x, targets):
-    """`x [R, T, E]`: log-probabilities and argmax ids `[R, T]` of `targets [R, T]`."""
-    r, t, e = x.shape
-    lp, top = _logprobs(nnx.merge(graphdef, state), x.reshape(r * t, e), targets.reshape(-1))
-    return lp.reshape(r, t), top.reshape(r, t)
-
-
-@_static_jit
-def _head_window(graphdef, state, x, starts, targets, last_pos, last_targets):
-    """Whole rows `x [B, T, E]`: the output head only on a window of `Tw` positions per row from
-    `starts [B]` (`targets [B, Tw]`; log-probabilities and argmax ids `[B, Tw]`), and at
-    `last_pos [B]` the log-probabilities `[B, K]` of several candidate tokens `last_targets`."""
+def _head_rows(graphdef, state, h, targets):
+    """`h [C, E]` last-layer hidden states (before the final norm), `targets [C]`: their
+    log-probabilities and whether each is the greedy token, `[C]` each (`evaluate.head`)."""
     model = nnx.merge(graphdef, state)
-    b, _, e = x.shape
-    tw = targets.shape[1]
-    window = jax.vmap(lambda xb, s: jax.lax.dynamic_slice_in_dim(xb, s, tw, axis=0))(x, starts)
-    lp, top = _logprobs(model, window.reshape(b * tw, e), targets.reshape(-1))
-    x_last = jnp.take_along_axis(x, last_pos[:, None, None], axis=1)[:, 0]  # [B, E]
-    last = jax.nn.log_softmax(model.logits(model.norm(x_last)).astype(jnp.float32), axis=-1)
-    return lp.reshape(b, tw), top.reshape(b, tw), jnp.take_along_axis(last, last_targets, axis=1)
+    return head_logprobs(model, model.norm(h), targets, with_greedy=True)
 
 
 class _Scorer:
     """Runs the model layer by layer through the jitted pieces above; records the distinct input
-    shapes it ran (each is one compilation per distinct layer shape)."""
+    shapes it ran (each is one compilation per distinct layer shape).
+
+    The embedding lookup and the output head take no part in the shapes: tokens are embedded on
+    the host (a row gather), and the head runs on the scored positions only, gathered on the host
+    into chunks of `HEAD_ROWS` (or `HEAD_ROWS_SMALL`) rows, so two head programs serve a whole
+    task whatever its lengths."""
 
     def __init__(self, model):
         self.graphdef, self.state = nnx.split(model)
         self.layers = [nnx.split(layer) for layer in model.layers]
         self.inv_freq = model.inv_freq
+        self.embedding = np.asarray(model.embed_tokens.effective_embedding())
         self.shapes: set[tuple] = set()
 
-    def rows(self, tokens, starts, targets, last_pos, last_targets):
-        """Whole rows `tokens [B, T]` (see `_head_window`)."""
-        self.shapes.add(("rows", tokens.shape, targets.shape, last_targets.shape))
-        x = _embed(self.graphdef, self.state, tokens)
+    def _embed(self, tokens: np.ndarray) -> jax.Array:
+        return jnp.asarray(self.embedding[tokens])
+
+    def _score(self, h: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Log-probabilities and greedy flags `[M]` of `targets [M]` after hidden states
+        `h [M, E]`: the head in chunks of fixed row counts (the last chunk padded)."""
+        m, e = h.shape
+        outs, i = [], 0
+        while i < m:
+            c = HEAD_ROWS if m - i > HEAD_ROWS - HEAD_ROWS_SMALL else HEAD_ROWS_SMALL
+            hc, tc = np.zeros((c, e), h.dtype), np.zeros((c,), np.int32)
+            hc[:m - i], tc[:m - i] = h[i:i + c], targets[i:i + c]
+            self.shapes.add(("head", c))
+            outs.append(_head_rows(self.graphdef, self.state, hc, tc))  # dispatched, not awaited
+            i += c
+        if not outs:
+            return np.zeros((0,), np.float32), np.zeros((0,), bool)
+        return (np.concatenate([np.asarray(lp) for lp, _ in outs])[:m],
+                np.concatenate([np.asarray(g) for _, g in outs])[:m])
+
+    def rows(self, tokens, row, pos, targets):
+        """Whole rows `tokens [B, T]` from position 0: log-probabilities and greedy flags of
+        `targets [M]` at positions `pos [M]` of rows `row [M]`."""
+        self.shapes.add(("rows", tokens.shape))
+        x = self._embed(tokens)
         for graphdef, state in self.layers:
             x = _layer(graphdef, state, x, self.inv_freq)
-        out = _head_window(self.graphdef, self.state, x, starts, targets, last_pos, last_targets)
-        return tuple(np.asarray(a) for a in out)
+        return self._score(np.asarray(x)[row, pos], targets)
 
     def contexts(self, tokens):
         """Contexts `tokens [D, Tp]`: every layer's keys and values, `[D, Tp, K, Dh]` each."""
         self.shapes.add(("contexts", tokens.shape))
-        x = _embed(self.graphdef, self.state, tokens)
+        x = self._embed(tokens)
         kv = []
         for graphdef, state in self.layers:
             x, keys, values = _layer_context(graphdef, state, x, self.inv_freq)
             kv.append((keys, values))
         return kv
 
-    def continuations(self, kv, row_ctx, ctx_len, tokens, targets):
+    def continuations(self, kv, row_ctx, ctx_len, tokens, row, pos, targets):
         """Rows `tokens [R, Tc]` continuing the contexts of `kv` (see `_layer_continue`):
-        log-probabilities and argmax ids `[R, Tc]` of `targets`."""
+        log-probabilities and greedy flags of `targets [M]` at positions `pos` of rows `row`."""
         self.shapes.add(("continuations", kv[0][0].shape[:2], tokens.shape) if kv else tokens.shape)
-        x = _embed(self.graphdef, self.state, tokens)
+        x = self._embed(tokens)
         for (graphdef, state), (keys, values) in zip(self.layers, kv, strict=True):
             x = _layer_continue(graphdef, state, x, keys, values, row_ctx, ctx_len, self.inv_freq)
-        out = _head(self.graphdef, self.state, x, targets)
-        return tuple(np.asarray(a) for a in out)
+        return self._score(np.asarray(x)[row, pos], targets)
 
 
 def _pow2_ceil(n: int) -> int:
@@ -363,29 +366,26 @@ class NnxpruneLM(TemplateLM):
             batch = order[start:start + self.batch_size]
             B = min(self.batch_size, _pow2_ceil(len(batch)))
             T = bucket_length(len(batch[0]), L)
-            W = bucket_length(max(n for inp in batch for _, n, _ in rows[inp]), T)  # scored span
-            K = _pow2_ceil(max(len(rows[inp]) for inp in batch))
             tokens = np.zeros((B, T), np.int32)
-            starts = np.zeros((B,), np.int32)
-            targets = np.zeros((B, W), np.int32)
-            last_pos = np.zeros((B,), np.int32)
-            last_targets = np.zeros((B, K), np.int32)
+            row, pos, targets, spans = [], [], [], []
             for b, inp in enumerate(batch):
                 n = len(inp)
                 tokens[b, :n] = inp
-                s = starts[b] = min(max(0, n - W), T - W)
-                span = inp[s + 1:s + W + 1]
-                targets[b, :len(span)] = span  # targets[b, j]: the token after position s + j
-                last_pos[b] = n - 1
-                last_targets[b, :len(rows[inp])] = [tok for _, _, tok in rows[inp]]
-            lp, top, last_lp = self._scorer.rows(tokens, starts, targets, last_pos, last_targets)
-            for b, inp in enumerate(batch):
-                s, end = int(starts[b]), len(inp) - 1 - int(starts[b])  # window index of n - 1
-                for k, (i, n_cont, tok) in enumerate(rows[inp]):
-                    lo = end + 1 - n_cont  # window index of the first scored position
-                    score = float(lp[b, lo:end].sum(dtype=np.float64) + last_lp[b, k])
-                    greedy = bool(np.all(top[b, lo:end] == targets[b, lo:end]) and top[b, end] == tok)
-                    done(i, score, greedy)
+                # positions n - span .. n - 2 score the row's own next tokens (shared by its
+                # requests); position n - 1 scores every request's last token
+                span = max(n_cont for _, n_cont, _ in rows[inp])
+                spans.append((len(targets), span))
+                row += [b] * (span - 1 + len(rows[inp]))
+                pos += list(range(n - span, n - 1)) + [n - 1] * len(rows[inp])
+                targets += list(inp[n - span + 1:]) + [tok for _, _, tok in rows[inp]]
+            lp, greedy = self._scorer.rows(tokens, np.array(row), np.array(pos),
+                                           np.array(targets, np.int32))
+            for inp, (base, span) in zip(batch, spans):
+                end = base + span - 1  # the first last-token entry
+                for k, (i, n_cont, _) in enumerate(rows[inp]):
+                    lo = end - (n_cont - 1)
+                    done(i, float(lp[lo:end].sum(dtype=np.float64) + lp[end + k]),
+                         bool(greedy[lo:end].all() and greedy[end + k]))
         pbar.close()
         return results
 
@@ -394,12 +394,16 @@ class NnxpruneLM(TemplateLM):
         into every layer's keys and values, then its continuations as rows that attend to them
         (`_Scorer.contexts`, `_Scorer.continuations`).
 
-        Contexts go in chunks, shortest first, of about `CHUNK_CALLS * ROW_TOKENS * batch_size`
-        padded tokens (their keys and values stay in memory while the chunk is scored); a chunk's
+        Contexts go in chunks, shortest first, whose keys and values (padded to the chunk's
+        longest context; they stay in memory while the chunk is scored) fit in `CHUNK_KV_BYTES`
+        (at least one call's worth of tokens). Few chunks mean few compiled shapes: a
+        continuation call's shape includes its chunk's. A chunk's
         continuations, whatever their context, are sorted by length and cut into calls of about
         `ROW_TOKENS * batch_size` tokens, so a row pads only to its length bucket, and large
         chunks leave few calls part-filled."""
-        budget = CHUNK_CALLS * ROW_TOKENS * self.batch_size
+        per_token = sum(2 * layer.self_attn.num_kv_heads * layer.self_attn.head_dim
+                        for layer in self.model.layers) * self.model.embed_tokens.embedding.dtype.itemsize
+        budget = max(ROW_TOKENS * self.batch_size, CHUNK_KV_BYTES // max(1, per_token))
         chunk: list[tuple[int, ...]] = []
         for ctx in sorted(shared, key=len):
             if chunk and len(chunk) + 1 > _pow2_floor(budget // fine_length(len(ctx) - 1)):
@@ -430,13 +434,15 @@ class NnxpruneLM(TemplateLM):
             parts.append((len(run), self._scorer.contexts(tokens)))
             start += len(run)
         tp = parts[0][1][0][0].shape[1]
-        spare = bucket_length(len(chunk)) - len(chunk)  # rows of zeros: few compiled shapes
 
-        def stack(arrays):
-            padded = [jnp.pad(a[:n], ((0, 0), (0, tp - a.shape[1]), (0, 0), (0, 0)))
-                      for n, a in arrays]
-            return jnp.concatenate(padded + [jnp.zeros((spare,) + padded[0].shape[1:],
-                                                       padded[0].dtype)])
+        def stack(arrays):  # on the host: device-side pads would compile one program per shape
+            first = arrays[0][1]
+            out = np.zeros((bucket_length(len(chunk)), tp) + first.shape[2:], first.dtype)
+            d = 0  # rows past the contexts stay zeros (a bucketed count: few compiled shapes)
+            for n, a in arrays:
+                out[d:d + n, :a.shape[1]] = np.asarray(a)[:n]
+                d += n
+            return jnp.asarray(out)
 
         return [(stack([(n, kv[i][0]) for n, kv in parts]), stack([(n, kv[i][1]) for n, kv in parts]))
                 for i in range(len(self._scorer.layers))]
@@ -458,19 +464,21 @@ class NnxpruneLM(TemplateLM):
             batch = rows[start:start + n_rows]
             start += len(batch)
             tokens = np.zeros((n_rows, tc), np.int32)
-            targets = np.zeros((n_rows, tc), np.int32)
             row_ctx = np.zeros((n_rows,), np.int32)
             ctx_len = np.zeros((n_rows,), np.int32)
             for r, (i, d) in enumerate(batch):
                 ctx, cont = chunk[d], requests[i][2]
                 tokens[r, :len(cont)] = [ctx[-1], *cont[:-1]]
-                targets[r, :len(cont)] = cont
                 row_ctx[r], ctx_len[r] = d, len(ctx) - 1
-            lp, top = self._scorer.continuations(kv, row_ctx, ctx_len, tokens, targets)
+            conts = [requests[i][2] for i, _ in batch]
+            row = np.repeat(np.arange(len(batch)), [len(c) for c in conts])
+            pos = np.concatenate([np.arange(len(c)) for c in conts])
+            targets = np.concatenate([np.asarray(c, np.int32) for c in conts])
+            lp, greedy = self._scorer.continuations(kv, row_ctx, ctx_len, tokens, row, pos, targets)
+            bounds = np.cumsum([0] + [len(c) for c in conts])
             for r, (i, _) in enumerate(batch):
-                n = len(requests[i][2])
-                done(i, float(lp[r, :n].sum(dtype=np.float64)),
-                     bool(np.all(top[r, :n] == targets[r, :n])))
+                lo, hi = bounds[r], bounds[r + 1]
+                done(i, float(lp[lo:hi].sum(dtype=np.float64)), bool(greedy[lo:hi].all()))
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         from lm_eval import utils

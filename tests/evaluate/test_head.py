@@ -27,25 +27,30 @@ def test_tiled_head_equals_full_log_softmax(monkeypatch, tie, tile, rows):
     monkeypatch.setattr(head_lib, "ROW_CHUNK", rows)
     model = _model(tie, vocab)
     h = jax.random.normal(jax.random.PRNGKey(1), (n, 32)) * 2.0
-    targets = jax.random.randint(jax.random.PRNGKey(2), (n,), 0, vocab)
     logits = np.asarray(model.logits(h), np.float64)
+    targets = np.array(jax.random.randint(jax.random.PRNGKey(2), (n,), 0, vocab))
+    targets[::2] = logits.argmax(-1)[::2]  # every other target is the greedy token
+    targets = jnp.asarray(targets)
     ref = jax.nn.log_softmax(logits, axis=-1)[np.arange(n), np.asarray(targets)]
     assert np.ptp(ref) > 1.0  # real spread, not near-uniform logits
-    lp, top = jax.jit(lambda h, t: head_lib.head_logprobs(model, h, t, with_argmax=True))(h, targets)
+    lp, greedy = jax.jit(lambda h, t: head_lib.head_logprobs(model, h, t, with_greedy=True))(h, targets)
     np.testing.assert_allclose(np.asarray(lp), ref, atol=2e-5, rtol=0)
-    np.testing.assert_array_equal(np.asarray(top), logits.argmax(-1))
+    np.testing.assert_array_equal(np.asarray(greedy), logits.argmax(-1) == np.asarray(targets))
+    assert 0 < np.asarray(greedy).sum() < n
     assert np.all(np.asarray(lp) <= 0)
     lp_only, none = head_lib.head_logprobs(model, h, targets)
     assert none is None
     np.testing.assert_allclose(np.asarray(lp_only), np.asarray(lp), atol=1e-6, rtol=0)
 
 
-def test_argmax_ties_keep_the_first_index(monkeypatch):
+def test_greedy_ties_go_to_the_first_index(monkeypatch):
     monkeypatch.setattr(head_lib, "VOCAB_TILE", 64)
     model = _model(True, 300)
     emb = np.asarray(model.embed_tokens.embedding[...]).copy()
     emb[200] = emb[10]  # tokens 10 and 200 (different tiles) give identical logits
     model.embed_tokens.embedding[...] = jnp.asarray(emb)
     h = jnp.asarray(emb[10:11] * 10.0)  # makes token 10 (and 200) the top logit
-    _, top = head_lib.head_logprobs(model, h, jnp.array([0]), with_argmax=True)
-    assert int(top[0]) == 10 == int(np.argmax(np.asarray(model.logits(h))[0]))
+    assert int(np.argmax(np.asarray(model.logits(h))[0])) == 10
+    _, greedy = head_lib.head_logprobs(model, jnp.tile(h, (3, 1)), jnp.array([10, 200, 11]),
+                                       with_greedy=True)
+    assert np.asarray(greedy).tolist() == [True, False, False]

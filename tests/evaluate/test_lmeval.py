@@ -127,6 +127,54 @@ def test_loglikelihood_equals_hf(tiny):
     assert len(ours._scorer.shapes) <= 10
 
 
+def test_token_scores_and_greedy_flags_on_every_path(tiny):
+    """Token-level requests against a plain forward's log-softmax: lone rows, rows sharing an
+    input (one-token continuations of a one-token context, scored at its last position), and
+    shared contexts with multi-token continuations. Each continuation is the model's own greedy
+    path (greedy flag True) or that path with one token changed (False)."""
+    import jax
+    import jax.numpy as jnp
+
+    from nnxprune.evaluate.lmeval import NnxpruneLM
+
+    loaded, _ = tiny
+    model = loaded.model
+    ours = NnxpruneLM(loaded=loaded, batch_size=4, max_length=512)
+
+    forward = jax.jit(lambda t: jax.nn.log_softmax(model(t)[0].astype(jnp.float32)))
+
+    def log_probs(ids):  # right-padded to one length (one compilation): causal, so exact
+        return np.asarray(forward(jnp.asarray([list(ids) + [0] * (96 - len(ids))])),
+                          np.float64)[:len(ids)]
+
+    def greedy_path(ctx, n):
+        ids = list(ctx)
+        for _ in range(n):
+            ids.append(int(log_probs(ids)[-1].argmax()))
+        return ids[len(ctx):]
+
+    rng = np.random.default_rng(0)
+    contexts = [list(rng.integers(10, 40000, size=m)) for m in (1, 1, 9, 40, 70, 70)]
+    requests = []
+    for c, ctx in enumerate(contexts):
+        for n in ((1, 1) if len(ctx) == 1 else (1, 3, 6) if c % 2 else (5,)):
+            cont = greedy_path(ctx, n)
+            requests.append((None, ctx, cont))  # greedy
+            wrong = list(cont)
+            wrong[-1 if n == 1 else 1] = (wrong[-1 if n == 1 else 1] + 7) % 49152
+            requests.append((None, ctx, wrong))  # not greedy
+    results = ours._loglikelihood_tokens(requests, disable_tqdm=True)
+    for (_, ctx, cont), (score, greedy) in zip(requests, results, strict=True):
+        lp = log_probs(ctx + cont)
+        ref = sum(lp[len(ctx) - 1 + j, tok] for j, tok in enumerate(cont))
+        ref_greedy = all(lp[len(ctx) - 1 + j].argmax() == tok for j, tok in enumerate(cont))
+        assert abs(score - ref) < 1e-4 * max(1.0, abs(ref))
+        assert greedy == ref_greedy
+    assert sum(g for _, g in results) == len(results) // 2
+    kinds = {shape[0] for shape in ours._scorer.shapes}
+    assert {"rows", "contexts", "continuations", "head"} <= kinds
+
+
 def test_rolling_equals_perplexity_protocol(tiny):
     """`loglikelihood_rolling` with windows of L tokens is the perplexity protocol's NLL sum over
     windows of L + 1 tokens at stride L (each window predicts every token but its first) of the
