@@ -11,21 +11,19 @@ surgically pruned) and gives the numbers lm-eval's `hf` model gives for the same
   (`get_rolling_token_windows`, context 1);
 - scoring is exact: the log-probability of every continuation token under the model, in float32.
 
-Speed. Requests are deduplicated and sorted by length, cut into batches of `batch_size` rows and
-padded (right, which a causal model never sees) to a few bucket lengths (powers of two from 32),
-so jit compiles one program per bucket, not one per request. Requests that share a context (the
-choices of a multiple-choice question) share its computation: the context (all but its last
-token) runs once per batch row into a KV cache, which is repeated for every choice; each choice
-then runs only `[last context token] + continuation[:-1]` against that cache, and the output head
-runs only on those positions. Exact (the same keys, values and positions as one long row), it
-cuts the work of a 4-way question with a context as long as its choices by about 40%. Requests
-alone with their context (rolling windows, one-choice tasks) go as whole rows; among those, rows
-whose inputs coincide (one-token continuations of one context) are computed once, the candidates
-scored together at the last position.
-Tokens are embedded on the host, and the output head runs only on the scored positions, gathered
-into chunks of fixed row counts, so neither adds compiled shapes (about a third of the
-compilation time of a 200-document task before). The head's greedy check is a masked max, not
-an argmax (see `evaluate.head`).
+Speed. The requests that share a context (the choices of a multiple-choice question, the
+one-token continuations of one prompt) become one *tree*: the context once, then every choice's
+`continuation[:-1]` after it, each choice at the positions it has in its own long row. Attention
+inside a tree is masked so that a choice sees the context and its own earlier tokens only, which
+is exact (the same keys, values and positions as one long row per request) and computes every
+context once: a 4-way question with a context as long as its choices costs about 40% less.
+Trees are packed, best fit, into rows of `PACK_TOKENS` tokens (several short questions to a row;
+rows never see each other), and a tree too long for one goes in a row of its own length bucket.
+Calls take about `ROW_TOKENS * batch_size` tokens. A whole task thus compiles a few shapes (a
+task of one kind: usually two or three), and padding is small. Tokens are embedded on the host,
+and the output head runs only on the scored positions, gathered into chunks of fixed row counts,
+so neither adds compiled shapes. The head's greedy check is a masked max, not an argmax (see
+`evaluate.head`).
 `generate_until` is greedy (or sampled when a task asks) with nnxprune's jitted KV-cache decoder;
 the text is cut at the first stop sequence as lm-eval's `hf` model cuts it.
 
@@ -37,6 +35,7 @@ registry when this module is imported. `nnxprune lm-eval ...` does that, and so 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from typing import Any, Sequence
@@ -55,8 +54,9 @@ from nnxprune.models import llama as llama_lib
 
 __all__ = ["NnxpruneLM", "bucket_length", "fine_length", "run_tasks", "results_table"]
 
-ROW_TOKENS = 256  # tokens per row of `batch_size` a shared-context call may hold (see _score_shared)
-CHUNK_KV_BYTES = 1 << 30  # keys and values one chunk of shared contexts may hold (see _score_shared)
+ROW_TOKENS = 256  # tokens per unit of `batch_size` in one call (see _loglikelihood_tokens)
+PACK_TOKENS = 512  # tokens of a packed row of trees (see _pack)
+TREE_TOKENS = 1024  # a tree of one context grows to at most this many tokens (see _trees)
 HEAD_ROWS, HEAD_ROWS_SMALL = 512, 128  # the output head's two chunk sizes (see _Scorer._score)
 
 
@@ -71,10 +71,10 @@ def bucket_length(n: int, max_length: int | None = None) -> int:
 
 
 def fine_length(n: int) -> int:
-    """A finer padded length for the contexts and continuations of multiple-choice requests:
+    """The padded length of a row longer than `PACK_TOKENS` (a long tree, a rolling window):
     powers of two up to 16, then four steps per octave (20, 24, 28, 32, 40, 48, 56, 64, 80, ...),
     so padding wastes at most a fifth (about a ninth on average). Each length is one more
-    compilation (of a single decoder layer, ~0.3 s), repaid within a few hundred requests."""
+    compilation (of a single decoder layer, ~0.2 s)."""
     if n <= 16:
         return bucket_length(n)
     step = _pow2_floor(n - 1) // 4
@@ -84,9 +84,8 @@ def fine_length(n: int) -> int:
 # --- the jitted pieces --------------------------------------------------------------------------
 # The model runs one decoder layer per call: jit compiles one program per layer *shape* and input
 # shape (all layers of a dense model share it; `graphdef` is a static argument, so an equal layer
-# of another NnxpruneLM shares it too), not one program the size of the whole unrolled model.
-# A compilation then takes about 0.3 s instead of ~10 s for SmolLM2, so length buckets can be fine
-# (little padding) and still cost little to compile. The Python loop over layers adds a few
+# of another NnxpruneLM shares it too), not one program the size of the whole unrolled model
+# (about 0.2 s instead of ~10 s for SmolLM2). The Python loop over layers adds a few
 # milliseconds of dispatch per call of thousands of tokens.
 #
 # The layer math is the model's own (`DecoderLayer.__call__`: its norms, projections, RoPE and
@@ -106,71 +105,49 @@ def _qkv(attn, h, b, t, positions, inv_freq):
     return q.reshape(b, t, k, n // k, dh), keys, attn.v_proj(h).reshape(b, t, k, dh)
 
 
-def _finish(layer, x, out):
-    """The rest of the layer after attention: `x [N, E]`, attention output `out` (N rows)."""
-    x = x + layer.self_attn.o_proj(out.reshape(x.shape[0], -1))
-    return x + layer.mlp(layer.post_attention_layernorm(x))
+def _tree_attention(q, keys, values, segment, branch):
+    """Attention within the trees of packed rows. `q [B, T, K, G, Dh]`, keys and values
+    `[B, T, K, Dh]`; `segment [B, T]` numbers the trees of a row (padding: 0) and `branch [B, T]`
+    the choices of a tree (its context: 0). Key `j` is visible to query `i` when `j <= i`, both are
+    in one tree, and the key is in the context or in the query's own choice.
+
+    As `llama._blocked_causal_attention`: the G query heads of a KV head folded into the rows of
+    one matmul, query blocks of `ATTN_BLOCK` positions against the keys up to the block's end, the
+    `[R, Dh]` output divided by the row sums; here every block is masked."""
+    b, t, k, g, dh = q.shape
+    rows = (q * (1.0 / math.sqrt(dh))).transpose(0, 2, 1, 3, 4).reshape(b, k, t * g, dh)
+    keys_t = keys.astype(q.dtype).transpose(0, 2, 1, 3)  # [B, K, S, Dh]
+    values_t = values.transpose(0, 2, 1, 3)
+    index = jnp.arange(t)
+    outs = []
+    for start in range(0, t, llama_lib.ATTN_BLOCK):
+        stop = min(start + llama_lib.ATTN_BLOCK, t)
+        scores = jnp.einsum("bkrd,bksd->bkrs", rows[:, :, start * g:stop * g], keys_t[:, :, :stop],
+                            preferred_element_type=jnp.float32)
+        q_branch = branch[:, start:stop, None]
+        k_branch = branch[:, None, :stop]
+        visible = ((index[None, :stop] <= index[start:stop, None])[None]
+                   & (segment[:, None, :stop] == segment[:, start:stop, None])
+                   & ((k_branch == 0) | (k_branch == q_branch)))  # [B, Tq, S]
+        visible = jnp.repeat(visible, g, axis=1)  # [B, Tq*G, S]: a query row per head
+        scores = jnp.where(visible[:, None], scores, -jnp.inf)  # a query always sees itself
+        e = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+        out = jnp.einsum("bkrs,bksd->bkrd", e.astype(values.dtype), values_t[:, :, :stop],
+                         preferred_element_type=jnp.float32)
+        outs.append((out / jnp.sum(e, axis=-1, keepdims=True)).astype(values.dtype))
+    return jnp.concatenate(outs, axis=2).reshape(b, k, t, g, dh).transpose(0, 2, 1, 3, 4)
 
 
-def _causal_layer(layer, x, inv_freq):
-    """One decoder layer on whole rows `x [B, T, E]` from position 0, and its keys and values."""
+@_static_jit
+def _layer(graphdef, state, x, positions, segment, branch, inv_freq):
+    """One decoder layer on packed rows `x [B, T, E]` (see `_tree_attention`); `positions [B, T]`
+    are each token's position in its own request's row."""
+    layer = nnx.merge(graphdef, state)
     b, t, e = x.shape
-    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     x = x.reshape(b * t, e)
     q, keys, values = _qkv(layer.self_attn, layer.input_layernorm(x), b, t, positions, inv_freq)
-    if t > llama_lib.ATTN_BLOCK:
-        out = llama_lib._blocked_causal_attention(q, keys, values, positions)
-    else:
-        out = llama_lib._attention(q, keys, values, positions, positions)
-    return _finish(layer, x, out).reshape(b, t, e), keys, values
-
-
-@_static_jit
-def _layer(graphdef, state, x, inv_freq):
-    """One decoder layer on whole rows `x [B, T, E]` (causal, positions from 0)."""
-    return _causal_layer(nnx.merge(graphdef, state), x, inv_freq)[0]
-
-
-@_static_jit
-def _layer_context(graphdef, state, x, inv_freq):
-    """One decoder layer on contexts `x [D, Tp, E]`; also returns their keys and values."""
-    return _causal_layer(nnx.merge(graphdef, state), x, inv_freq)
-
-
-@_static_jit
-def _layer_continue(graphdef, state, x, ctx_keys, ctx_values, row_ctx, ctx_len, inv_freq):
-    """One decoder layer on rows `x [R, Tc, E]` that continue contexts whose keys and values
-    (`[D, Tp, K, Dh]`, this layer's) were computed before: row `r` continues context `row_ctx[r]`
-    from position `ctx_len[r]` (its first token is the context's last one).
-
-    A row's query at position `p + j` attends to the context keys `0 .. p-1` and to the row's own
-    keys `p .. p+j`: exactly the keys, values and positions it sees as one long row, but every
-    context is computed once for all its rows. A context's padding keys are masked; a row's
-    padding sits after its real tokens, where no real query looks."""
-    layer = nnx.merge(graphdef, state)
-    r, tc, e = x.shape
-    tp = ctx_keys.shape[1]
-    positions = ctx_len[:, None] + jnp.arange(tc)[None, :]  # [R, Tc]
-    x = x.reshape(r * tc, e)
-    q, keys, values = _qkv(layer.self_attn, layer.input_layernorm(x), r, tc, positions, inv_freq)
-    # the G query heads of a KV head folded into the rows of one matmul against the row's context
-    # keys and its own keys side by side (one score matmul, one value matmul: 25% faster on CPU
-    # than separate context and own-key products), scores and softmax in float32
-    _, _, k, g, dh = q.shape
-    rows = (q * (1.0 / math.sqrt(dh))).transpose(0, 2, 1, 3, 4).reshape(r, k, tc * g, dh)
-    keys = jnp.concatenate([ctx_keys[row_ctx], keys.astype(ctx_keys.dtype)], axis=1)
-    values = jnp.concatenate([ctx_values[row_ctx], values.astype(ctx_values.dtype)], axis=1)
-    scores = jnp.einsum("rkqh,rskh->rkqs", rows, keys.astype(rows.dtype),
-                        preferred_element_type=jnp.float32)  # [R, K, Tc*G, Tp+Tc]
-    s_idx = jnp.arange(tp + tc)
-    q_idx = jnp.repeat(jnp.arange(tc), g)  # the position in the row of every query row
-    visible = jnp.where(s_idx[None, None, :] < tp,
-                        (s_idx[None, :] < ctx_len[:, None])[:, None, :],  # the context's real keys
-                        s_idx[None, None, :] - tp <= q_idx[None, :, None])  # own keys, causal
-    probs = jax.nn.softmax(jnp.where(visible[:, None], scores, -jnp.inf), axis=-1)
-    out = jnp.einsum("rkqs,rskh->rkqh", probs.astype(values.dtype), values)
-    out = out.reshape(r, k, tc, g, dh).transpose(0, 2, 1, 3, 4)  # [R, Tc, K, G, Dh]
-    return _finish(layer, x, out).reshape(r, tc, e)
+    x = x + layer.self_attn.o_proj(_tree_attention(q, keys, values, segment, branch).reshape(b * t, -1))
+    return (x + layer.mlp(layer.post_attention_layernorm(x))).reshape(b, t, e)
 
 
 @_static_jit
@@ -217,32 +194,14 @@ class _Scorer:
         return (np.concatenate([np.asarray(lp) for lp, _ in outs])[:m],
                 np.concatenate([np.asarray(g) for _, g in outs])[:m])
 
-    def rows(self, tokens, row, pos, targets):
-        """Whole rows `tokens [B, T]` from position 0: log-probabilities and greedy flags of
-        `targets [M]` at positions `pos [M]` of rows `row [M]`."""
-        self.shapes.add(("rows", tokens.shape))
+    def packed(self, tokens, positions, segment, branch, row, pos, targets):
+        """Packed rows `tokens [B, T]` (see `_layer`): log-probabilities and greedy flags of
+        `targets [M]` after positions `pos [M]` of rows `row [M]`."""
+        self.shapes.add(("packed", tokens.shape))
         x = self._embed(tokens)
+        positions, segment, branch = (jnp.asarray(a) for a in (positions, segment, branch))
         for graphdef, state in self.layers:
-            x = _layer(graphdef, state, x, self.inv_freq)
-        return self._score(np.asarray(x)[row, pos], targets)
-
-    def contexts(self, tokens):
-        """Contexts `tokens [D, Tp]`: every layer's keys and values, `[D, Tp, K, Dh]` each."""
-        self.shapes.add(("contexts", tokens.shape))
-        x = self._embed(tokens)
-        kv = []
-        for graphdef, state in self.layers:
-            x, keys, values = _layer_context(graphdef, state, x, self.inv_freq)
-            kv.append((keys, values))
-        return kv
-
-    def continuations(self, kv, row_ctx, ctx_len, tokens, row, pos, targets):
-        """Rows `tokens [R, Tc]` continuing the contexts of `kv` (see `_layer_continue`):
-        log-probabilities and greedy flags of `targets [M]` at positions `pos` of rows `row`."""
-        self.shapes.add(("continuations", kv[0][0].shape[:2], tokens.shape) if kv else tokens.shape)
-        x = self._embed(tokens)
-        for (graphdef, state), (keys, values) in zip(self.layers, kv, strict=True):
-            x = _layer_continue(graphdef, state, x, keys, values, row_ctx, ctx_len, self.inv_freq)
+            x = _layer(graphdef, state, x, positions, segment, branch, self.inv_freq)
         return self._score(np.asarray(x)[row, pos], targets)
 
 
@@ -254,17 +213,72 @@ def _pow2_floor(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 
 
-def _bucket_run(lengths: list[int], start: int, budget: int) -> tuple[int, int]:
-    """For items sorted longest first: the `fine_length` bucket of item `start` and how many
-    items from there share it, at most a power of two that keeps bucket x count within `budget`
-    tokens (one call's rows)."""
-    length = fine_length(lengths[start])
-    most = _pow2_floor(max(1, budget // length))
-    count = 1
-    while (count < most and start + count < len(lengths)
-           and fine_length(lengths[start + count]) == length):
-        count += 1
-    return length, count
+@dataclasses.dataclass
+class _Tree:
+    """A context and the choices after it, as tokens of one packed row: `positions` (in each
+    request's own row), `branch` (0: the context; 1, 2, ...: a choice's `continuation[:-1]`) and
+    the scored entries `(index in the tree, target token, request)`."""
+
+    tokens: list[int]
+    positions: list[int]
+    branch: list[int]
+    scored: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
+
+
+def _trees(requests, max_length: int, cap: int) -> list[_Tree]:
+    """The trees of `requests` (`(key, context_ids, continuation_ids)`): the requests of one
+    context, truncated as lm-eval's `hf` model truncates (the last `max_length + 1` tokens of
+    context + continuation), share a tree while it stays within `cap` tokens (a longer one starts
+    another tree of the same context; a single choice may exceed `cap`). Equal continuations of a
+    context share a branch."""
+    groups: dict[tuple[int, ...], list[tuple[int, tuple[int, ...]]]] = defaultdict(list)
+    for i, (_, ctx, cont) in enumerate(requests):
+        if not cont:
+            raise UserError("lm-eval request with an empty continuation")
+        whole = (list(ctx) + list(cont))[-(max_length + 1):]
+        n = min(len(cont), len(whole) - 1)  # scored tokens: each needs a token before it
+        if n < 1:
+            raise UserError("lm-eval request with an empty context and a one-token continuation")
+        groups[tuple(whole[:-n])].append((i, tuple(whole[-n:])))
+    trees = []
+    for ctx, members in groups.items():
+        tree, starts = None, {}
+        for i, cont in members:
+            if tree is None or (cont not in starts and starts
+                                and len(tree.tokens) + len(cont) - 1 > cap):
+                tree, starts = _Tree(list(ctx), list(range(len(ctx))), [0] * len(ctx)), {}
+                trees.append(tree)
+            if cont not in starts:
+                starts[cont] = len(tree.tokens)
+                tree.tokens += cont[:-1]
+                tree.positions += range(len(ctx), len(ctx) + len(cont) - 1)
+                tree.branch += [len(starts)] * (len(cont) - 1)
+            start = starts[cont]  # the first token is predicted at the context's last position
+            tree.scored.append((len(ctx) - 1, cont[0], i))
+            tree.scored += [(start + j, cont[j + 1], i) for j in range(len(cont) - 1)]
+    return trees
+
+
+def _pack(trees: list[_Tree], size: int) -> list[list[_Tree]]:
+    """Rows of trees: those of at most `size` tokens best fit (longest first) into rows of `size`
+    tokens, each longer one in a row of its own."""
+    rows: list[list[_Tree]] = []
+    free: dict[int, list[int]] = defaultdict(list)  # tokens left -> rows with that many
+    for tree in sorted(trees, key=lambda t: -len(t.tokens)):
+        n = len(tree.tokens)
+        if n > size:
+            rows.append([tree])
+            continue
+        for left in range(n, size + 1):  # the fullest row it fits in
+            if free[left]:
+                r = free[left].pop()
+                break
+        else:
+            r, left = len(rows), size
+            rows.append([])
+        rows[r].append(tree)
+        free[left - n].append(r)
+    return rows
 
 
 @register_model("nnxprune")
@@ -333,152 +347,58 @@ class NnxpruneLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         """`requests`: `(key, context_ids, continuation_ids)`; returns `(logprob, is_greedy)`.
 
-        Requests whose context has other requests (the choices of a question) go through
-        `_score_shared`; the rest (rolling windows, lone requests) as whole rows here."""
-        L = self.max_length
-        by_context: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for i, (_, ctx, cont) in enumerate(requests):
-            if not cont:
-                raise UserError("lm-eval request with an empty continuation")
-            if len(ctx) > 1 and len(ctx) + len(cont) <= L + 1:
-                by_context[tuple(ctx)].append(i)
-        shared = {c: ids for c, ids in by_context.items() if len(ids) > 1}
-        in_shared = {i for ids in shared.values() for i in ids}
+        Requests go as trees (`_trees`) packed into rows (`_pack`); a call takes the rows of one
+        length, about `ROW_TOKENS * batch_size` tokens (longest rows first: the worst memory up
+        front), its row count a power of two."""
         results: list[tuple[float, bool] | None] = [None] * len(requests)
+        rows = _pack(_trees(requests, self.max_length, TREE_TOKENS), PACK_TOKENS)
+        by_length: dict[int, list[list[_Tree]]] = defaultdict(list)
+        for trees in rows:
+            n = sum(len(t.tokens) for t in trees)
+            by_length[PACK_TOKENS if n <= PACK_TOKENS else fine_length(n)].append(trees)
         pbar = tqdm(total=len(requests), desc="nnxprune loglikelihood", disable=disable_tqdm)
-
-        def done(i, score, greedy):
-            results[i] = (score, greedy)
-            if requests[i][0] is not None:
-                self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
-            pbar.update(1)
-
-        self._score_shared(requests, shared, done)
-        # whole rows: requests whose inputs coincide (they differ in their last token only) share
-        # a row and are scored together at its last position
-        rows: dict[tuple[int, ...], list[tuple[int, int, int]]] = defaultdict(list)
-        for i, (_, ctx, cont) in enumerate(requests):
-            if i not in in_shared:
-                whole = (list(ctx) + list(cont))[-(L + 1):]
-                rows[tuple(whole[:-1])].append((i, min(len(cont), len(whole) - 1), whole[-1]))
-        order = sorted(rows, key=lambda r: (-len(r), r))  # longest first: worst memory up front
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
-            B = min(self.batch_size, _pow2_ceil(len(batch)))
-            T = bucket_length(len(batch[0]), L)
-            tokens = np.zeros((B, T), np.int32)
-            row, pos, targets, spans = [], [], [], []
-            for b, inp in enumerate(batch):
-                n = len(inp)
-                tokens[b, :n] = inp
-                # positions n - span .. n - 2 score the row's own next tokens (shared by its
-                # requests); position n - 1 scores every request's last token
-                span = max(n_cont for _, n_cont, _ in rows[inp])
-                spans.append((len(targets), span))
-                row += [b] * (span - 1 + len(rows[inp]))
-                pos += list(range(n - span, n - 1)) + [n - 1] * len(rows[inp])
-                targets += list(inp[n - span + 1:]) + [tok for _, _, tok in rows[inp]]
-            lp, greedy = self._scorer.rows(tokens, np.array(row), np.array(pos),
-                                           np.array(targets, np.int32))
-            for inp, (base, span) in zip(batch, spans):
-                end = base + span - 1  # the first last-token entry
-                for k, (i, n_cont, _) in enumerate(rows[inp]):
-                    lo = end - (n_cont - 1)
-                    done(i, float(lp[lo:end].sum(dtype=np.float64) + lp[end + k]),
-                         bool(greedy[lo:end].all() and greedy[end + k]))
+        for T in sorted(by_length, reverse=True):
+            group = by_length[T]
+            most = max(1, ROW_TOKENS * self.batch_size // T)
+            for start in range(0, len(group), most):
+                self._score_rows(requests, group[start:start + most], T, most, results, pbar)
         pbar.close()
         return results
 
-    def _score_shared(self, requests, shared: dict[tuple[int, ...], list[int]], done) -> None:
-        """Scores the requests of shared contexts: each context (without its last token) once
-        into every layer's keys and values, then its continuations as rows that attend to them
-        (`_Scorer.contexts`, `_Scorer.continuations`).
-
-        Contexts go in chunks, shortest first, whose keys and values (padded to the chunk's
-        longest context; they stay in memory while the chunk is scored) fit in `CHUNK_KV_BYTES`
-        (at least one call's worth of tokens). Few chunks mean few compiled shapes: a
-        continuation call's shape includes its chunk's. A chunk's
-        continuations, whatever their context, are sorted by length and cut into calls of about
-        `ROW_TOKENS * batch_size` tokens, so a row pads only to its length bucket, and large
-        chunks leave few calls part-filled."""
-        per_token = sum(2 * layer.self_attn.num_kv_heads * layer.self_attn.head_dim
-                        for layer in self.model.layers) * self.model.embed_tokens.embedding.dtype.itemsize
-        budget = max(ROW_TOKENS * self.batch_size, CHUNK_KV_BYTES // max(1, per_token))
-        chunk: list[tuple[int, ...]] = []
-        for ctx in sorted(shared, key=len):
-            if chunk and len(chunk) + 1 > _pow2_floor(budget // fine_length(len(ctx) - 1)):
-                self._score_chunk(requests, chunk, shared, done)
-                chunk = []
-            chunk.append(ctx)
-        if chunk:
-            self._score_chunk(requests, chunk, shared, done)
-
-    def _context_kv(self, chunk: list[tuple[int, ...]]) -> list[tuple[jax.Array, jax.Array]]:
-        """Every layer's keys and values `[D, Tp, K, Dh]` of the contexts in `chunk` (sorted
-        longest first; each without its last token), in `chunk`'s order.
-
-        A call takes the contexts of one length bucket (`fine_length`, at most `ROW_TOKENS *
-        batch_size` tokens), its row count rounded up to a bucket with the next shorter contexts
-        (cheaper than rows of zeros; only the last call pads with zeros), so a short context is
-        not padded to the longest and a task compiles a few shapes; the results are padded to the
-        longest and stacked."""
-        budget = ROW_TOKENS * self.batch_size
-        parts, start = [], 0
-        lengths = [len(ctx) - 1 for ctx in chunk]
-        while start < len(chunk):
-            length, count = _bucket_run(lengths, start, budget)
-            run = chunk[start:start + bucket_length(count)]
-            tokens = np.zeros((bucket_length(count), length), np.int32)
-            for d, ctx in enumerate(run):
-                tokens[d, :len(ctx) - 1] = ctx[:-1]
-            parts.append((len(run), self._scorer.contexts(tokens)))
-            start += len(run)
-        tp = parts[0][1][0][0].shape[1]
-
-        def stack(arrays):  # on the host: device-side pads would compile one program per shape
-            first = arrays[0][1]
-            out = np.zeros((bucket_length(len(chunk)), tp) + first.shape[2:], first.dtype)
-            d = 0  # rows past the contexts stay zeros (a bucketed count: few compiled shapes)
-            for n, a in arrays:
-                out[d:d + n, :a.shape[1]] = np.asarray(a)[:n]
-                d += n
-            return jnp.asarray(out)
-
-        return [(stack([(n, kv[i][0]) for n, kv in parts]), stack([(n, kv[i][1]) for n, kv in parts]))
-                for i in range(len(self._scorer.layers))]
-
-    def _score_chunk(self, requests, chunk, shared, done) -> None:
-        budget = ROW_TOKENS * self.batch_size
-        chunk = chunk[::-1]  # longest context first (see _context_kv)
-        kv = self._context_kv(chunk)
-        # (request, context index), longest continuation first; a call takes the rows of one
-        # length bucket (at most `budget` tokens), and its padding rows, if any, go to the next
-        # shorter rows (cheaper than rows of zeros)
-        rows = sorted(((i, d) for d, ctx in enumerate(chunk) for i in shared[ctx]),
-                      key=lambda row: -len(requests[row[0]][2]))
-        lengths = [len(requests[i][2]) for i, _ in rows]
-        start = 0
-        while start < len(rows):
-            tc, count = _bucket_run(lengths, start, budget)
-            n_rows = bucket_length(count)
-            batch = rows[start:start + n_rows]
-            start += len(batch)
-            tokens = np.zeros((n_rows, tc), np.int32)
-            row_ctx = np.zeros((n_rows,), np.int32)
-            ctx_len = np.zeros((n_rows,), np.int32)
-            for r, (i, d) in enumerate(batch):
-                ctx, cont = chunk[d], requests[i][2]
-                tokens[r, :len(cont)] = [ctx[-1], *cont[:-1]]
-                row_ctx[r], ctx_len[r] = d, len(ctx) - 1
-            conts = [requests[i][2] for i, _ in batch]
-            row = np.repeat(np.arange(len(batch)), [len(c) for c in conts])
-            pos = np.concatenate([np.arange(len(c)) for c in conts])
-            targets = np.concatenate([np.asarray(c, np.int32) for c in conts])
-            lp, greedy = self._scorer.continuations(kv, row_ctx, ctx_len, tokens, row, pos, targets)
-            bounds = np.cumsum([0] + [len(c) for c in conts])
-            for r, (i, _) in enumerate(batch):
-                lo, hi = bounds[r], bounds[r + 1]
-                done(i, float(lp[lo:hi].sum(dtype=np.float64)), bool(greedy[lo:hi].all()))
+    def _score_rows(self, requests, rows: list[list[_Tree]], T: int, most: int, results,
+                    pbar) -> None:
+        B = min(most, _pow2_ceil(len(rows)))
+        tokens = np.zeros((B, T), np.int32)
+        positions = np.zeros((B, T), np.int32)
+        segment = np.zeros((B, T), np.int32)  # padding: segment 0
+        branch = np.zeros((B, T), np.int32)
+        row, pos, targets, owner = [], [], [], []
+        for b, trees in enumerate(rows):
+            offset = 0
+            for seg, tree in enumerate(trees, start=1):
+                end = offset + len(tree.tokens)
+                tokens[b, offset:end] = tree.tokens
+                positions[b, offset:end] = tree.positions
+                segment[b, offset:end] = seg
+                branch[b, offset:end] = tree.branch
+                for index, target, i in tree.scored:
+                    row.append(b)
+                    pos.append(offset + index)
+                    targets.append(target)
+                    owner.append(i)
+                offset = end
+        lp, greedy = self._scorer.packed(tokens, positions, segment, branch, np.array(row),
+                                         np.array(pos), np.array(targets, np.int32))
+        ids, which = np.unique(np.array(owner), return_inverse=True)
+        score = np.zeros(len(ids))
+        np.add.at(score, which, lp.astype(np.float64))
+        misses = np.zeros(len(ids), np.int64)
+        np.add.at(misses, which, ~greedy)
+        for i, total, miss in zip(ids.tolist(), score, misses):
+            results[i] = (float(total), bool(miss == 0))
+            if requests[i][0] is not None:
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+        pbar.update(len(ids))
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         from lm_eval import utils

@@ -122,24 +122,28 @@ def test_loglikelihood_equals_hf(tiny):
     rolls = _requests("loglikelihood_rolling", [(ln,) for ln in lines[:3]])
     np.testing.assert_allclose(ours.loglikelihood_rolling(rolls, disable_tqdm=True),
                                hf64.loglikelihood_rolling(rolls, disable_tqdm=True), atol=1e-3, rtol=0)
-    # few compiled shapes: whole rows per (bucket length, K), shared contexts per buckets
-    assert any(shape[0] == "continuations" for shape in ours._scorer.shapes)
-    assert len(ours._scorer.shapes) <= 10
+    # few compiled shapes: packed rows (and rows of long trees), two head chunk sizes
+    assert {shape[0] for shape in ours._scorer.shapes} == {"packed", "head"}
+    assert len(ours._scorer.shapes) <= 8
 
 
-def test_token_scores_and_greedy_flags_on_every_path(tiny):
-    """Token-level requests against a plain forward's log-softmax: lone rows, rows sharing an
-    input (one-token continuations of a one-token context, scored at its last position), and
-    shared contexts with multi-token continuations. Each continuation is the model's own greedy
-    path (greedy flag True) or that path with one token changed (False)."""
+@pytest.mark.parametrize("pack", [32, 256], ids=["small-rows", "default-rows"])
+def test_token_scores_and_greedy_flags_on_every_path(tiny, monkeypatch, pack):
+    """Token-level requests against a plain forward's log-softmax: lone requests, one-token
+    continuations of a one-token context (scored at its last position), and shared contexts with
+    multi-token continuations, packed several trees to a row; with 32-token rows, trees that
+    outgrow a row (split into two trees of one context, or alone in a longer row). Each
+    continuation is the model's own greedy path (greedy flag True) or that path with one token
+    changed (False)."""
     import jax
     import jax.numpy as jnp
 
-    from nnxprune.evaluate.lmeval import NnxpruneLM
+    from nnxprune.evaluate import lmeval
 
+    monkeypatch.setattr(lmeval, "PACK_TOKENS", pack)
     loaded, _ = tiny
     model = loaded.model
-    ours = NnxpruneLM(loaded=loaded, batch_size=4, max_length=512)
+    ours = lmeval.NnxpruneLM(loaded=loaded, batch_size=4, max_length=512)
 
     forward = jax.jit(lambda t: jax.nn.log_softmax(model(t)[0].astype(jnp.float32)))
 
@@ -171,8 +175,8 @@ def test_token_scores_and_greedy_flags_on_every_path(tiny):
         assert abs(score - ref) < 1e-4 * max(1.0, abs(ref))
         assert greedy == ref_greedy
     assert sum(g for _, g in results) == len(results) // 2
-    kinds = {shape[0] for shape in ours._scorer.shapes}
-    assert {"rows", "contexts", "continuations", "head"} <= kinds
+    lengths = {shape[1][1] for shape in ours._scorer.shapes if shape[0] == "packed"}
+    assert pack in lengths and (pack == 256 or max(lengths) > pack)
 
 
 def test_rolling_equals_perplexity_protocol(tiny):
