@@ -284,8 +284,9 @@ def _pack(trees: list[_Tree], size: int) -> list[list[_Tree]]:
 @register_model("nnxprune")
 class NnxpruneLM(TemplateLM):
     """lm-eval model over an nnxprune model. `model` is anything `nnxprune.io.load.load_model`
-    takes; or pass `loaded=` (a `LoadedModel`) from Python. `batch_size` rows per forward;
-    `max_length` the longest model input (default: the model's context)."""
+    takes; or pass `loaded=` (a `LoadedModel`) from Python. A call takes about
+    `batch_size * ROW_TOKENS` tokens (`batch_size` rows of 256 tokens); `max_length` is the
+    longest model input (default: the model's context)."""
 
     backend = "causal"
 
