@@ -40,7 +40,7 @@ def test_tiled_head_equals_full_log_softmax(monkeypatch, tie, tile, rows):
     assert np.all(np.asarray(lp) <= 0)
     lp_only, none = head_lib.head_logprobs(model, h, targets)
     assert none is None
-    np.testing.assert_allclose(np.asarray(lp_only), np.asarray(lp), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(lp_only), ref, atol=2e-5, rtol=0)  # target by dot product
 
 
 def test_greedy_ties_go_to_the_first_index(monkeypatch):
