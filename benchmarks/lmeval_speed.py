@@ -48,6 +48,24 @@ def _evaluate(lm, manager, docs: int):
     return seconds, out["results"]["wiki_next"]["acc,none"], lls
 
 
+def _matmul_work(model, lm) -> dict:
+    """Matmul FLOPs of the projections and the output head (attention not counted): what nnxprune
+    ran (padding included) against running each request as its own row with the head on every
+    position, as lm-eval's `hf` model does (a lower bound on its work: its batch padding is not
+    counted). `padding`: nnxprune's layer tokens over the requests' own input tokens."""
+    proj = sum(lin.in_features * lin.out_features for layer in model.layers
+               for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                           layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj,
+                           layer.mlp.down_proj))
+    vocab, hidden = model.embed_tokens.embedding.shape
+    s = lm._scorer
+    ours = 2 * (s.tokens * proj + s.head_rows * vocab * hidden)
+    alone = 2 * lm.request_tokens * (proj + vocab * hidden)
+    return {"nnxprune_tflop": ours / 1e12, "one_row_per_request_tflop": alone / 1e12,
+            "ratio": alone / ours, "layer_tokens": s.tokens, "head_rows": s.head_rows,
+            "request_tokens": lm.request_tokens, "padding": s.tokens / max(1, lm.request_tokens)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -83,6 +101,7 @@ def main(argv=None) -> int:
             load_avg = [os.getloadavg()[0]]
             ours = NnxpruneLM(loaded=loaded, batch_size=args.batch_size)
             cold, acc_ours, ll_ours = _evaluate(ours, manager, args.docs)
+            work = _matmul_work(loaded.model, ours)  # of one run (the cold one)
             load_avg.append(os.getloadavg()[0])
             warm, _, _ = _evaluate(ours, manager, args.docs)
             load_avg.append(os.getloadavg()[0])
@@ -103,7 +122,7 @@ def main(argv=None) -> int:
             runs.append({"context_sentences": k, "requests": n, "rows": rows,
                          "ratio_cold": hf_seconds / cold, "ratio_warm": hf_seconds / warm,
                          "max_abs_loglikelihood_difference": diff,
-                         "compiled_shapes": len(ours._scorer.shapes),
+                         "compiled_shapes": len(ours._scorer.shapes), "matmul_work": work,
                          "load_average_during": load_avg})
     wall = time.perf_counter() - t_start
     report = {"benchmark": "lmeval_speed", "model": args.model, "source": loaded.source,
@@ -116,6 +135,12 @@ def main(argv=None) -> int:
                f"log-likelihood difference nnxprune vs hf: "
                + ", ".join(f"{r['max_abs_loglikelihood_difference']:.1e} nats ({r['context_sentences']} "
                            f"sent.)" for r in runs)
+               + ". Matmul work of one run (projections and output head; attention not counted): "
+               + "; ".join(f"{r['context_sentences']} sent. nnxprune "
+                           f"{r['matmul_work']['nnxprune_tflop']:.1f} TFLOP (layer tokens "
+                           f"{r['matmul_work']['padding']:.2f}x the requests' tokens), each request"
+                           f" as its own row {r['matmul_work']['one_row_per_request_tflop']:.1f}"
+                           f" TFLOP ({r['matmul_work']['ratio']:.2f}x)" for r in runs)
                + ". Load average (1 min) during the runs: "
                + "; ".join(", ".join(f"{x:.1f}" for x in r["load_average_during"]) for r in runs)
                + f". Benchmark wall time {wall / 60:.1f} min."]

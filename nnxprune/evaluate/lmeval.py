@@ -173,6 +173,8 @@ class _Scorer:
         self.inv_freq = model.inv_freq
         self.embedding = np.asarray(model.embed_tokens.effective_embedding())
         self.shapes: set[tuple] = set()
+        self.tokens = 0  # token positions run through the layers, padding included
+        self.head_rows = 0  # rows run through the output head, padding included
 
     def _embed(self, tokens: np.ndarray) -> jax.Array:
         return jnp.asarray(self.embedding[tokens])
@@ -187,6 +189,7 @@ class _Scorer:
             hc, tc = np.zeros((c, e), h.dtype), np.zeros((c,), np.int32)
             hc[:m - i], tc[:m - i] = h[i:i + c], targets[i:i + c]
             self.shapes.add(("head", c))
+            self.head_rows += c
             outs.append(_head_rows(self.graphdef, self.state, hc, tc))  # dispatched, not awaited
             i += c
         if not outs:
@@ -198,6 +201,7 @@ class _Scorer:
         """Packed rows `tokens [B, T]` (see `_layer`): log-probabilities and greedy flags of
         `targets [M]` after positions `pos [M]` of rows `row [M]`."""
         self.shapes.add(("packed", tokens.shape))
+        self.tokens += tokens.size
         x = self._embed(tokens)
         positions, segment, branch = (jnp.asarray(a) for a in (positions, segment, branch))
         for graphdef, state in self.layers:
@@ -315,6 +319,8 @@ class NnxpruneLM(TemplateLM):
             raise UserError(f"max_length must be in [2, {context}], got {max_length!r}")
         self.max_gen_toks = int(max_gen_toks)
         self._scorer = _Scorer(self.model)
+        # input tokens of the requests as one row each (what a model without sharing runs)
+        self.request_tokens = 0
 
     # --- tokenization, as lm-eval's hf model does it -------------------------------------------
 
@@ -352,6 +358,8 @@ class NnxpruneLM(TemplateLM):
         length, about `ROW_TOKENS * batch_size` tokens (longest rows first: the worst memory up
         front), its row count a power of two."""
         results: list[tuple[float, bool] | None] = [None] * len(requests)
+        self.request_tokens += sum(min(len(ctx) + len(cont), self.max_length + 1) - 1
+                                   for _, ctx, cont in requests)
         rows = _pack(_trees(requests, self.max_length, TREE_TOKENS), PACK_TOKENS)
         by_length: dict[int, list[list[_Tree]]] = defaultdict(list)
         for trees in rows:
