@@ -111,9 +111,9 @@ def _tree_attention(q, keys, values, segment, branch):
     the choices of a tree (its context: 0). Key `j` is visible to query `i` when `j <= i`, both are
     in one tree, and the key is in the context or in the query's own choice.
 
-    As `llama._blocked_causal_attention`: the G query heads of a KV head folded into the rows of
-    one matmul, query blocks of `ATTN_BLOCK` positions against the keys up to the block's end, the
-    `[R, Dh]` output divided by the row sums; here every block is masked."""
+    The G query heads of a KV head are folded into the rows of one matmul; query blocks of
+    `ATTN_BLOCK` positions go against the keys up to the block's end (every block masked), and
+    the `[R, Dh]` output is divided by the row sums."""
     b, t, k, g, dh = q.shape
     rows = (q * (1.0 / math.sqrt(dh))).transpose(0, 2, 1, 3, 4).reshape(b, k, t * g, dh)
     keys_t = keys.astype(q.dtype).transpose(0, 2, 1, 3)  # [B, K, S, Dh]

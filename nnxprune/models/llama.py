@@ -303,7 +303,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 KVCache = tuple[jax.Array, jax.Array]  # keys and values of one layer, each [B, S, K, Dh]
 
 
-ATTN_BLOCK = 64  # query positions per block in the cache-free causal path
+ATTN_BLOCK = 64  # rows longer than this take the cache-free causal path (lm-eval: query block)
+ATTN_LEAF = 128  # positions of the masked diagonal tiles of that path
 
 
 def _attention(q: jax.Array, keys: jax.Array, values: jax.Array, q_pos: jax.Array,
@@ -327,44 +328,51 @@ def _blocked_causal_attention(q: jax.Array, keys: jax.Array, values: jax.Array,
 
     - The G query heads that share a KV head are folded into the rows of one matmul per KV head
       (`[T*G, Dh] x [Dh, S]`), so the matmuls are tall instead of G small ones.
-    - Query rows go in blocks of `ATTN_BLOCK` positions, each against only the keys up to its
-      last position, which skips the upper triangle.
-    - Within a block, the keys before the block are all visible and need no mask: only the
-      `ATTN_BLOCK`-wide diagonal tile is masked. The two parts share one running max; their
-      unnormalised exponentials go through two value matmuls and the `[R, Dh]` sum is divided
-      once by the row total, instead of normalising the `[R, S]` probabilities.
-    At T=1024 (SmolLM2 shapes, one core) that last step made the core 1.2x faster than one
-    masked softmax per block.
+    - The causal triangle is cut recursively: the queries of the second half against the keys of
+      the first half are one dense rectangle, with no mask (every key there is visible); each
+      half recurses, down to diagonal tiles of `ATTN_LEAF` positions, the only ones masked. The
+      upper triangle is never computed, and most of the work is in a few large matmuls
+      (`[T/2*G, Dh] x [Dh, T/2]` at the top) instead of one small one per query block.
+    - The pieces of a query row combine as in an online softmax: each keeps its max, its sum of
+      exponentials and its unnormalised `[R, Dh]` output, rescaled to the larger max when two
+      meet; the output is divided by the row sum once at the end.
+    At T=1024 (SmolLM2 shapes, two cores) this is about 15% faster than query blocks of 64
+    positions against all keys before them (7.7-8.3 vs 9.4-9.9 ms per layer).
     """
     b, t, k, g, dh = q.shape
     rows = (q * (1.0 / math.sqrt(dh))).transpose(0, 2, 1, 3, 4).reshape(b, k, t * g, dh)
     keys_t = keys.astype(q.dtype).transpose(0, 2, 1, 3)  # [B, K, S, Dh]
     values_t = values.transpose(0, 2, 1, 3)
     row_pos = jnp.repeat(positions, g, axis=1)  # [B, T*G]: the position of every row
-    outs = []
-    for start in range(0, t, ATTN_BLOCK):
-        stop = min(start + ATTN_BLOCK, t)
-        block = rows[:, :, start * g:stop * g]
-        diag = jnp.einsum("bkrd,bksd->bkrs", block, keys_t[:, :, start:stop],
-                          preferred_element_type=jnp.float32)
-        visible = positions[:, None, start:stop] <= row_pos[:, start * g:stop * g, None]
-        diag = jnp.where(visible[:, None], diag, -jnp.inf)
-        top = jnp.max(diag, axis=-1, keepdims=True)  # finite: a row always sees its own key
-        if start:
-            before = jnp.einsum("bkrd,bksd->bkrs", block, keys_t[:, :, :start],
-                                preferred_element_type=jnp.float32)
-            top = jnp.maximum(top, jnp.max(before, axis=-1, keepdims=True))
-        e = jnp.exp(diag - top)
-        total = jnp.sum(e, axis=-1, keepdims=True)
-        out = jnp.einsum("bkrs,bksd->bkrd", e.astype(values.dtype), values_t[:, :, start:stop],
+
+    def piece(q_lo, q_hi, k_lo, k_hi, masked):
+        scores = jnp.einsum("bkrd,bksd->bkrs", rows[:, :, q_lo * g:q_hi * g],
+                            keys_t[:, :, k_lo:k_hi], preferred_element_type=jnp.float32)
+        if masked:
+            visible = positions[:, None, k_lo:k_hi] <= row_pos[:, q_lo * g:q_hi * g, None]
+            scores = jnp.where(visible[:, None], scores, -jnp.inf)  # a row sees its own key
+        top = jnp.max(scores, axis=-1, keepdims=True)
+        e = jnp.exp(scores - top)
+        out = jnp.einsum("bkrs,bksd->bkrd", e.astype(values.dtype), values_t[:, :, k_lo:k_hi],
                          preferred_element_type=jnp.float32)
-        if start:
-            e = jnp.exp(before - top)
-            total = total + jnp.sum(e, axis=-1, keepdims=True)
-            out = out + jnp.einsum("bkrs,bksd->bkrd", e.astype(values.dtype), values_t[:, :, :start],
-                                   preferred_element_type=jnp.float32)
-        outs.append((out / total).astype(values.dtype))
-    return jnp.concatenate(outs, axis=2).reshape(b, k, t, g, dh).transpose(0, 2, 1, 3, 4)
+        return top, jnp.sum(e, axis=-1, keepdims=True), out
+
+    def merge(x, y):  # two pieces of the same query rows
+        top = jnp.maximum(x[0], y[0])
+        fx, fy = jnp.exp(x[0] - top), jnp.exp(y[0] - top)
+        return top, x[1] * fx + y[1] * fy, x[2] * fx + y[2] * fy
+
+    def triangle(lo, hi):  # queries lo..hi against keys lo..hi
+        if hi - lo <= ATTN_LEAF:
+            return piece(lo, hi, lo, hi, True)
+        mid = lo + max(ATTN_LEAF, (hi - lo) // 2 // ATTN_LEAF * ATTN_LEAF)
+        first, second = triangle(lo, mid), triangle(mid, hi)
+        second = merge(second, piece(mid, hi, lo, mid, False))
+        return tuple(jnp.concatenate([x, y], axis=2) for x, y in zip(first, second, strict=True))
+
+    _, total, out = triangle(0, t)
+    out = (out / total).astype(values.dtype)
+    return out.reshape(b, k, t, g, dh).transpose(0, 2, 1, 3, 4)
 
 
 class Attention(nnx.Module):

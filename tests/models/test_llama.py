@@ -175,17 +175,20 @@ def test_kv_cache_prefill_then_decode_matches_full_forward(make_cfg):
     assert np.all(np.abs(np.asarray(cache[0][0])).sum(axis=(2, 3)) > 0)
 
 
-def test_blocked_attention_equals_full_attention():
-    """The cache-free path attends in query blocks; a ragged length (300 = 2 x 128 + 44) must
-    give what one full masked score matrix gives."""
+@pytest.mark.parametrize("length,leaf", [(300, 128), (129, 128), (1024, 128), (300, 32), (700, 64)])
+def test_blocked_attention_equals_full_attention(monkeypatch, length, leaf):
+    """The cache-free path cuts the causal triangle into unmasked rectangles and masked diagonal
+    tiles; ragged lengths (300 = 2 x 128 + 44; 129; 700 with 64-position tiles) and deep splits
+    (32-position tiles) must give what one full masked score matrix gives."""
     from nnxprune.models import llama
 
-    assert 300 > llama.ATTN_BLOCK and 300 % llama.ATTN_BLOCK
+    monkeypatch.setattr(llama, "ATTN_LEAF", leaf)
+    assert length > llama.ATTN_BLOCK
     rng = np.random.default_rng(0)
-    q = jnp.asarray(rng.standard_normal((2, 300, 2, 3, 16)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((2, 300, 2, 16)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((2, 300, 2, 16)), jnp.float32)
-    pos = positions_for(jnp.zeros((2, 300)))
+    q = jnp.asarray(rng.standard_normal((2, length, 2, 3, 16)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, length, 2, 16)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((2, length, 2, 16)), jnp.float32)
+    pos = positions_for(jnp.zeros((2, length)))
     full = llama._attention(q, k, v, pos, pos)
     blocked = llama._blocked_causal_attention(q, k, v, pos)
     np.testing.assert_allclose(np.asarray(blocked), np.asarray(full), atol=1e-5, rtol=0)
