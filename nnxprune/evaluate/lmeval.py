@@ -114,28 +114,22 @@ def _tree_attention(q, keys, values, segment, branch):
     The G query heads of a KV head are folded into the rows of one matmul; query blocks of
     `ATTN_BLOCK` positions go against the keys up to the block's end (every block masked), and
     the `[R, Dh]` output is divided by the row sums."""
-    b, t, k, g, dh = q.shape
-    rows = (q * (1.0 / math.sqrt(dh))).transpose(0, 2, 1, 3, 4).reshape(b, k, t * g, dh)
-    keys_t = keys.astype(q.dtype).transpose(0, 2, 1, 3)  # [B, K, S, Dh]
-    values_t = values.transpose(0, 2, 1, 3)
+    t, g = q.shape[1], q.shape[3]
+    rows, keys_t, values_t = llama_lib._fold_query_heads(q, keys, values)
     index = jnp.arange(t)
     outs = []
     for start in range(0, t, llama_lib.ATTN_BLOCK):
         stop = min(start + llama_lib.ATTN_BLOCK, t)
-        scores = jnp.einsum("bkrd,bksd->bkrs", rows[:, :, start * g:stop * g], keys_t[:, :, :stop],
-                            preferred_element_type=jnp.float32)
         q_branch = branch[:, start:stop, None]
         k_branch = branch[:, None, :stop]
         visible = ((index[None, :stop] <= index[start:stop, None])[None]
                    & (segment[:, None, :stop] == segment[:, start:stop, None])
                    & ((k_branch == 0) | (k_branch == q_branch)))  # [B, Tq, S]
         visible = jnp.repeat(visible, g, axis=1)  # [B, Tq*G, S]: a query row per head
-        scores = jnp.where(visible[:, None], scores, -jnp.inf)  # a query always sees itself
-        e = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
-        out = jnp.einsum("bkrs,bksd->bkrd", e.astype(values.dtype), values_t[:, :, :stop],
-                         preferred_element_type=jnp.float32)
-        outs.append((out / jnp.sum(e, axis=-1, keepdims=True)).astype(values.dtype))
-    return jnp.concatenate(outs, axis=2).reshape(b, k, t, g, dh).transpose(0, 2, 1, 3, 4)
+        _, total, out = llama_lib._softmax_piece(  # a query always sees itself
+            rows[:, :, start * g:stop * g], keys_t[:, :, :stop], values_t[:, :, :stop], visible)
+        outs.append((out / total).astype(values.dtype))
+    return llama_lib._unfold_query_heads(jnp.concatenate(outs, axis=2), q.shape)
 
 
 @_static_jit
