@@ -6,7 +6,8 @@ windows, which equals the Wanda / SparseGPT reference evaluation (mean of per-wi
 because every window predicts the same number of tokens.
 
 The scoring function is one `jax.jit` over the model's state, compiled ahead of time once per
-batch shape (the ragged last batch is padded and masked, so there is one shape). The output head
+batch shape (the ragged last batch is padded and masked, so there is one shape), with oneDNN for
+the matmuls on CPU where that is safe (`evaluate.compile`). The output head
 runs in position chunks and vocabulary tiles (`evaluate.head`), so no `[B, T, V]` logits exist.
 
 Example:
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 
 from nnxprune.errors import UserError
 from nnxprune.evaluate import data as data_lib
+from nnxprune.evaluate.compile import compile_fast
 from nnxprune.evaluate.head import head_logprobs
 from nnxprune.evaluate.protocol import PerplexityProtocol
 from nnxprune.models.llama import Llama
@@ -80,6 +82,16 @@ def make_scorer(model: Llama):
     return score, state
 
 
+def compile_scorer(model: Llama, batch: int, seqlen: int, *, onednn: bool | None = None):
+    """`make_scorer` compiled ahead of time for `[batch, seqlen]` windows:
+    `(compiled(state, tokens, weight), state, compiler options used)` (`onednn`: see
+    `evaluate.compile.compile_fast`)."""
+    score, state = make_scorer(model)
+    compiled, options = compile_fast(score, state, jax.ShapeDtypeStruct((batch, seqlen), jnp.int32),
+                                     jax.ShapeDtypeStruct((batch,), jnp.float32), onednn=onednn)
+    return compiled, state, options
+
+
 def evaluate_perplexity(model: Llama, tokenizer: Any, protocol: PerplexityProtocol, *,
                         data_dir=None, progress: bool = True) -> PerplexityResult:
     """Perplexity of `model` under `protocol` (data from `data_dir`, `$NNXPRUNE_DATA_DIR` or the hub)."""
@@ -97,10 +109,8 @@ def score_windows(model: Llama, windows: np.ndarray, protocol: PerplexityProtoco
     """Scores pre-cut `windows [N, seqlen]` (the part of `evaluate_perplexity` that runs the model)."""
     n, seqlen = windows.shape
     bs = min(protocol.batch_size, n)
-    score, state = make_scorer(model)
     t0 = time.perf_counter()
-    spec = jax.ShapeDtypeStruct((bs, seqlen), jnp.int32)
-    compiled = score.lower(state, spec, jax.ShapeDtypeStruct((bs,), jnp.float32)).compile()
+    compiled, state, _ = compile_scorer(model, bs, seqlen)
     compile_seconds = time.perf_counter() - t0
 
     total = 0.0
