@@ -49,6 +49,7 @@ class PerplexityResult:
     seconds: float  # wall time of the scoring loop, compilation excluded
     compile_seconds: float
     protocol: PerplexityProtocol
+    compiler_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # XLA options used
 
     @property
     def tokens_per_second(self) -> float:
@@ -110,7 +111,7 @@ def score_windows(model: Llama, windows: np.ndarray, protocol: PerplexityProtoco
     n, seqlen = windows.shape
     bs = min(protocol.batch_size, n)
     t0 = time.perf_counter()
-    compiled, state, _ = compile_scorer(model, bs, seqlen)
+    compiled, state, options = compile_scorer(model, bs, seqlen)
     compile_seconds = time.perf_counter() - t0
 
     total = 0.0
@@ -132,4 +133,4 @@ def score_windows(model: Llama, windows: np.ndarray, protocol: PerplexityProtoco
         raise FloatingPointError(f"perplexity is not finite (mean NLL {nll})")
     return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=n * seqlen, predicted_tokens=predicted,
                             windows=n, seconds=seconds, compile_seconds=compile_seconds,
-                            protocol=protocol)
+                            protocol=protocol, compiler_options=options)

@@ -84,6 +84,15 @@ def test_onednn_scores_equal_xla_defaults(tiny_config, randomize):
     assert options == ONEDNN_OPTIONS and plain_options == {}
     a, b = _score(fast, state, windows), _score(plain, state, windows)
     np.testing.assert_allclose(a, b, rtol=1e-5)
+    # what `nnxprune eval` runs, and reports
+    from nnxprune.evaluate.perplexity import score_windows
+    from nnxprune.evaluate.protocol import protocol_for
+
+    result = score_windows(model, windows, protocol_for("wikitext2", seqlen=128, batch_size=3),
+                           progress=False)
+    assert result.compiler_options == ONEDNN_OPTIONS
+    assert result.to_dict()["compiler_options"] == ONEDNN_OPTIONS
+    np.testing.assert_allclose(result.nll * result.predicted_tokens, a, rtol=1e-5)
 
 
 def test_lora_model_compiles_without_onednn(tiny_config, randomize):
