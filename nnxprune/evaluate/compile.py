@@ -130,7 +130,8 @@ def has_dot_chain(closed_jaxpr) -> bool:
 
 
 def onednn_enabled() -> bool:
-    return jax.default_backend() == "cpu" and os.environ.get(ONEDNN_ENV, "1") != "0"
+    """Whether `$NNXPRUNE_ONEDNN` allows oneDNN matmuls (on by default)."""
+    return os.environ.get(ONEDNN_ENV, "1") != "0"
 
 
 def compile_fast(jitted, *args, onednn: bool | None = None) -> tuple[Any, dict[str, Any]]:
@@ -139,8 +140,8 @@ def compile_fast(jitted, *args, onednn: bool | None = None) -> tuple[Any, dict[s
     `onednn=False` keeps XLA's defaults, `None` follows `$NNXPRUNE_ONEDNN`."""
     traced = jitted.trace(*args)
     lowered = traced.lower()
-    if (onednn_enabled() if onednn is None else onednn and jax.default_backend() == "cpu") \
-            and not has_dot_chain(traced.jaxpr):
+    wanted = onednn_enabled() if onednn is None else onednn
+    if wanted and jax.default_backend() == "cpu" and not has_dot_chain(traced.jaxpr):
         try:
             return lowered.compile(dict(ONEDNN_OPTIONS)), dict(ONEDNN_OPTIONS)
         except Exception as e:  # noqa: BLE001 - a jaxlib without oneDNN rejects the option

@@ -88,21 +88,13 @@ def fine_length(n: int) -> int:
 # (about 0.2 s instead of ~10 s for SmolLM2). The Python loop over layers adds a few
 # milliseconds of dispatch per call of thousands of tokens.
 #
-# The layer math is the model's own (`DecoderLayer.__call__`: its norms, projections, RoPE and
-# attention helpers) with tokens flattened to 2-D `[B*T, E]` around the projections and the MLP:
+# The layer math is the model's own (`DecoderLayer.__call__`'s norms and MLP, `Attention.project`
+# for the projections and RoPE, llama's attention helpers) with tokens flattened to 2-D `[B*T, E]` around the projections and the MLP:
 # XLA on CPU runs the SwiGLU MLP about 25% faster on a 2-D input than on a 3-D one.
 
 
 def _static_jit(fn):
     return jax.jit(fn, static_argnums=0)
-
-
-def _qkv(attn, h, b, t, positions, inv_freq):
-    """Queries `[B, T, K, G, Dh]` and keys, values `[B, T, K, Dh]` of normed `h [B*T, E]`."""
-    n, k, dh = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    q = llama_lib.apply_rope(attn.q_proj(h).reshape(b, t, n, dh), positions, inv_freq)
-    keys = llama_lib.apply_rope(attn.k_proj(h).reshape(b, t, k, dh), positions, inv_freq)
-    return q.reshape(b, t, k, n // k, dh), keys, attn.v_proj(h).reshape(b, t, k, dh)
 
 
 def _tree_attention(q, keys, values, segment, branch):
@@ -139,7 +131,7 @@ def _layer(graphdef, state, x, positions, segment, branch, inv_freq):
     layer = nnx.merge(graphdef, state)
     b, t, e = x.shape
     x = x.reshape(b * t, e)
-    q, keys, values = _qkv(layer.self_attn, layer.input_layernorm(x), b, t, positions, inv_freq)
+    q, keys, values = layer.self_attn.project(layer.input_layernorm(x), positions, inv_freq)
     x = x + layer.self_attn.o_proj(_tree_attention(q, keys, values, segment, branch).reshape(b * t, -1))
     return (x + layer.mlp(layer.post_attention_layernorm(x))).reshape(b, t, e)
 

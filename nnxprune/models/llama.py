@@ -419,15 +419,22 @@ class Attention(nnx.Module):
     def num_kv_heads(self) -> int:
         return self.k_proj.out_features // self.head_dim
 
+    def project(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array):
+        """Queries `[B, T, K, G, Dh]` (the G query heads of each KV head together) and keys,
+        values `[B, T, K, Dh]` of `x [B, T, D]` (or flattened, `[B*T, D]`), RoPE applied at
+        `positions [B, T]`."""
+        b, t = positions.shape
+        n, k, dh = self.num_heads, self.num_kv_heads, self.head_dim
+        q = apply_rope(self.q_proj(x).reshape(b, t, n, dh), positions, inv_freq)
+        keys = apply_rope(self.k_proj(x).reshape(b, t, k, dh), positions, inv_freq)
+        return q.reshape(b, t, k, n // k, dh), keys, self.v_proj(x).reshape(b, t, k, dh)
+
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
                  cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
         """`x [B, T, D]`, `positions [B, T]`; with a cache, writes each row's keys and values at
         that row's first position `positions[b, 0]` (rows may start at different offsets)."""
         b, t, _ = x.shape
-        n, k, dh = self.num_heads, self.num_kv_heads, self.head_dim
-        q = apply_rope(self.q_proj(x).reshape(b, t, n, dh), positions, inv_freq)
-        keys = apply_rope(self.k_proj(x).reshape(b, t, k, dh), positions, inv_freq)
-        values = self.v_proj(x).reshape(b, t, k, dh)
+        q, keys, values = self.project(x, positions, inv_freq)
         key_pos = positions
         if cache is not None:
             write = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (s, 0, 0)))
@@ -435,12 +442,11 @@ class Attention(nnx.Module):
             values = write(cache[1], values, positions[:, 0])
             cache = (keys, values)
             key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
-        q = q.reshape(b, t, k, n // k, dh)  # [B, T, K, G, Dh]
         if cache is None and t > ATTN_BLOCK:
             out = _blocked_causal_attention(q, keys, values, positions)
         else:
             out = _attention(q, keys, values, positions, key_pos)
-        out = out.reshape(b, t, n * dh)
+        out = out.reshape(b, t, -1)
         return self.o_proj(out), cache
 
 
