@@ -83,7 +83,7 @@ def prepare_pruning(args):
     from nnxprune.evaluate.perplexity import score_windows
     from nnxprune.evaluate.protocol import protocol_for
     from nnxprune.io.load import load_model
-    from nnxprune.runner import measured_sparsity
+    from nnxprune.measure import measured_sparsity
 
     loaded = load_model(args.model)
     data_dir = data_lib.resolve_data_dir(None)
@@ -108,7 +108,7 @@ def prune_and_score(setup, spec: dict):
     from flax import nnx
 
     from nnxprune.evaluate.perplexity import score_windows
-    from nnxprune.runner import PeakMemory, measured_sparsity
+    from nnxprune.measure import PeakMemory, measured_sparsity
     from nnxprune.transforms import Context, from_dict
 
     transform = from_dict(spec)

@@ -37,7 +37,7 @@ def prepare_without_dense(args):
     from nnxprune.evaluate import data as data_lib
     from nnxprune.evaluate.protocol import protocol_for
     from nnxprune.io.load import load_model
-    from nnxprune.runner import measured_sparsity
+    from nnxprune.measure import measured_sparsity
 
     loaded = load_model(args.model)
     data_dir = data_lib.resolve_data_dir(None)
@@ -76,7 +76,7 @@ def main() -> None:
     from nnxprune.evaluate.perplexity import score_windows
     from nnxprune.recipes import load_recipe
     from nnxprune.recovery import train
-    from nnxprune.runner import measured_sparsity
+    from nnxprune.measure import measured_sparsity
     from nnxprune.transforms import Context, from_dict
 
     recipe = load_recipe(RECIPE, args.set)

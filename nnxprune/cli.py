@@ -40,7 +40,7 @@ def _load(args, *, with_tokenizer: bool = True):
 
     t0 = time.perf_counter()
     loaded = load_model(args.model, param_dtype=_dtype(args.dtype), with_tokenizer=with_tokenizer)
-    from nnxprune.runner import count_params
+    from nnxprune.measure import count_params
 
     cfg = loaded.model.config
     print(f"model     {loaded.source} ({loaded.kind}): {cfg.num_layers} layers, hidden "

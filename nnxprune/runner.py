@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import datetime
-import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -21,91 +20,9 @@ from typing import Any
 from nnxprune.errors import UserError
 from nnxprune.evaluate import data as data_lib
 from nnxprune.io import atomic
+from nnxprune.measure import PeakMemory, count_params, measured_sparsity, source_hash
 from nnxprune.recipes import Recipe
 from nnxprune.transforms import Context
-
-
-def count_params(model) -> int:
-    """Number of parameters (`nnx.Param` elements; masks are not parameters)."""
-    import jax
-    from flax import nnx
-
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
-def source_hash(path: Path) -> str | None:
-    """sha256 of a checkpoint file (or of a folder's weight files, in name order)."""
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".gguf", ".json"))
-    if not files:
-        return None
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-class PeakMemory:
-    """Peak resident memory (bytes) of this process while the block runs, polled from /proc.
-
-    `ru_maxrss` cannot be reset, so a background thread samples VmRSS every `interval` seconds;
-    on systems without /proc it reports the lifetime peak from `resource` instead.
-    """
-
-    def __init__(self, interval: float = 0.05):
-        self.interval, self.start, self.peak, self._stop = interval, 0, 0, None
-
-    @staticmethod
-    def current() -> int:
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def __enter__(self):
-        import threading
-
-        self.start = self.peak = self.current()
-        self._stop = threading.Event()
-
-        def poll():
-            while not self._stop.wait(self.interval):
-                self.peak = max(self.peak, self.current())
-
-        self._thread = threading.Thread(target=poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.current())
-
-
-def measured_sparsity(model) -> dict[str, Any]:
-    """Exact zeros of every decoder-layer projection (masks applied): overall and per matrix."""
-    import numpy as np
-    from flax import nnx
-
-    from nnxprune.layers import Linear
-
-    per_matrix, zeros, total = {}, 0, 0
-    for path, node in nnx.iter_modules(model):
-        if isinstance(node, Linear) and path and path[0] == "layers":
-            kernel = np.asarray(node.effective_kernel())
-            z = int(np.count_nonzero(kernel == 0))
-            per_matrix[".".join(map(str, path))] = z / kernel.size
-            zeros, total = zeros + z, total + kernel.size
-    return {"overall": zeros / total if total else 0.0, "per_matrix": per_matrix}
 
 
 def _shapes(config) -> list[dict[str, int]]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 import time
 from typing import Callable
 
@@ -36,13 +35,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from nnxprune.errors import UserError
-from nnxprune.layers import Linear
+from nnxprune.graph.targets import projection_names
 from nnxprune.variables import ProjectionInput
-
-# q, k, v, o, gate, up and down of every layer; embeddings and lm_head are never targets.
-DEFAULT_TARGETS = r"self_attn\.(q|k|v|o)_proj$|mlp\.(gate|up|down)_proj$"
-
 
 @dataclasses.dataclass(frozen=True)
 class ProjectionStats:
@@ -58,41 +52,6 @@ class ProjectionStats:
         if self.xtx is None:
             raise ValueError("X^T X was not collected (want_xtx=False)")
         return self.xtx * (2.0 / self.sequences)
-
-
-def select_projections(names: list[str], targets: str | None = None,
-                       ignore: str | None = None) -> list[str]:
-    """The names (like `layers.3.self_attn.q_proj`) a method prunes, in order.
-
-    `targets` / `ignore` are regexes searched in the full name; by default q, k, v, o, gate, up
-    and down of every layer are targets. A regex that matches nothing is a UserError.
-    """
-    for label, pattern in (("targets", targets), ("ignore", ignore)):
-        if pattern is not None:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise UserError(f"{label} regex {pattern!r} is invalid: {e}") from None
-    chosen = [n for n in names if re.search(DEFAULT_TARGETS, n)
-              and (targets is None or re.search(targets, n))]
-    if targets is not None and not chosen:
-        raise UserError(f"targets regex {targets!r} matches no projection (names look like "
-                        f"'layers.0.self_attn.q_proj', 'layers.0.mlp.down_proj')")
-    if ignore is not None:
-        kept = [n for n in chosen if not re.search(ignore, n)]
-        if len(kept) == len(chosen):
-            raise UserError(f"ignore regex {ignore!r} matches no targeted projection")
-        chosen = kept
-    if not chosen:
-        raise UserError("no projection left to prune after targets / ignore")
-    return chosen
-
-
-def projection_names(model, targets: str | None = None, ignore: str | None = None) -> list[str]:
-    """`select_projections` over the model's decoder-layer Linears."""
-    names = [".".join(map(str, path)) for path, node in nnx.iter_modules(model)
-             if isinstance(node, Linear) and path and path[0] == "layers"]
-    return select_projections(names, targets, ignore)
 
 
 def _batch_size(n: int, wanted: int) -> int:

@@ -150,7 +150,7 @@ class SparseLLM(_Sparsify):
         from nnxprune.algorithms.sparsegpt import sparsegpt_prune
         from nnxprune.algorithms.sparsellm import sparsellm_mlp
         from nnxprune.calibration.sequential import embed_inputs, run_sequential
-        from nnxprune.runner import PeakMemory
+        from nnxprune.measure import PeakMemory
 
         tokens = np.asarray(_calibration_tokens(ctx))
         n_seq, seqlen = tokens.shape

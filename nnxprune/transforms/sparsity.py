@@ -35,6 +35,7 @@ import numpy as np
 from nnxprune.algorithms import masks as M
 from nnxprune.errors import UserError
 from nnxprune.graph import mask_weights
+from nnxprune.graph.targets import select_projections
 from nnxprune.layers import Linear
 from nnxprune.models.llama import LlamaConfig
 from nnxprune.transforms.base import Context, Transform, register
@@ -113,8 +114,6 @@ class _Sparsify(Transform):
 
     def selected(self, config: LlamaConfig) -> list[tuple[int, str]]:
         """(layer index, name within the layer) of every targeted projection."""
-        from nnxprune.calibration.sequential import select_projections
-
         all_names = [f"layers.{i}.{p}" for i in range(config.num_layers) for p in PROJECTIONS]
         out = []
         for full in select_projections(all_names, self.targets, self.ignore):

@@ -71,7 +71,7 @@ def test_train_command(capsys, tiny_folder, tmp_path):
 
 def test_prune_then_recover_keeps_the_sparsity(capsys, tiny_folder, tmp_path):
     from nnxprune.io.load import load_model
-    from nnxprune.runner import measured_sparsity
+    from nnxprune.measure import measured_sparsity
 
     out, report = tmp_path / "ckpt", tmp_path / "rep.json"
     code, _, err = run(capsys, "prune", recipe(tmp_path, PRUNE), "--model", tiny_folder, "--out",

@@ -20,7 +20,7 @@ def test_distill_real_weights_two_layers():
     from nnxprune.io.load import load_model
     from nnxprune.recovery import RecoveryConfig, train
     from nnxprune.recovery.data import load_windows
-    from nnxprune.runner import measured_sparsity
+    from nnxprune.measure import measured_sparsity
     from nnxprune.transforms import Context, Magnitude
 
     loaded = load_model("smollm2-135m")
