@@ -36,6 +36,7 @@ registry when this module is imported. `nnxprune lm-eval ...` does that, and so 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections import defaultdict
 from typing import Any, Sequence
@@ -50,7 +51,7 @@ from tqdm import tqdm
 
 from nnxprune.errors import UserError
 from nnxprune.evaluate.head import head_logprobs
-from nnxprune.models import llama as llama_lib
+from nnxprune.models.attention import tree_attention
 
 __all__ = ["NnxpruneLM", "bucket_length", "fine_length", "run_tasks", "results_table"]
 
@@ -88,52 +89,22 @@ def fine_length(n: int) -> int:
 # (about 0.2 s instead of ~10 s for SmolLM2). The Python loop over layers adds a few
 # milliseconds of dispatch per call of thousands of tokens.
 #
-# The layer math is the model's own (`DecoderLayer.__call__`'s norms and MLP, `Attention.project`
-# for the projections and RoPE, llama's attention helpers) with tokens flattened to 2-D `[B*T, E]` around the projections and the MLP:
-# XLA on CPU runs the SwiGLU MLP about 25% faster on a 2-D input than on a 3-D one.
+# The layer is the model's own `DecoderLayer`, with the tree attention kernel plugged in
+# (`attention_fn`), run by the model's own layer loop (`Llama.run_layers`, one jitted call per
+# layer through its `layer_call`).
 
 
 def _static_jit(fn):
     return jax.jit(fn, static_argnums=0)
 
 
-def _tree_attention(q, keys, values, segment, branch):
-    """Attention within the trees of packed rows. `q [B, T, K, G, Dh]`, keys and values
-    `[B, T, K, Dh]`; `segment [B, T]` numbers the trees of a row (padding: 0) and `branch [B, T]`
-    the choices of a tree (its context: 0). Key `j` is visible to query `i` when `j <= i`, both are
-    in one tree, and the key is in the context or in the query's own choice.
-
-    The G query heads of a KV head are folded into the rows of one matmul; query blocks of
-    `ATTN_BLOCK` positions go against the keys up to the block's end (every block masked), and
-    the `[R, Dh]` output is divided by the row sums."""
-    t, g = q.shape[1], q.shape[3]
-    rows, keys_t, values_t = llama_lib._fold_query_heads(q, keys, values)
-    index = jnp.arange(t)
-    outs = []
-    for start in range(0, t, llama_lib.ATTN_BLOCK):
-        stop = min(start + llama_lib.ATTN_BLOCK, t)
-        q_branch = branch[:, start:stop, None]
-        k_branch = branch[:, None, :stop]
-        visible = ((index[None, :stop] <= index[start:stop, None])[None]
-                   & (segment[:, None, :stop] == segment[:, start:stop, None])
-                   & ((k_branch == 0) | (k_branch == q_branch)))  # [B, Tq, S]
-        visible = jnp.repeat(visible, g, axis=1)  # [B, Tq*G, S]: a query row per head
-        _, total, out = llama_lib._softmax_piece(  # a query always sees itself
-            rows[:, :, start * g:stop * g], keys_t[:, :, :stop], values_t[:, :, :stop], visible)
-        outs.append((out / total).astype(values.dtype))
-    return llama_lib._unfold_query_heads(jnp.concatenate(outs, axis=2), q.shape)
-
-
 @_static_jit
 def _layer(graphdef, state, x, positions, segment, branch, inv_freq):
-    """One decoder layer on packed rows `x [B, T, E]` (see `_tree_attention`); `positions [B, T]`
-    are each token's position in its own request's row."""
-    layer = nnx.merge(graphdef, state)
-    b, t, e = x.shape
-    x = x.reshape(b * t, e)
-    q, keys, values = layer.self_attn.project(layer.input_layernorm(x), positions, inv_freq)
-    x = x + layer.self_attn.o_proj(_tree_attention(q, keys, values, segment, branch).reshape(b * t, -1))
-    return (x + layer.mlp(layer.post_attention_layernorm(x))).reshape(b, t, e)
+    """One decoder layer on packed rows `x [B, T, E]`, attention within trees
+    (`models.attention.tree_attention`); `positions [B, T]` are each token's position in its own
+    request's row."""
+    fn = functools.partial(tree_attention, segment=segment, branch=branch)
+    return nnx.merge(graphdef, state)(x, positions, inv_freq, attention_fn=fn)[0]
 
 
 @_static_jit
@@ -154,6 +125,7 @@ class _Scorer:
     task whatever its lengths."""
 
     def __init__(self, model):
+        self.model = model
         self.graphdef, self.state = nnx.split(model)
         self.layers = [nnx.split(layer) for layer in model.layers]
         self.inv_freq = model.inv_freq
@@ -190,8 +162,11 @@ class _Scorer:
         self.tokens += tokens.size
         x = self._embed(tokens)
         positions, segment, branch = (jnp.asarray(a) for a in (positions, segment, branch))
-        for graphdef, state in self.layers:
-            x = _layer(graphdef, state, x, positions, segment, branch, self.inv_freq)
+
+        def layer_call(i, layer, x, positions, inv_freq, cache, attention_fn):
+            return _layer(*self.layers[i], x, positions, segment, branch, inv_freq), None
+
+        x = self.model.run_layers(x, positions, layer_call=layer_call).x
         return self._score(np.asarray(x)[row, pos], targets)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,8 @@ from flax import nnx
 
 from nnxprune import layers as L
 from nnxprune.layers import Embed, Linear, RMSNorm
+from nnxprune.models.attention import (ATTN_BLOCK, AttentionFn, causal_attention,
+                                      masked_attention)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -303,99 +305,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 KVCache = tuple[jax.Array, jax.Array]  # keys and values of one layer, each [B, S, K, Dh]
 
 
-ATTN_BLOCK = 64  # rows longer than this take the cache-free causal path (lm-eval: query block)
-ATTN_LEAF = 128  # positions of the masked diagonal tiles of that path
-
-
-def _attention(q: jax.Array, keys: jax.Array, values: jax.Array, q_pos: jax.Array,
-               k_pos: jax.Array) -> jax.Array:
-    """Masked softmax attention. `q [B, T, K, G, Dh]`, keys/values `[B, S, K, Dh]`; key `s` is
-    visible to query `t` when `k_pos[s] <= q_pos[t]`. Scores and softmax in float32."""
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype),
-                        preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    visible = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
-    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, values)
-
-
-def _fold_query_heads(q: jax.Array, keys: jax.Array, values: jax.Array):
-    """The G query heads that share a KV head as the rows of one matmul: rows `[B, K, T*G, Dh]`
-    (row `t*G + g`; scaled by 1/sqrt(Dh)), keys and values `[B, K, S, Dh]`."""
-    b, t, k, g, dh = q.shape
-    rows = (q * (1.0 / math.sqrt(dh))).transpose(0, 2, 1, 3, 4).reshape(b, k, t * g, dh)
-    return rows, keys.astype(q.dtype).transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)
-
-
-def _unfold_query_heads(out: jax.Array, q_shape) -> jax.Array:
-    """`out [B, K, T*G, Dh]` back to the query layout `[B, T, K, G, Dh]`."""
-    b, t, k, g, dh = q_shape
-    return out.reshape(b, k, t, g, dh).transpose(0, 2, 1, 3, 4)
-
-
-def _softmax_piece(rows: jax.Array, keys_t: jax.Array, values_t: jax.Array,
-                   visible: jax.Array | None = None):
-    """Unnormalised attention of folded query `rows [B, K, R, Dh]` over `keys_t`, `values_t
-    [B, K, S, Dh]` (`visible [B, R, S]`, or all visible): the row max `[B, K, R, 1]`, the row sum of
-    exponentials below it, and the unnormalised output `[B, K, R, Dh]`; scores in float32. Every
-    row must see at least one key."""
-    scores = jnp.einsum("bkrd,bksd->bkrs", rows, keys_t, preferred_element_type=jnp.float32)
-    if visible is not None:
-        scores = jnp.where(visible[:, None], scores, -jnp.inf)
-    top = jnp.max(scores, axis=-1, keepdims=True)
-    e = jnp.exp(scores - top)
-    out = jnp.einsum("bkrs,bksd->bkrd", e.astype(values_t.dtype), values_t,
-                     preferred_element_type=jnp.float32)
-    return top, jnp.sum(e, axis=-1, keepdims=True), out
-
-
-def _blocked_causal_attention(q: jax.Array, keys: jax.Array, values: jax.Array,
-                              positions: jax.Array) -> jax.Array:
-    """Causal self-attention without a cache, fast on CPU. Exact, not an approximation.
-
-    `positions [B, T]` must increase along T (as they do for whole rows); key `s` is visible to
-    query `t` when `positions[s] <= positions[t]`.
-
-    - The G query heads that share a KV head are folded into the rows of one matmul per KV head
-      (`[T*G, Dh] x [Dh, S]`), so the matmuls are tall instead of G small ones.
-    - The causal triangle is cut recursively: the queries of the second half against the keys of
-      the first half are one dense rectangle, with no mask (every key there is visible); each
-      half recurses, down to diagonal tiles of `ATTN_LEAF` positions, the only ones masked. The
-      upper triangle is never computed, and most of the work is in a few large matmuls
-      (`[T/2*G, Dh] x [Dh, T/2]` at the top) instead of one small one per query block.
-    - The pieces of a query row combine as in an online softmax: each keeps its max, its sum of
-      exponentials and its unnormalised `[R, Dh]` output, rescaled to the larger max when two
-      meet; the output is divided by the row sum once at the end.
-    At T=1024 (SmolLM2 shapes, two cores) this is about 15% faster than query blocks of 64
-    positions against all keys before them (7.7-8.3 vs 9.4-9.9 ms per layer).
-    """
-    g = q.shape[3]
-    rows, keys_t, values_t = _fold_query_heads(q, keys, values)
-    row_pos = jnp.repeat(positions, g, axis=1)  # [B, T*G]: the position of every row
-
-    def piece(q_lo, q_hi, k_lo, k_hi, masked):
-        visible = (positions[:, None, k_lo:k_hi] <= row_pos[:, q_lo * g:q_hi * g, None]
-                   if masked else None)  # a row sees its own key
-        return _softmax_piece(rows[:, :, q_lo * g:q_hi * g], keys_t[:, :, k_lo:k_hi],
-                              values_t[:, :, k_lo:k_hi], visible)
-
-    def merge(x, y):  # two pieces of the same query rows
-        top = jnp.maximum(x[0], y[0])
-        fx, fy = jnp.exp(x[0] - top), jnp.exp(y[0] - top)
-        return top, x[1] * fx + y[1] * fy, x[2] * fx + y[2] * fy
-
-    def triangle(lo, hi):  # queries lo..hi against keys lo..hi
-        if hi - lo <= ATTN_LEAF:
-            return piece(lo, hi, lo, hi, True)
-        mid = lo + max(ATTN_LEAF, (hi - lo) // 2 // ATTN_LEAF * ATTN_LEAF)
-        first, second = triangle(lo, mid), triangle(mid, hi)
-        second = merge(second, piece(mid, hi, lo, mid, False))
-        return tuple(jnp.concatenate([x, y], axis=2) for x, y in zip(first, second, strict=True))
-
-    _, total, out = triangle(0, q.shape[1])
-    return _unfold_query_heads((out / total).astype(values.dtype), q.shape)
-
-
 class Attention(nnx.Module):
     """Grouped-query attention; head counts are read from the kernels, not stored."""
 
@@ -430,10 +339,14 @@ class Attention(nnx.Module):
         return q.reshape(b, t, k, n // k, dh), keys, self.v_proj(x).reshape(b, t, k, dh)
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-        """`x [B, T, D]`, `positions [B, T]`; with a cache, writes each row's keys and values at
-        that row's first position `positions[b, 0]` (rows may start at different offsets)."""
-        b, t, _ = x.shape
+                 cache: KVCache | None = None, attention_fn: AttentionFn | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
+        """`x [B, T, D]` (or flattened, `[B*T, D]`; the output has the same layout), `positions
+        [B, T]`; with a cache, writes each row's keys and values at that row's first position
+        `positions[b, 0]` (rows may start at different offsets). `attention_fn` replaces the
+        attention kernel (`nnxprune.models.attention`); by default the blocked causal kernel
+        serves long rows without a cache and `masked_attention` the rest."""
+        b, t = positions.shape
         q, keys, values = self.project(x, positions, inv_freq)
         key_pos = positions
         if cache is not None:
@@ -442,12 +355,10 @@ class Attention(nnx.Module):
             values = write(cache[1], values, positions[:, 0])
             cache = (keys, values)
             key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
-        if cache is None and t > ATTN_BLOCK:
-            out = _blocked_causal_attention(q, keys, values, positions)
-        else:
-            out = _attention(q, keys, values, positions, key_pos)
-        out = out.reshape(b, t, -1)
-        return self.o_proj(out), cache
+        if attention_fn is None:
+            attention_fn = causal_attention if cache is None and t > ATTN_BLOCK else masked_attention
+        out = attention_fn(q, keys, values, positions, key_pos)
+        return self.o_proj(out.reshape(*x.shape[:-1], -1)), cache
 
 
 class MLP(nnx.Module):
@@ -483,10 +394,37 @@ class DecoderLayer(nnx.Module):
                           intermediate_size=self.mlp.intermediate_size)
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-        h, cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, cache)
+                 cache: KVCache | None = None, attention_fn: AttentionFn | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
+        """`x [B, T, D]` -> `[B, T, D]`. Tokens are flattened to `[B*T, D]` around the norms,
+        projections and MLP (XLA on CPU runs the SwiGLU MLP about 25% faster on 2-D inputs)."""
+        b, t, d = x.shape
+        x = x.reshape(b * t, d)
+        h, cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, cache, attention_fn)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x.reshape(b, t, d), cache
+
+
+@dataclasses.dataclass(frozen=True)
+class StackOutput:
+    """What `Llama.run_layers` gives back: the last layer's output `x [B, T, D]` (before the
+    final norm), the updated cache (or None) and the outputs of the layers asked for."""
+
+    x: jax.Array
+    cache: list[KVCache] | None
+    hidden: dict[int, jax.Array]
+
+
+# `layer_call(index, layer, x, positions, inv_freq, cache, attention_fn) -> (x, cache)`: how
+# `run_layers` runs one decoder layer (default: calls it). Callers that compile each layer as a
+# program of its own (lm-eval's scorer, the calibration driver) pass their jitted call here.
+LayerCall = Callable[..., tuple[jax.Array, KVCache | None]]
+
+
+def call_layer(index: int, layer: "DecoderLayer", x, positions, inv_freq, cache, attention_fn):
+    """The default `LayerCall`: the layer's own `__call__`."""
+    return layer(x, positions, inv_freq, cache, attention_fn)
 
 
 class Llama(nnx.Module):
@@ -517,19 +455,36 @@ class Llama(nnx.Module):
         c = self.base_config
         return rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
 
+    def run_layers(self, x: jax.Array, positions: jax.Array, *, cache: list[KVCache] | None = None,
+                   attention_fn: AttentionFn | None = None, keep: Iterable[int] = (),
+                   layer_call: LayerCall = call_layer) -> StackOutput:
+        """THE decoder stack: every layer in order on embedded inputs `x [B, T, D]`.
+
+        Every path that runs the layers runs them here (the forward, generation, distillation's
+        hidden states, lm-eval's packed rows, the calibration driver). `keep` names the layers
+        whose outputs come back in `StackOutput.hidden`; `attention_fn` replaces the attention
+        kernel of every layer; `layer_call` runs one layer (see `LayerCall`).
+        """
+        inv_freq = self.inv_freq
+        keep = set(keep)
+        new_cache = [] if cache is not None else None
+        hidden = {}
+        for i, layer in enumerate(self.layers):
+            x, layer_cache = layer_call(i, layer, x, positions, inv_freq,
+                                        None if cache is None else cache[i], attention_fn)
+            if cache is not None:
+                new_cache.append(layer_cache)
+            if i in keep:
+                hidden[i] = x
+        return StackOutput(x=x, cache=new_cache, hidden=hidden)
+
     def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
                       cache: list[KVCache] | None = None) -> tuple[jax.Array, list[KVCache] | None]:
         """Final-normed hidden states `[B, T, D]` (and the updated cache, if one was given)."""
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        inv_freq = self.inv_freq
-        x = self.embed_tokens(tokens)
-        new_cache = [] if cache is not None else None
-        for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(x, positions, inv_freq, None if cache is None else cache[i])
-            if cache is not None:
-                new_cache.append(layer_cache)
-        return self.norm(x), new_cache
+            positions = default_positions(tokens)
+        out = self.run_layers(self.embed_tokens(tokens), positions, cache=cache)
+        return self.norm(out.x), out.cache
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Output head (tied to the embedding when there is no `lm_head`)."""
@@ -540,6 +495,11 @@ class Llama(nnx.Module):
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         h, _ = self.hidden_states(tokens, positions)
         return self.logits(h)
+
+
+def default_positions(tokens: jax.Array) -> jax.Array:
+    """Positions `0 .. T-1` of every row of `tokens [B, T]`."""
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape[:2])
 
 
 def init_cache(model: Llama, batch: int, length: int, dtype=jnp.float32) -> list[KVCache]:

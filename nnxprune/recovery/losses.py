@@ -23,6 +23,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from nnxprune.models.llama import default_positions
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelOutput:
@@ -35,15 +37,8 @@ jax.tree_util.register_dataclass(ModelOutput, data_fields=["logits", "hidden"], 
 
 def forward(model, tokens: jax.Array, hidden_layers: tuple[int, ...] = ()) -> ModelOutput:
     """Logits of `tokens [B, T]` and the outputs of the decoder layers in `hidden_layers`."""
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    inv_freq = model.inv_freq
-    x = model.embed_tokens(tokens)
-    hidden = {}
-    for i, layer in enumerate(model.layers):
-        x, _ = layer(x, positions, inv_freq)
-        if i in hidden_layers:
-            hidden[i] = x
-    return ModelOutput(logits=model.logits(model.norm(x)), hidden=hidden)
+    out = model.run_layers(model.embed_tokens(tokens), default_positions(tokens), keep=hidden_layers)
+    return ModelOutput(logits=model.logits(model.norm(out.x)), hidden=out.hidden)
 
 
 def next_token_ce(logits: jax.Array, tokens: jax.Array) -> jax.Array:

@@ -180,17 +180,17 @@ def test_blocked_attention_equals_full_attention(monkeypatch, length, leaf):
     """The cache-free path cuts the causal triangle into unmasked rectangles and masked diagonal
     tiles; ragged lengths (300 = 2 x 128 + 44; 129; 700 with 64-position tiles) and deep splits
     (32-position tiles) must give what one full masked score matrix gives."""
-    from nnxprune.models import llama
+    from nnxprune.models import attention
 
-    monkeypatch.setattr(llama, "ATTN_LEAF", leaf)
-    assert length > llama.ATTN_BLOCK
+    monkeypatch.setattr(attention, "ATTN_LEAF", leaf)
+    assert length > attention.ATTN_BLOCK
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.standard_normal((2, length, 2, 3, 16)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((2, length, 2, 16)), jnp.float32)
     v = jnp.asarray(rng.standard_normal((2, length, 2, 16)), jnp.float32)
     pos = positions_for(jnp.zeros((2, length)))
-    full = llama._attention(q, k, v, pos, pos)
-    blocked = llama._blocked_causal_attention(q, k, v, pos)
+    full = attention.masked_attention(q, k, v, pos, pos)
+    blocked = attention.causal_attention(q, k, v, pos)
     np.testing.assert_allclose(np.asarray(blocked), np.asarray(full), atol=1e-5, rtol=0)
 
 
