@@ -60,6 +60,7 @@ from flax import nnx
 
 from nnxprune.io import atomic
 from nnxprune.io.atomic import write_text
+from nnxprune.io.hf_config import config_from_hf
 from nnxprune.layers import Embed, Linear
 from nnxprune.models.llama import DecoderLayer, LayerShape, Llama, LlamaConfig
 
@@ -556,7 +557,7 @@ def _as_config(source) -> LlamaConfig | None:
     if isinstance(source, Llama):
         return source.config
     if isinstance(source, dict):
-        return LlamaConfig.from_dict(source) if "layers" in source else LlamaConfig.from_hf(source)
+        return LlamaConfig.from_dict(source) if "layers" in source else config_from_hf(source)
     raise TypeError(f"source config: expected LlamaConfig, Llama or dict, got {type(source).__name__}")
 
 

@@ -36,8 +36,8 @@ those, transformers >= 5 refuses to build a plain Llama from the config
 Versions without that mixin ignore the key; there, forcing the class still warns about the model
 type and fails on the size mismatch unless told to ignore it. nnxprune reads `nnxprune_layers` only.
 
-`load_hf_folder` reads both variants back exactly; `LlamaConfig.from_hf` validates the per-layer
-list (length, positive integers, query heads a multiple of KV heads).
+`load_hf_folder` reads both variants back exactly; `nnxprune.io.hf_config.config_from_hf` validates
+the per-layer list (length, positive integers, query heads a multiple of KV heads).
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ from flax import nnx
 
 from nnxprune.errors import UserError
 from nnxprune.io.atomic import atomic_dir
+from nnxprune.io.hf_config import config_from_hf, config_to_hf
 from nnxprune.models.llama import Llama, LlamaConfig
 
 # (HF key regex, nnxprune path template, "T" if the array is transposed between the two)
@@ -173,7 +174,7 @@ def load_hf_folder(folder: str | os.PathLike, *, param_dtype=jnp.float32) -> Lla
     if not config_file.is_file():
         raise UserError(f"{folder}: no config.json (not a Hugging Face model folder)")
     try:
-        cfg = LlamaConfig.from_hf(json.loads(config_file.read_text()))
+        cfg = config_from_hf(json.loads(config_file.read_text()))
     except (ValueError, KeyError) as e:
         raise UserError(f"{config_file}: {e}") from None
     return model_from_tensors(cfg, iter_safetensors(_safetensors_files(folder)),
@@ -192,7 +193,7 @@ def export_hf(model: Llama, out_dir: str | os.PathLike, *, tokenizer=None,
     from safetensors.numpy import save_file
 
     out_dir = Path(out_dir)
-    hf_config = model.config.to_hf(allow_heterogeneous=True)
+    hf_config = config_to_hf(model.config, allow_heterogeneous=True)
     with atomic_dir(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         save_file(to_hf_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -29,7 +29,8 @@ from typing import Any
 import jax.numpy as jnp
 
 from nnxprune.errors import UserError
-from nnxprune.models.llama import Llama, LlamaConfig
+from nnxprune.io.hf_config import config_from_hf
+from nnxprune.models.llama import Llama
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -151,7 +152,7 @@ def load_model(name_or_path: str | os.PathLike, *, param_dtype=jnp.float32,
     elif path.is_file() and path.suffix == ".gguf":
         cfg_dict = gguf.read_gguf_config(path)
         try:
-            cfg = LlamaConfig.from_hf(cfg_dict)
+            cfg = config_from_hf(cfg_dict)
         except (ValueError, KeyError) as e:
             raise UserError(f"{path}: {e}") from None
         kind = "gguf"

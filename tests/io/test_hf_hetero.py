@@ -16,6 +16,7 @@ from flax import nnx
 
 from nnxprune.errors import UserError
 from nnxprune.io.hf import export_hf, load_hf_folder, to_hf_tensors
+from nnxprune.io.hf_config import config_from_hf, config_to_hf
 from nnxprune.models.llama import LayerShape, Llama, Llama3RopeScaling, LlamaConfig
 
 
@@ -218,7 +219,7 @@ def test_uniform_export_is_plain_llama(tmp_path):
     assert hf["model_type"] == "llama"
     assert hf["architectures"] == ["LlamaForCausalLM"]
     assert "nnxprune_layers" not in hf and "per_layer_config" not in hf
-    assert hf == model.config.to_hf()
+    assert hf == config_to_hf(model.config)
     assert_identical(load_hf_folder(tmp_path / "hf"), model)
 
 
@@ -368,6 +369,6 @@ def test_per_layer_config_in_plain_llama_config_is_user_error(exported):
 
 def test_to_hf_still_refuses_heterogeneous_by_default():
     with pytest.raises(ValueError):
-        hetero().to_hf()
-    assert LlamaConfig.from_hf(hetero().to_hf(allow_heterogeneous=True)) == hetero()
-    assert tiny().to_hf(allow_heterogeneous=True) == tiny().to_hf()
+        config_to_hf(hetero())
+    assert config_from_hf(config_to_hf(hetero(), allow_heterogeneous=True)) == hetero()
+    assert config_to_hf(tiny(), allow_heterogeneous=True) == config_to_hf(tiny())
