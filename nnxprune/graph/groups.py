@@ -15,6 +15,13 @@ Groups of a Llama (DESIGN.md, principle 3):
   number of heads in every KV group, so grouped-query attention stays valid;
 - `layer[i]`: the whole decoder layer (depth).
 
+The per-layer groups are read off the `Linear`s inside each decoder layer, never off module
+names: `mlp` takes every kernel side in space `mlp`; `kv` takes the `kv_heads` sides (unit
+`head_dim`, their unit) and the `q_heads` sides with unit `per_kv * head_dim`; `q` takes the
+`q_heads` sides with unit `head_dim`. Members list output sides (kernel axis 1) before input
+sides (axis 0), each in module-path order. A layer whose Linears disagree on a space's width
+or unit, or whose query heads do not split evenly over its KV heads, raises ValueError.
+
 Example:
     >>> for g in groups(model): print(g)            # every group, with its members
     >>> g = find_group(model, "kv", layer=3); g.size   # KV heads of layer 3
@@ -76,31 +83,101 @@ class Group:
         return "\n".join([head, *(f"  {m}" for m in self.members)])
 
 
+def _path_key(path) -> tuple:
+    """Sorts module paths: integer indices (layer numbers) before names, each in order."""
+    return tuple((0, x) if isinstance(x, int) else (1, x) for x in path)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Side:
+    """One side of a `Linear` inside a decoder layer: its kernel `axis` (1 = output, 0 = input)
+    lies in a channel space, `width` entries wide, `unit` entries per channel."""
+
+    path: tuple[str | int, ...]
+    axis: int
+    width: int
+    unit: int
+
+    def member(self, unit: int, unit_name: str) -> Member:
+        return Member(self.path, "kernel", self.axis, unit, unit_name)
+
+
+# What one unit of each per-layer space is, for people (printed after the unit).
+_UNIT_NAMES = {L.Q_HEADS: "head_dim", L.KV_HEADS: "head_dim", L.MLP: ""}
+
+
+def _layer_sides(layer, base: tuple) -> dict[str, list[_Side]]:
+    """The kernel sides of every `Linear` in `layer` by channel space, in member order: output
+    sides (axis 1) before input sides (axis 0), each in module-path order."""
+    linears = sorted(((path, node) for path, node in nnx.iter_modules(layer)
+                      if isinstance(node, L.Linear)), key=lambda pn: _path_key(pn[0]))
+    sides: dict[str, list[_Side]] = {}
+    for axis in (1, 0):
+        for path, lin in linears:
+            space, unit = (lin.out_space, lin.out_unit) if axis else (lin.in_space, lin.in_unit)
+            sides.setdefault(space, []).append(
+                _Side((*base, *path), axis, lin.kernel.shape[axis], unit))
+    return sides
+
+
+def _channels(sides: list[_Side], space: str, i: int) -> tuple[int, int]:
+    """`(channels, unit)` of a space in layer `i`; every side must agree on width and unit."""
+    def names(attr):
+        return ", ".join(f"{'.'.join(map(str, s.path))} axis {s.axis}: {getattr(s, attr)}" for s in sides)
+    if len({s.unit for s in sides}) != 1:
+        raise ValueError(f"layer {i}: the Linears disagree on the unit of space {space!r} ({names('unit')})")
+    if len({s.width for s in sides}) != 1:
+        raise ValueError(f"layer {i}: the Linears disagree on the width of space {space!r} "
+                         f"({names('width')})")
+    width, unit = sides[0].width, sides[0].unit
+    if unit < 1 or width % unit:
+        raise ValueError(f"layer {i}: space {space!r} is {width} wide, not a whole number of "
+                         f"units of {unit}")
+    return width // unit, unit
+
+
+def _attention_groups(sides: dict[str, list[_Side]], i: int) -> list[Group]:
+    """`kv[i]` and `q[i]` from the `kv_heads` and `q_heads` sides (none when no heads are left)."""
+    kv_sides, q_sides = sides.get(L.KV_HEADS, []), sides.get(L.Q_HEADS, [])
+    if not kv_sides and not q_sides:
+        return []
+    if not kv_sides or not q_sides:
+        missing = L.KV_HEADS if not kv_sides else L.Q_HEADS
+        raise ValueError(f"layer {i}: attention needs both {L.KV_HEADS!r} and {L.Q_HEADS!r} "
+                         f"Linears; no Linear uses {missing!r}")
+    k, dh = _channels(kv_sides, L.KV_HEADS, i)
+    n, q_dh = _channels(q_sides, L.Q_HEADS, i)
+    if q_dh != dh:
+        raise ValueError(f"layer {i}: the Linears disagree on the head size: {L.KV_HEADS!r} unit "
+                         f"{dh}, {L.Q_HEADS!r} unit {q_dh}")
+    if k == 0 and n == 0:
+        return []
+    if k == 0 or n % k:
+        raise ValueError(f"layer {i}: {n} query heads do not split into {k} KV groups "
+                         f"(the {L.Q_HEADS!r} width is not a multiple of the KV head count)")
+    per_kv = n // k
+    kv_name, q_name = _UNIT_NAMES[L.KV_HEADS], _UNIT_NAMES[L.Q_HEADS]
+    kv = Group("kv", i, k, (
+        *(s.member(dh, kv_name) for s in kv_sides),
+        *(s.member(per_kv * dh, f"{per_kv} query heads") for s in q_sides),
+    ), description=f"KV heads; each takes its k and v head and its {per_kv} query heads")
+    q = Group("q", i, n, tuple(s.member(dh, q_name) for s in q_sides), blocks=k,
+              description=f"query heads, {per_kv} per KV group; keep the same number in each of "
+                          f"the {k} KV groups")
+    return [kv, q]
+
+
 def _layer_groups(model, i: int) -> list[Group]:
-    layer = model.layers[i]
-    attn, mlp = layer.self_attn, layer.mlp
+    """`kv[i]`, `q[i]`, `mlp[i]`, `layer[i]`, derived from the channel spaces of the Linears
+    inside decoder layer `i`. Members come output sides first, then input sides, each in
+    module-path order (so k, v, q, o and gate, up, down)."""
     base = ("layers", i)
-    dh = attn.head_dim
-    n, k = attn.num_heads, attn.num_kv_heads
-    per_kv = n // k if k else 0
-    out: list[Group] = []
-    if k:
-        q_unit = per_kv * dh
-        out.append(Group("kv", i, k, (
-            Member((*base, "self_attn", "k_proj"), "kernel", 1, dh, "head_dim"),
-            Member((*base, "self_attn", "v_proj"), "kernel", 1, dh, "head_dim"),
-            Member((*base, "self_attn", "q_proj"), "kernel", 1, q_unit, f"{per_kv} query heads"),
-            Member((*base, "self_attn", "o_proj"), "kernel", 0, q_unit, f"{per_kv} query heads"),
-        ), description=f"KV heads; each takes its k and v head and its {per_kv} query heads"))
-        out.append(Group("q", i, n, (
-            Member((*base, "self_attn", "q_proj"), "kernel", 1, dh, "head_dim"),
-            Member((*base, "self_attn", "o_proj"), "kernel", 0, dh, "head_dim"),
-        ), blocks=k, description=f"query heads, {per_kv} per KV group; keep the same number in "
-                                 f"each of the {k} KV groups"))
-    out.append(Group("mlp", i, mlp.intermediate_size, tuple(
-        Member((*base, "mlp", name), "kernel", axis)
-        for name, axis in (("gate_proj", 1), ("up_proj", 1), ("down_proj", 0))),
-        description="MLP neurons"))
+    sides = _layer_sides(model.layers[i], base)
+    out = _attention_groups(sides, i)
+    if sides.get(L.MLP):
+        f, unit = _channels(sides[L.MLP], L.MLP, i)
+        out.append(Group("mlp", i, f, tuple(s.member(unit, _UNIT_NAMES[L.MLP]) for s in sides[L.MLP]),
+                         description="MLP neurons"))
     out.append(Group("layer", i, 1, (Member(base, "", 0),), description="the whole decoder layer"))
     return out
 
@@ -117,7 +194,7 @@ def _embed_group(model) -> Group:
                 members.append(Member(path, "kernel", 0))
             if node.out_space == L.EMBED:
                 members.append(Member(path, "kernel", 1))
-    members.sort(key=lambda m: tuple((0, x) if isinstance(x, int) else (1, x) for x in m.path))
+    members.sort(key=lambda m: _path_key(m.path))
     tied = "tied output head" if model.lm_head is None else "lm_head"
     return Group("embed", None, model.embed_tokens.embedding.shape[1], tuple(members),
                  description=f"hidden channels: embedding, every norm, projection inputs and "
@@ -151,4 +228,5 @@ def find_group(model, kind: str, layer: int | None = None) -> Group:
     for g in _layer_groups(model, layer):
         if g.kind == kind:
             return g
-    raise UserError(f"layer {layer} has no {kind!r} group (it has no attention heads left)")
+    why = "it has no attention heads left" if kind in ("kv", "q") else f"no Linear in it uses space {kind!r}"
+    raise UserError(f"layer {layer} has no {kind!r} group ({why})")
