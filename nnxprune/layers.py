@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nnxprune.variables import Mask, ProjectionInput
+from nnxprune.variables import Mask, NormOutput, ProjectionInput
 
 # Channel spaces of the Llama family. Coupled groups follow from these names.
 EMBED, Q_HEADS, KV_HEADS, MLP, VOCAB = "embed", "q_heads", "kv_heads", "mlp", "vocab"
@@ -133,6 +133,8 @@ class RMSNorm(nnx.Module):
         self.mask: Mask | None = nnx.data(None)
         self.eps = eps
         self.space = EMBED
+        # Static switch, as `Linear.record_inputs`: sow the output as a `NormOutput`.
+        self.record_outputs = False
 
     def set_mask(self, mask) -> None:
         """Attach (or replace) a boolean keep-mask over the channels `[D]`."""
@@ -148,4 +150,7 @@ class RMSNorm(nnx.Module):
             x32 = jnp.where(keep, x32, 0.0)
             mean_sq = jnp.sum(x32 * x32, axis=-1, keepdims=True) / jnp.maximum(keep.sum(), 1)
         x32 = x32 * jax.lax.rsqrt(mean_sq + self.eps)
-        return self.scale[...] * x32.astype(dtype)
+        out = self.scale[...] * x32.astype(dtype)
+        if self.record_outputs:
+            self.sow(NormOutput, "outputs", out)
+        return out

@@ -13,4 +13,9 @@ class Mask(nnx.Variable):
 
 
 class ProjectionInput(nnx.Intermediate):
-    """The input of a `Linear`, sown while calibration statistics are collected (`nnx.capture`)."""
+    """The input of a `Linear`, sown while calibration statistics are collected (`nnx.capture`,
+    the `Linear.record_inputs` switch)."""
+
+
+class NormOutput(nnx.Intermediate):
+    """The output of an `RMSNorm`, sown likewise (its `record_outputs` switch)."""

@@ -16,23 +16,22 @@ import re
 
 import numpy as np
 
-from nnxprune.errors import UserError
 
 
 def parse_nm(pattern: str) -> tuple[int, int]:
     """`"2:4"` -> `(2, 4)`; requires 0 < N < M."""
     match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
     if not match:
-        raise UserError(f"N:M pattern must look like '2:4', got {pattern!r}")
+        raise ValueError(f"N:M pattern must look like '2:4', got {pattern!r}")
     n, m = int(match[1]), int(match[2])
     if not 0 < n < m:
-        raise UserError(f"N:M pattern {pattern!r} needs 0 < N < M")
+        raise ValueError(f"N:M pattern {pattern!r} needs 0 < N < M")
     return n, m
 
 
 def check_sparsity(sparsity: float) -> float:
     if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0 <= sparsity < 1:
-        raise UserError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     return float(sparsity)
 
 
@@ -64,11 +63,11 @@ def unstructured_keep(scores, sparsity: float, *, per_output: bool = False) -> n
 def nm_keep(scores, n: int, m: int) -> np.ndarray:
     """Prunes the `n` lowest of every `m` consecutive scores along axis 0 (the input dim)."""
     if not 0 < n < m:
-        raise UserError(f"N:M needs 0 < N < M, got {n}:{m}")
+        raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
     scores = np.asarray(scores)
     rows, cols = scores.shape
     if rows % m:
-        raise UserError(f"input dimension {rows} is not a multiple of M={m}")
+        raise ValueError(f"input dimension {rows} is not a multiple of M={m}")
     blocks = scores.reshape(rows // m, m, cols)
     keep = np.ones(blocks.shape, dtype=bool)
     order = np.argsort(blocks, axis=1, kind="stable")[:, :n]

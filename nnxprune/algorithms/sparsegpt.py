@@ -47,12 +47,10 @@ Deviations from the reference, on purpose:
   projections that read one input (q, k, v; gate, up) and `sparsegpt_prune(..., factor=...)`
   takes it.
 
-Hessian accumulation (`hessian_update`) reproduces `add_batch`: with `t` new samples,
-`H <- H * n / (n + t)`, `n <- n + t`, `H <- H + (sqrt(2 / n) x)^T (sqrt(2 / n) x)`, in float32,
-so after all batches `H = 2 / n * sum X^T X`. As in the reference, `n` counts samples (the
-leading dim of a `[batch, seq, in]` input; a 2-D `[tokens, in]` input counts as one sample), not
-tokens. The scale of `H` does not change the mask or the weights (damping is relative); it only
-scales `info["error"]`.
+The Hessian (`hessian`) is what the reference's `add_batch` running average ends at: `H = 2 / n *
+sum X^T X` with `n` the number of calibration sequences (samples, not tokens), X^T X summed in
+float32 by the calibration driver's `InputXtX` collector and scaled once. The scale of `H` does
+not change the mask or the weights (damping is relative); it only scales `info["error"]`.
 
 Everything runs in float32. The factorization runs through LAPACK on the host on CPU (2-3x
 faster there than XLA's) and jitted on other backends (`hessian_factor`); the rest of the
@@ -62,9 +60,7 @@ per-matrix procedure (dead inputs, all blocks) is one `jax.jit`, specialised on 
 matrix; the lazy updates spend twice the minimal flops (see `_sparsegpt`).
 
 Example:
-    >>> H, count = hessian_init(576)
-    >>> for x in batches:                      # x: [batch, seq, 576] inputs of the layer
-    ...     H, count = hessian_update(H, count, x)
+    >>> H = hessian(xtx, sequences=128)        # xtx: [576, 576] from the calibration driver
     >>> kernel, keep, info = sparsegpt_prune(kernel, H, sparsity=0.5)
     >>> kernel, keep, info = sparsegpt_prune(kernel, H, sparsity=None, n=2, m=4)   # 2:4
 """
@@ -81,44 +77,21 @@ import numpy as np
 from jax import lax
 
 from nnxprune.algorithms.masks import check_sparsity
-from nnxprune.errors import UserError
 
-__all__ = ["hessian_init", "hessian_update", "hessian_factor", "HessianFactor", "sparsegpt_prune"]
+__all__ = ["hessian", "hessian_factor", "HessianFactor", "sparsegpt_prune"]
 
 
 # ------------------------------------------------------------------------------------------------
 # Hessian accumulation
 
 
-def hessian_init(dim: int) -> tuple[jnp.ndarray, int]:
-    """An empty running Hessian for `dim` inputs: `(zeros [dim, dim] float32, 0 samples)`."""
-    return jnp.zeros((dim, dim), jnp.float32), 0
-
-
-@jax.jit
-def _hessian_step(H, x, keep, scale):
-    x = scale * x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    return H * keep + x.T @ x
-
-
-def hessian_update(H, n: int, x, *, samples: int | None = None) -> tuple[jnp.ndarray, int]:
-    """Adds a batch of layer inputs `x` (`[tokens, in]` or `[batch, seq, in]`) to the running
-    Hessian `H = 2 / n * sum X^T X`; returns the new `(H, n)`.
-
-    `n` counts samples as the reference does: `x.shape[0]` for a 3-D input, 1 for a 2-D one;
-    `samples` overrides that count.
-    """
-    x = jnp.asarray(x)
-    if x.ndim not in (2, 3) or x.shape[-1] != H.shape[0]:
-        raise UserError(f"inputs must be [tokens, {H.shape[0]}] or [batch, seq, {H.shape[0]}], "
-                        f"got shape {tuple(x.shape)}")
-    t = (x.shape[0] if x.ndim == 3 else 1) if samples is None else int(samples)
-    if t <= 0:
-        raise UserError(f"a batch must count at least one sample, got {t}")
-    total = n + t
-    keep = np.float32(n / total)
-    scale = np.float32(math.sqrt(2.0 / total))
-    return _hessian_step(jnp.asarray(H, jnp.float32), x, keep, scale), total
+def hessian(xtx, sequences: int) -> jnp.ndarray:
+    """SparseGPT's `H = 2 / nsamples * X^T X` from `xtx = sum over all calibration tokens of
+    x x^T` (`calibration.collectors.InputXtX`), `nsamples` = calibration sequences. The one place
+    nnxprune builds the Hessian."""
+    if sequences <= 0:
+        raise ValueError(f"a Hessian needs at least one calibration sequence, got {sequences}")
+    return jnp.asarray(xtx, jnp.float32) * (2.0 / sequences)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -359,7 +332,7 @@ def _sparsegpt(kernel, U, dead, *, sparsity, n, m, blocksize):
 def sparsegpt_prune(kernel, H, *, sparsity: float | None, n: int = 0, m: int = 0,
                     blocksize: int = 128, percdamp: float = 0.01, max_retries: int = 8,
                   factor: HessianFactor | None = None):
-    """Prunes `kernel [in, out]` given its inputs' Hessian `H [in, in]` (see `hessian_update`).
+    """Prunes `kernel [in, out]` given its inputs' Hessian `H [in, in]` (see `hessian`).
 
     Give either `sparsity` (unstructured, that fraction of every block of `blocksize` inputs) or
     `n` and `m` (N:M: prune N of every M consecutive inputs, per output; `sparsity` must then be
@@ -372,35 +345,35 @@ def sparsegpt_prune(kernel, H, *, sparsity: float | None, n: int = 0, m: int = 0
     kernel = jnp.asarray(kernel, jnp.float32)  # cast outside the jit: one compile per shape
     H = jnp.asarray(H, jnp.float32)
     if kernel.ndim != 2 or H.shape != (kernel.shape[0], kernel.shape[0]):
-        raise UserError(f"need kernel [in, out] and H [in, in], got {tuple(kernel.shape)} and "
+        raise ValueError(f"need kernel [in, out] and H [in, in], got {tuple(kernel.shape)} and "
                         f"{tuple(H.shape)}")
     dim = kernel.shape[0]
     n, m, blocksize, max_retries = int(n), int(m), int(blocksize), int(max_retries)
     if blocksize <= 0:
-        raise UserError(f"blocksize must be positive, got {blocksize}")
+        raise ValueError(f"blocksize must be positive, got {blocksize}")
     if max_retries < 0:
-        raise UserError(f"max_retries must be >= 0, got {max_retries}")
+        raise ValueError(f"max_retries must be >= 0, got {max_retries}")
     if not (isinstance(percdamp, (int, float)) and not isinstance(percdamp, bool)
             and math.isfinite(percdamp) and percdamp >= 0):
-        raise UserError(f"percdamp must be a number >= 0, got {percdamp!r}")
+        raise ValueError(f"percdamp must be a number >= 0, got {percdamp!r}")
     if n or m:
         if not 0 < n < m:
-            raise UserError(f"N:M needs 0 < N < M, got {n}:{m}")
+            raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
         if sparsity is not None and not math.isclose(float(sparsity), n / m):
-            raise UserError(f"sparsity {sparsity} contradicts the {n}:{m} pattern (use None)")
+            raise ValueError(f"sparsity {sparsity} contradicts the {n}:{m} pattern (use None)")
         if dim % m or blocksize % m:
-            raise UserError(f"N:M with M={m} needs the input dimension ({dim}) and the blocksize "
+            raise ValueError(f"N:M with M={m} needs the input dimension ({dim}) and the blocksize "
                             f"({blocksize}) to be multiples of M")
         sparsity = 0.0
     else:
         if sparsity is None:
-            raise UserError("give a sparsity or an N:M pattern")
+            raise ValueError("give a sparsity or an N:M pattern")
         sparsity = check_sparsity(sparsity)
     blocksize = min(blocksize, dim)  # one block either way; saves padding (dim % m == 0 for N:M)
     if factor is None:
         factor = hessian_factor(H, percdamp=percdamp, max_retries=max_retries)
     elif factor.upper.shape != H.shape:
-        raise UserError(f"the Hessian factor is {tuple(factor.upper.shape)}, H is {tuple(H.shape)}")
+        raise ValueError(f"the Hessian factor is {tuple(factor.upper.shape)}, H is {tuple(H.shape)}")
     fail = ValueError(f"SparseGPT: the damped Hessian could not be factorized, even after "
                       f"{factor.retries} retries with percdamp raised to {factor.percdamp:g}; "
                       "is H finite?")

@@ -86,7 +86,6 @@ import numpy as np
 from jax import lax
 
 from nnxprune.algorithms.sparsegpt import hessian_factor, sparsegpt_prune
-from nnxprune.errors import UserError
 
 __all__ = ["init_aux", "update_p", "update_z", "update_s", "refit", "objective_terms",
            "reconstruction_error", "damped_cholesky", "sparsellm_mlp"]
@@ -233,7 +232,7 @@ def _finite(*arrays) -> bool:
 def _check_number(name, value, *, positive=True):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or (value <= 0 if positive else value < 0):
-        raise UserError(f"SparseLLM: {name} must be a finite number {'> 0' if positive else '>= 0'}, "
+        raise ValueError(f"SparseLLM: {name} must be a finite number {'> 0' if positive else '>= 0'}, "
                         f"got {value!r}")
 
 
@@ -254,27 +253,27 @@ def sparsellm_mlp(X, Y, gate, up, down, xtx, nsamples: int, *, sparsity: float |
     (`{"gate", "up", "down"}`) are False, and `info` with `history` (per round: the pruned MLP's
     `reconstruction` error `||Y - MLP(X)||^2`, `relative` (divided by `||Y||^2`), the objective
     `L` `before` and `after` the auxiliary updates, SparseGPT `retries`, `seconds`), `best_round`
-    and `y_norm`. Non-finite values anywhere raise a UserError naming `where`.
+    and `y_norm`. Non-finite values anywhere raise a ValueError naming `where`.
     `log(round_info)`, when given, is called after every round.
     """
     for name, v in (("alpha", alpha), ("beta", beta), ("gamma", gamma), ("s_lr", s_lr)):
         _check_number(name, v)
     _check_number("refit_damp", refit_damp, positive=False)
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise UserError(f"SparseLLM: iterations must be an integer >= 1, got {iterations!r}")
+        raise ValueError(f"SparseLLM: iterations must be an integer >= 1, got {iterations!r}")
     if isinstance(s_steps, bool) or not isinstance(s_steps, int) or s_steps < 0:
-        raise UserError(f"SparseLLM: s_steps must be an integer >= 0, got {s_steps!r}")
+        raise ValueError(f"SparseLLM: s_steps must be an integer >= 0, got {s_steps!r}")
     X, Y = jnp.asarray(X, _f32), jnp.asarray(Y, _f32)
     gate, up, down = (jnp.asarray(w, _f32) for w in (gate, up, down))
     xtx = jnp.asarray(xtx, _f32)
     d, f = gate.shape
     if X.ndim != 2 or Y.shape != X.shape or X.shape[1] != d or up.shape != (d, f) \
             or down.shape != (f, d) or xtx.shape != (d, d):
-        raise UserError(f"SparseLLM: {where}: shapes do not fit a SwiGLU MLP: X {X.shape}, "
+        raise ValueError(f"SparseLLM: {where}: shapes do not fit a SwiGLU MLP: X {X.shape}, "
                         f"Y {Y.shape}, gate {gate.shape}, up {up.shape}, down {down.shape}, "
                         f"xtx {xtx.shape}")
     if not _finite(X, Y, gate, up, down, xtx):
-        raise UserError(f"SparseLLM: {where}: non-finite values (NaN/Inf) in the layer's weights or "
+        raise ValueError(f"SparseLLM: {where}: non-finite values (NaN/Inf) in the layer's weights or "
                         "in its calibration inputs/outputs; stopping")
     alpha, beta, gamma, s_lr, refit_damp = (np.float32(v) for v in (alpha, beta, gamma, s_lr,
                                                                     refit_damp))
@@ -285,7 +284,7 @@ def sparsellm_mlp(X, Y, gate, up, down, xtx, nsamples: int, *, sparsity: float |
             return sparsegpt_prune(kernel, H, sparsity=sparsity, n=n, m=m, blocksize=blocksize,
                                    percdamp=percdamp, factor=factor)
         except ValueError as e:
-            raise UserError(f"SparseLLM: {where}.{name}, round {rnd}: {e}") from None
+            raise ValueError(f"SparseLLM: {where}.{name}, round {rnd}: {e}") from None
 
     z, s, p = init_aux(X, gate, up)
     h_x = xtx * scale
@@ -308,7 +307,7 @@ def sparsellm_mlp(X, Y, gate, up, down, xtx, nsamples: int, *, sparsity: float |
         terms = {k: float(v) for k, v in terms.items()}
         if not (math.isfinite(recon) and math.isfinite(before)
                 and all(math.isfinite(v) for v in terms.values())):
-            raise UserError(f"SparseLLM: {where}, round {rnd}: the objective became non-finite "
+            raise ValueError(f"SparseLLM: {where}, round {rnd}: the objective became non-finite "
                             f"(reconstruction {recon}, objective {terms['total']}); stopping. Try "
                             "smaller s_lr or larger refit_damp")
         entry = {"round": rnd, "reconstruction": recon,

@@ -5,20 +5,16 @@ Bai et al., "SparseLLM: Towards Global Pruning of Pre-trained Language Models", 
 `nnxprune.algorithms.sparsellm` (its docstring lists where we follow the code rather than the
 paper); this module wires it to the model.
 
-Per decoder layer, inside the sequential driver (`nnxprune.calibration.sequential`), which gives
-the statistics of every projection's input from one forward of the unpruned layer (its inputs
-being the outputs of the already pruned layers before it):
+Per decoder layer, inside the sequential driver (`nnxprune.calibration.sequential`), whose
+collectors gather from one forward of the unpruned layer (its inputs being the outputs of the
+already pruned layers before it) the `X^T X` of every projection's input and the MLP's dense
+input `X` itself (the input of gate_proj, the `Activations` collector; the reference takes the
+same tensors from forward hooks of the same unpruned forward):
 
-1. before anything is pruned, the MLP's dense input `X` (`post_attention_layernorm(x + attn(x))`)
-   and dense output `Y = mlp(X)` are computed over all calibration tokens by a small jitted
-   forward (the reference takes the same tensors from forward hooks of the same unpruned forward);
+1. the MLP's dense output `Y = mlp(X)` is computed over all calibration tokens, before anything
+   in the layer is pruned, by the layer's own MLP module;
 2. q, k, v and o are pruned by SparseGPT with the driver's Hessians, exactly as `SparseGPT` does;
 3. gate, up and down are pruned jointly by `sparsellm_mlp` against `X` and `Y`.
-
-The driver hands `visit` the layer and its statistics but not its input activations, so this
-transform keeps its own copy of the hidden states: it embeds the calibration tokens once and runs
-each layer (pruned by then) forward up to the layer it visits. That costs one extra layer forward
-per layer, plus the X/Y forward, against the driver's two.
 
 `fraction` prunes only the first `round(fraction * num_layers)` layers (half rounded up), the
 setting of the paper's tables at 0.5; the other layers stay dense. `targets` / `ignore` select
@@ -26,7 +22,7 @@ projections as for SparseGPT, except that a layer's gate, up and down go togethe
 
 Memory: `z, s, p` are `tokens x intermediate` float32 each for the layer being solved (module
 docstring of the algorithm: ~6-7 such arrays at the peak), plus `X, Y` (`tokens x hidden`) and the
-hidden states (two `tokens x hidden`). The report gives, per layer, the relaxed objective before
+driver's hidden states (two `tokens x hidden`). The report gives, per layer, the relaxed objective before
 and after every round, the pruned MLP's reconstruction error `||Y - MLP(X)||^2` (absolute and
 relative to `||Y||^2`), seconds and the peak resident memory while the layer was solved.
 """
@@ -36,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 import time
 from typing import ClassVar
 
@@ -45,37 +40,33 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nnxprune.algorithms.sparsegpt import hessian, sparsegpt_prune
+from nnxprune.algorithms.sparsellm import sparsellm_mlp
+from nnxprune.calibration.collectors import Activations, InputXtX
+from nnxprune.calibration.sequential import run_sequential
 from nnxprune.errors import UserError
 from nnxprune.graph import mask_weights
+from nnxprune.measure import PeakMemory
 from nnxprune.models.llama import LlamaConfig
 from nnxprune.transforms.base import Context, register
-from nnxprune.transforms.sparsity import (_calibration_tokens, _measured, _node, _record,
-                                         _Sparsify, shared_factor)
+from nnxprune.transforms.sparsegpt import check_solver, shared_factor
+from nnxprune.transforms.sparsify import (Sparsify, by_layer, calibration_tokens, measured, node,
+                                          record)
 
 MLP_NAMES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+CHUNK = 8192  # rows of X per call of the MLP forward that gives Y
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _layer_forward(graphdef, state, x, inv_freq):
-    layer = nnx.merge(graphdef, state)
-    positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-    return layer(x, positions, inv_freq)[0]
+def _mlp(graphdef, state, X):
+    return nnx.merge(graphdef, state)(X)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _mlp_io(graphdef, state, x, inv_freq):
-    """The layer's MLP input `X` and output `Y`, `[batch * seq, hidden]` float32 each."""
-    layer = nnx.merge(graphdef, state)
-    positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-    h, _ = layer.self_attn(layer.input_layernorm(x), positions, inv_freq)
-    X = layer.post_attention_layernorm(x + h)
-    Y = layer.mlp(X)
-    d = x.shape[-1]
-    return X.reshape(-1, d).astype(jnp.float32), Y.reshape(-1, d).astype(jnp.float32)
-
-
-def _batch_size(n: int, wanted: int) -> int:
-    return max(d for d in range(1, min(n, wanted) + 1) if n % d == 0)
+def mlp_output(mlp, X: jax.Array) -> jax.Array:
+    """`Y = mlp(X)` for `X [rows, hidden]`, in chunks of `CHUNK` rows, float32."""
+    graphdef, state = nnx.split(mlp)
+    return jnp.concatenate([_mlp(graphdef, state, X[s:s + CHUNK]).astype(jnp.float32)
+                            for s in range(0, X.shape[0], CHUNK)])
 
 
 def first_layers(num_layers: int, fraction: float) -> int:
@@ -85,7 +76,7 @@ def first_layers(num_layers: int, fraction: float) -> int:
 
 @register("sparsellm")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SparseLLM(_Sparsify):
+class SparseLLM(Sparsify):
     """SparseGPT on attention, SparseLLM (auxiliary variables, alternating updates) on each MLP.
 
     Defaults are the reference code's for Llama: alpha = beta = gamma = 5, 8 rounds, 2 steps of
@@ -125,15 +116,11 @@ class SparseLLM(_Sparsify):
             raise UserError(f"s_steps must be >= 0, got {self.s_steps}")
         if not 0 < self.fraction <= 1:
             raise UserError(f"fraction must be in (0, 1], got {self.fraction}")
-        if self.blocksize < 1:
-            raise UserError(f"blocksize must be >= 1, got {self.blocksize}")
-        if not 0 < self.percdamp < 1:
-            raise UserError(f"percdamp must be in (0, 1), got {self.percdamp}")
         if self.batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
-        nm = self.nm()
-        if nm is not None and self.blocksize % nm[1]:
-            raise UserError(f"blocksize {self.blocksize} must be a multiple of M={nm[1]}")
+        if self.layer_sparsity is not None:
+            raise UserError("SparseLLM prunes every chosen layer at one 'sparsity'")
+        check_solver(self.blocksize, self.percdamp, self.nm())
         config = super().check(config)
         per_layer: dict[int, set[str]] = {}
         for i, name in self.selected(config):
@@ -147,126 +134,114 @@ class SparseLLM(_Sparsify):
         return config
 
     def __call__(self, model, ctx: Context):
-        from nnxprune.algorithms.sparsegpt import sparsegpt_prune
-        from nnxprune.algorithms.sparsellm import sparsellm_mlp
-        from nnxprune.calibration.sequential import embed_inputs, run_sequential
-        from nnxprune.measure import PeakMemory
-
-        tokens = np.asarray(_calibration_tokens(ctx))
-        n_seq, seqlen = tokens.shape
-        bs = _batch_size(n_seq, self.batch_size)
+        tokens = np.asarray(calibration_tokens(ctx))
         nm = self.nm()
         prune_kw = dict(sparsity=None if nm else self.sparsity, n=nm[0] if nm else 0,
                         m=nm[1] if nm else 0, blocksize=self.blocksize, percdamp=self.percdamp)
         selected = self.selected(model.config)
-        chosen = {(i, n) for i, n in selected}
         mlp_layers = sorted({i for i, n in selected if n in MLP_NAMES})
-        # the driver gets exactly the chosen projections (fraction included) as one regex
-        only = "^(?:" + "|".join(re.escape(f"layers.{i}.{n}") for i, n in selected) + ")$"
-        per_matrix, retries, errors, layers_report = {}, {}, {}, {}
-        inv_freq = model.inv_freq
-        hidden = {"x": None, "at": 0}  # our copy of the calibration hidden states: input of layer `at`
-        timings = {"hidden_forward": 0.0, "mlp_io": 0.0, "attention": 0.0, "mlp_solve": 0.0}
+        attention = by_layer([(i, n) for i, n in selected if n not in MLP_NAMES])
+        # X^T X of every chosen attention projection, of the MLP's input (up) and of down's input;
+        # the MLP's dense input X itself (gate's input, the same tensor as up's)
+        xtx = {i: attention.get(i, []) + (["mlp.up_proj", "mlp.down_proj"] if i in mlp_layers else [])
+               for i in sorted(set(attention) | set(mlp_layers))}
+        collectors = [InputXtX.for_layers(xtx),
+                      Activations.for_layers({i: ["mlp.gate_proj"] for i in mlp_layers})]
+        result = {"per_matrix": {}, "retries": {}, "errors": {}, "layers": {}}
+        timings = {"mlp_io": 0.0, "attention": 0.0, "mlp_solve": 0.0}
 
-        def layer_input(i):
-            t0 = time.perf_counter()
-            if hidden["x"] is None:
-                hidden["x"] = embed_inputs(model, tokens, bs)
-            while hidden["at"] < i:
-                graphdef, state = nnx.split(model.layers[hidden["at"]])
-                x = hidden["x"]
-                hidden["x"] = jnp.concatenate([_layer_forward(graphdef, state, x[s:s + bs], inv_freq)
-                                               for s in range(0, n_seq, bs)])
-                hidden["at"] += 1
-            jax.block_until_ready(hidden["x"])
-            timings["hidden_forward"] += time.perf_counter() - t0
-            return hidden["x"]
-
-        def set_kernel(lin, kernel, keep, full):
-            if not np.isfinite(np.asarray(kernel)).all():
-                raise UserError(f"SparseLLM produced non-finite weights in {full}; stopping")
-            lin.kernel.set_value(jnp.asarray(kernel).astype(lin.kernel.dtype))
-            mask_weights(lin, keep)
-            per_matrix[full] = _measured(lin)
-
-        def visit(i, layer, stats):
+        def visit(i, layer, calib):
             X = Y = None
             if i in mlp_layers:  # dense MLP input/output, before anything in the layer is pruned
                 t0 = time.perf_counter()
-                x = layer_input(i)
-                graphdef, state = nnx.split(layer)
-                io = [_mlp_io(graphdef, state, x[s:s + bs], inv_freq) for s in range(0, n_seq, bs)]
-                X = jnp.concatenate([a for a, _ in io])
-                Y = jnp.concatenate([b for _, b in io])
-                del io
-                jax.block_until_ready((X, Y))
+                X = calib.stats[Activations.name]["mlp.gate_proj"]
+                Y = mlp_output(layer.mlp, X)
+                jax.block_until_ready(Y)
                 if not bool(jnp.all(jnp.isfinite(X)) & jnp.all(jnp.isfinite(Y))):
                     raise UserError(f"SparseLLM: layers.{i}: the MLP's calibration inputs/outputs "
                                     "contain NaN/Inf; stopping")
                 timings["mlp_io"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            factors = {}
-            for name, s in stats.items():
-                if (i, name) not in chosen or name in MLP_NAMES:
-                    continue
-                full = f"layers.{i}.{name}"
-                lin = _node(layer, name)
-                try:
-                    kernel, keep, info = sparsegpt_prune(
-                        lin.effective_kernel(), s.hessian(),
-                        factor=shared_factor(factors, name, s, self.percdamp), **prune_kw)
-                except ValueError as e:
-                    raise UserError(f"SparseLLM: {full}: {e}") from None
-                set_kernel(lin, kernel, keep, full)
-                errors[full] = float(info["error"])
-                if info.get("retries"):
-                    retries[full] = {"retries": int(info["retries"]), "damping": float(info["damping"])}
+            self._attention(i, layer, calib, attention.get(i, []), prune_kw, result)
             timings["attention"] += time.perf_counter() - t0
-            if X is None:
-                return
-            t0 = time.perf_counter()
-            lins = {name: _node(layer, name) for name in MLP_NAMES}
-            rounds = []
+            if X is not None:
+                t0 = time.perf_counter()
+                self._mlp(i, layer, calib, X, Y, prune_kw, result)
+                timings["mlp_solve"] += time.perf_counter() - t0
+
+        t_start = time.perf_counter()
+        driver = run_sequential(model, tokens, visit, collectors, batch_size=self.batch_size,
+                                progress=ctx.progress, desc="sparsellm")
+        # `timings` keeps the driver's meaning (every key but "visit" is a forward pass, as the
+        # runner reads it): the MLP forward inside `visit` is moved out of it.
+        solve = {"attention": timings.pop("attention"), "mlp": timings.pop("mlp_solve"),
+                 "total": time.perf_counter() - t_start}
+        timings.update(driver)
+        timings["visit"] -= timings["mlp_io"]
+        record(ctx, self.kind, result["per_matrix"], pattern=self.pattern or "unstructured",
+               timings=timings, seconds=solve, calibration_tokens=int(tokens.size),
+               damping_retries=result["retries"], reconstruction_error=result["errors"],
+               layers=result["layers"], mlp_layers=mlp_layers,
+               num_pruned_layers=first_layers(model.config.num_layers, self.fraction),
+               hyperparameters={k: getattr(self, k) for k in (
+                   "alpha", "beta", "gamma", "iterations", "s_steps", "s_lr", "refit_damp",
+                   "keep_best", "fraction", "blocksize", "percdamp")})
+        return model
+
+    @staticmethod
+    def _set_kernel(lin, kernel, keep, full: str, result) -> None:
+        if not np.isfinite(np.asarray(kernel)).all():
+            raise UserError(f"SparseLLM produced non-finite weights in {full}; stopping")
+        lin.kernel.set_value(jnp.asarray(kernel).astype(lin.kernel.dtype))
+        mask_weights(lin, keep)
+        result["per_matrix"][full] = measured(lin)
+
+    def _attention(self, i, layer, calib, names, prune_kw, result) -> None:
+        """SparseGPT on the chosen attention projections of layer `i`."""
+        factors = {}
+        for name in names:
+            full = f"layers.{i}.{name}"
+            lin = node(layer, name)
+            H = hessian(calib.stats[InputXtX.name][name], calib.sequences)
+            try:
+                kernel, keep, info = sparsegpt_prune(
+                    lin.effective_kernel(), H, factor=shared_factor(factors, name, H, self.percdamp),
+                    **prune_kw)
+            except ValueError as e:
+                raise UserError(f"SparseLLM: {full}: {e}") from None
+            self._set_kernel(lin, kernel, keep, full, result)
+            result["errors"][full] = float(info["error"])
+            if info.get("retries"):
+                result["retries"][full] = {"retries": int(info["retries"]),
+                                           "damping": float(info["damping"])}
+
+    def _mlp(self, i, layer, calib, X, Y, prune_kw, result) -> None:
+        """gate, up and down of layer `i` pruned jointly against the dense `X`, `Y`."""
+        t0 = time.perf_counter()
+        lins = {name: node(layer, name) for name in MLP_NAMES}
+        xtx = calib.stats[InputXtX.name]
+        rounds = []
+        try:
             with PeakMemory() as memory:
                 gate, up, down, keeps, info = sparsellm_mlp(
                     X, Y, lins["mlp.gate_proj"].effective_kernel(),
                     lins["mlp.up_proj"].effective_kernel(), lins["mlp.down_proj"].effective_kernel(),
-                    stats["mlp.up_proj"].xtx, n_seq, alpha=self.alpha, beta=self.beta,
+                    xtx["mlp.up_proj"], calib.sequences, alpha=self.alpha, beta=self.beta,
                     gamma=self.gamma, iterations=self.iterations, s_steps=self.s_steps,
                     s_lr=self.s_lr, refit_damp=self.refit_damp, keep_best=self.keep_best,
-                    h_down=stats["mlp.down_proj"].hessian(), where=f"layers.{i}.mlp",
+                    h_down=hessian(xtx["mlp.down_proj"], calib.sequences), where=f"layers.{i}.mlp",
                     log=rounds.append, **prune_kw)
-            for name, kernel, key in (("mlp.gate_proj", gate, "gate"), ("mlp.up_proj", up, "up"),
-                                      ("mlp.down_proj", down, "down")):
-                set_kernel(lins[name], kernel, keeps[key], f"layers.{i}.{name}")
-            seconds = time.perf_counter() - t0
-            timings["mlp_solve"] += seconds
-            for r in rounds:
-                for k, v in r.get("retries", {}).items():
-                    retries.setdefault(f"layers.{i}.mlp.{k}_proj", {"retries": 0})["retries"] += v
-            layers_report[i] = {
-                "rounds": [{k: r[k] for k in ("round", "before", "after", "reconstruction",
-                                              "relative", "seconds")} for r in rounds],
-                "kept_round": info["best_round"], "y_norm": info["y_norm"], "seconds": seconds,
-                "peak_memory_bytes": memory.peak,
-                "aux_bytes": 3 * X.shape[0] * gate.shape[1] * 4 + 2 * X.size * 4}
-            del X, Y
-
-        t_start = time.perf_counter()
-        driver = run_sequential(model, tokens, visit, targets=only, want_xtx=True,
-                                batch_size=self.batch_size, progress=ctx.progress, desc="sparsellm")
-        # `timings` keeps the driver's meaning (every key but "visit" is a forward pass, as the
-        # runner reads it): our own forwards inside `visit` are moved out of it.
-        solve = {"attention": timings.pop("attention"), "mlp": timings.pop("mlp_solve"),
-                 "total": time.perf_counter() - t_start}
-        timings.update(driver)
-        timings["visit"] -= timings["hidden_forward"] + timings["mlp_io"]
-        _record(ctx, self.kind, per_matrix, pattern=self.pattern or "unstructured", timings=timings,
-                seconds=solve,
-                calibration_tokens=int(tokens.size), damping_retries=retries,
-                reconstruction_error=errors, layers=layers_report,
-                mlp_layers=mlp_layers, num_pruned_layers=first_layers(model.config.num_layers, self.fraction),
-                hyperparameters={k: getattr(self, k) for k in (
-                    "alpha", "beta", "gamma", "iterations", "s_steps", "s_lr", "refit_damp",
-                    "keep_best", "fraction", "blocksize", "percdamp")})
-        return model
+        except ValueError as e:
+            raise UserError(f"SparseLLM: layers.{i}.mlp: {e}") from None
+        for name, kernel, key in (("mlp.gate_proj", gate, "gate"), ("mlp.up_proj", up, "up"),
+                                  ("mlp.down_proj", down, "down")):
+            self._set_kernel(lins[name], kernel, keeps[key], f"layers.{i}.{name}", result)
+        for r in rounds:
+            for k, v in r.get("retries", {}).items():
+                result["retries"].setdefault(f"layers.{i}.mlp.{k}_proj", {"retries": 0})["retries"] += v
+        result["layers"][i] = {
+            "rounds": [{k: r[k] for k in ("round", "before", "after", "reconstruction",
+                                          "relative", "seconds")} for r in rounds],
+            "kept_round": info["best_round"], "y_norm": info["y_norm"],
+            "seconds": time.perf_counter() - t0, "peak_memory_bytes": memory.peak,
+            "aux_bytes": 3 * X.shape[0] * gate.shape[1] * 4 + 2 * X.size * 4}

@@ -1,6 +1,9 @@
 """Structural transforms: drop layers, shrink MLPs, remove query heads / KV groups / hidden
-channels, fold masks. Calibration-free (channels ranked by `weight_norm`); the calibrated
-criteria of the papers plug in through `score` as they arrive.
+channels, fold masks. Channels are ranked by any registered score (`nnxprune.scoring`; default
+`weight_norm`, calibration-free). A score that reads activation statistics (e.g. `wanda`) makes
+the transform ask for calibration: its collectors run over the dense model in one pass of the
+sequential driver before anything is removed (as Minitron ranks all widths from one forward),
+and every group is then ranked from those statistics.
 
 Every structured transform takes `soft = true` to mask the channels instead of slicing them
 (shapes kept; `fold_masks` or a later hard edit makes it real). Layer indices refer to the model
@@ -13,9 +16,10 @@ import dataclasses
 from typing import ClassVar
 
 from nnxprune import graph
+from nnxprune.calibration.sequential import collect_statistics
 from nnxprune.errors import UserError
 from nnxprune.models.llama import LayerShape, LlamaConfig
-from nnxprune.scoring.weight import SCORES, channel_scores, lowest
+from nnxprune.scoring import SCORES, Stats, get_score, lowest
 from nnxprune.transforms.base import Context, Transform, register
 
 
@@ -32,8 +36,35 @@ def _check_layers(layers: tuple[int, ...] | None, config: LlamaConfig) -> tuple[
 
 
 def _check_score(score: str) -> None:
-    if score not in SCORES:
-        raise UserError(f"unknown score {score!r}; known: {', '.join(SCORES)}")
+    get_score(score)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Scored(Transform):
+    """A structured transform that ranks channels by `score` (module docstring)."""
+
+    score: str = "weight_norm"
+    batch_size: int = 8
+    kind: ClassVar[str]
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.score in SCORES and SCORES[self.score].needs_calibration()
+
+    def statistics(self, model, ctx: Context) -> Stats | None:
+        """The score's statistics over the dense model (None for a calibration-free score)."""
+        collectors = get_score(self.score).collectors(len(model.layers))
+        if not collectors:
+            return None
+        tokens = ctx.calibration_tokens()
+        if tokens is None:
+            raise UserError(f"score {self.score!r} needs calibration data: add a [calibration] "
+                            "section")
+        return collect_statistics(model, tokens, collectors, batch_size=self.batch_size,
+                                  progress=ctx.progress, desc=f"{self.kind} ({self.score})")
+
+    def rank(self, model, group, stats: Stats | None):
+        return get_score(self.score)(model, group, stats)
 
 
 def _amount(size: int, fraction: float | None, count: int | None, what: str) -> int:
@@ -83,13 +114,12 @@ class DropLayers(Transform):
 
 @register("shrink_mlp")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ShrinkMLP(Transform):
+class ShrinkMLP(_Scored):
     """Removes the lowest-scoring MLP neurons of each chosen layer."""
 
     fraction: float | None = None
     count: int | None = None
     layers: tuple[int, ...] | None = None
-    score: str = "weight_norm"
     soft: bool = False
     kind: ClassVar[str]
 
@@ -105,11 +135,12 @@ class ShrinkMLP(Transform):
         return dataclasses.replace(config, layers=tuple(shapes))
 
     def __call__(self, model, ctx: Context):
+        stats = self.statistics(model, ctx)
         sizes = {}
         for i in _check_layers(self.layers, model.config):
             group = graph.find_group(model, "mlp", i)
             removed = _amount(group.size, self.fraction, self.count, f"MLP of layer {i}")
-            keep = lowest(channel_scores(model, group, self.score), removed)
+            keep = lowest(self.rank(model, group, stats), removed)
             _edit(model, group, keep, self.soft)
             sizes[i] = [group.size, len(keep)]
         ctx.log(self.kind, score=self.score, soft=self.soft, widths=sizes)
@@ -118,13 +149,12 @@ class ShrinkMLP(Transform):
 
 @register("remove_query_heads")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RemoveQueryHeads(Transform):
+class RemoveQueryHeads(_Scored):
     """Removes `per_kv_group` query heads from every KV group of each chosen layer (GQA stays
     valid: every KV group keeps the same number of query heads)."""
 
     per_kv_group: int = 1
     layers: tuple[int, ...] | None = None
-    score: str = "weight_norm"
     soft: bool = False
     kind: ClassVar[str]
 
@@ -143,10 +173,11 @@ class RemoveQueryHeads(Transform):
         return dataclasses.replace(config, layers=tuple(shapes))
 
     def __call__(self, model, ctx: Context):
+        stats = self.statistics(model, ctx)
         heads = {}
         for i in _check_layers(self.layers, model.config):
             group = graph.find_group(model, "q", i)
-            keep = lowest(channel_scores(model, group, self.score), self.per_kv_group, group.blocks)
+            keep = lowest(self.rank(model, group, stats), self.per_kv_group, group.blocks)
             _edit(model, group, keep, self.soft)
             heads[i] = [int(k) for k in keep]
         ctx.log(self.kind, score=self.score, soft=self.soft, kept_heads=heads)
@@ -155,12 +186,11 @@ class RemoveQueryHeads(Transform):
 
 @register("remove_kv_groups")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RemoveKVGroups(Transform):
+class RemoveKVGroups(_Scored):
     """Removes `count` whole KV groups (a k and v head with all their query heads) per layer."""
 
     count: int = 1
     layers: tuple[int, ...] | None = None
-    score: str = "weight_norm"
     soft: bool = False
     kind: ClassVar[str]
 
@@ -180,10 +210,11 @@ class RemoveKVGroups(Transform):
         return dataclasses.replace(config, layers=tuple(shapes))
 
     def __call__(self, model, ctx: Context):
+        stats = self.statistics(model, ctx)
         kept = {}
         for i in _check_layers(self.layers, model.config):
             group = graph.find_group(model, "kv", i)
-            keep = lowest(channel_scores(model, group, self.score), self.count)
+            keep = lowest(self.rank(model, group, stats), self.count)
             _edit(model, group, keep, self.soft)
             kept[i] = [int(k) for k in keep]
         ctx.log(self.kind, score=self.score, soft=self.soft, kept_kv_heads=kept)
@@ -192,12 +223,11 @@ class RemoveKVGroups(Transform):
 
 @register("shrink_hidden")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ShrinkHidden(Transform):
+class ShrinkHidden(_Scored):
     """Removes the lowest-scoring hidden (embedding) channels everywhere at once."""
 
     fraction: float | None = None
     count: int | None = None
-    score: str = "weight_norm"
     soft: bool = False
     kind: ClassVar[str]
 
@@ -209,9 +239,10 @@ class ShrinkHidden(Transform):
         return dataclasses.replace(config, hidden_size=config.hidden_size - removed)
 
     def __call__(self, model, ctx: Context):
+        stats = self.statistics(model, ctx)
         group = graph.find_group(model, "embed")
         removed = _amount(group.size, self.fraction, self.count, "hidden size")
-        keep = lowest(channel_scores(model, group, self.score), removed)
+        keep = lowest(self.rank(model, group, stats), removed)
         _edit(model, group, keep, self.soft)
         ctx.log(self.kind, score=self.score, soft=self.soft, hidden=[group.size, len(keep)])
         return model

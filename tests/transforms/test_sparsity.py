@@ -8,11 +8,13 @@ import pytest
 from conftest import randomize_params
 from flax import nnx
 
+from nnxprune.algorithms.owl import owl_allocation
+from nnxprune.algorithms.sparsegpt import hessian
+from nnxprune.calibration.collectors import InputSumSq, InputXtX
 from nnxprune.calibration.sequential import embed_inputs, run_sequential
 from nnxprune.errors import UserError
 from nnxprune.models.llama import Llama, LlamaConfig
 from nnxprune.transforms import OWL, Context, Magnitude, SparseGPT, Wanda
-from nnxprune.transforms.sparsity import owl_allocation
 
 CFG = LlamaConfig.uniform(vocab_size=96, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
                           intermediate_size=64, head_dim=8, max_position_embeddings=64)
@@ -105,14 +107,14 @@ def test_sequential_driver_feeds_pruned_outputs_forward():
     model = build()
     seen = {}
 
-    def visit(i, layer, stats):
-        seen[i] = np.asarray(stats["self_attn.q_proj"].sumsq)
+    def visit(i, layer, calib):
+        seen[i] = np.asarray(calib.stats["sumsq"]["self_attn.q_proj"])
         for name in NAMES:  # prune something visible: half of every matrix
             node = lin(model, i, name)
             node.set_mask(np.arange(node.kernel.shape[0])[:, None] % 2 == 0
                           * np.ones(node.kernel.shape, bool))
 
-    run_sequential(model, TOKENS, visit, progress=False)
+    run_sequential(model, TOKENS, visit, [InputSumSq(names=NAMES)], progress=False)
     x_pruned = np.asarray(layer_input(model, 1, "self_attn.q_proj"))  # model is pruned now
     np.testing.assert_allclose(seen[1], (x_pruned.reshape(-1, 32) ** 2).sum(0), rtol=2e-4)
     dense_x = np.asarray(layer_input(build(), 1, "self_attn.q_proj"))
@@ -122,20 +124,22 @@ def test_sequential_driver_feeds_pruned_outputs_forward():
 def test_driver_hessian_matches_inputs():
     model = build()
     got = {}
-    run_sequential(model, TOKENS, lambda i, layer, s: got.setdefault(i, s), want_xtx=True,
+    run_sequential(model, TOKENS, lambda i, layer, c: got.setdefault(i, c), [InputXtX(names=NAMES)],
                    progress=False, batch_size=3)  # 3 does not divide 8: batches of 2
     x = np.asarray(layer_input(model, 0, "mlp.down_proj"), np.float64).reshape(-1, 64)
-    s = got[0]["mlp.down_proj"]
-    assert s.tokens == 8 * 32 and s.sequences == 8
-    np.testing.assert_allclose(np.asarray(s.hessian()), 2 / 8 * x.T @ x, rtol=1e-3, atol=1e-3)
+    c = got[0]
+    assert c.tokens == 8 * 32 and c.sequences == 8
+    H = hessian(c.stats["xtx"]["mlp.down_proj"], c.sequences)
+    np.testing.assert_allclose(np.asarray(H), 2 / 8 * x.T @ x, rtol=1e-3, atol=1e-3)
     # the projections SparseGPT factors once per input (SHARED_INPUT) do read one tensor
-    from nnxprune.transforms.sparsity import SHARED_INPUT
+    from nnxprune.transforms.sparsegpt import SHARED_INPUT
 
-    for i, stats in got.items():
+    for i, calib in got.items():
+        stats = calib.stats["xtx"]
         for shared in set(SHARED_INPUT.values()):
             names = [n for n, key in SHARED_INPUT.items() if key == shared]
             for n in names[1:]:
-                np.testing.assert_array_equal(np.asarray(stats[n].xtx), np.asarray(stats[names[0]].xtx))
+                np.testing.assert_array_equal(np.asarray(stats[n]), np.asarray(stats[names[0]]))
 
 
 def test_same_seed_same_masks_and_embed_once():
