@@ -9,9 +9,6 @@ from nnxprune.data import token_stream, windows
 from nnxprune.errors import UserError
 from nnxprune.evaluate.protocol import protocol_for
 
-WIKI_TOKENS = 304_986
-WIKI_FIRST_IDS = [1116, 446, 6356, 389]
-
 # ---------------------------------------------------------------- windows
 
 
@@ -60,26 +57,3 @@ def test_token_stream_joins_documents_and_bos(tmp_path):
     assert with_bos.tolist() == [7, *stream.tolist()]
     with pytest.raises(UserError, match="fewer than"):
         token_stream(protocol_for("c4", documents=4), _CharTokenizer(), tmp_path)
-
-
-# ---------------------------------------------------------------- real files
-
-
-@pytest.mark.real
-def test_real_wikitext_stream_and_windows(data_dir, smollm2_tokenizer):
-    p = protocol_for("wikitext2")
-    stream = token_stream(p, smollm2_tokenizer, data_dir)
-    assert stream.dtype == np.int32 and stream.shape == (WIKI_TOKENS,)
-    assert stream[:4].tolist() == WIKI_FIRST_IDS
-    w = windows(stream, p)
-    assert w.shape == (WIKI_TOKENS // 1024, 1024) == (297, 1024)
-    np.testing.assert_array_equal(w.ravel(), stream[: 297 * 1024])
-    assert windows(stream, protocol_for("wikitext2", max_windows=32)).shape == (32, 1024)
-
-
-@pytest.mark.real
-def test_real_c4_stream(data_dir, smollm2_tokenizer):
-    p = protocol_for("c4")
-    stream = token_stream(p, smollm2_tokenizer, data_dir)
-    assert stream.dtype == np.int32 and stream.size > 1024
-    assert windows(stream, p).shape[1] == 1024
