@@ -78,8 +78,8 @@ def prepare_pruning(args):
     dense_row`."""
     from types import SimpleNamespace
 
-    from nnxprune.calibration import calibration_samples
-    from nnxprune.evaluate import data as data_lib
+    from nnxprune import data as data_lib
+    from nnxprune.data import calibration_samples
     from nnxprune.evaluate.perplexity import score_windows
     from nnxprune.evaluate.protocol import protocol_for
     from nnxprune.io.load import load_model

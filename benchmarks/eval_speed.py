@@ -149,7 +149,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from nnxprune.evaluate import data as data_lib
+    from nnxprune import data as data_lib
     from nnxprune.evaluate.protocol import protocol_for
     from nnxprune.io.load import load_model
 

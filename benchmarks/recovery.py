@@ -33,8 +33,8 @@ def prepare_without_dense(args):
     import json
     from types import SimpleNamespace
 
-    from nnxprune.calibration import calibration_samples
-    from nnxprune.evaluate import data as data_lib
+    from nnxprune import data as data_lib
+    from nnxprune.data import calibration_samples
     from nnxprune.evaluate.protocol import protocol_for
     from nnxprune.io.load import load_model
     from nnxprune.measure import measured_sparsity
@@ -72,7 +72,7 @@ def main() -> None:
 
     from flax import nnx
 
-    from nnxprune.evaluate import data as data_lib
+    from nnxprune import data as data_lib
     from nnxprune.evaluate.perplexity import score_windows
     from nnxprune.recipes import load_recipe
     from nnxprune.recovery import train

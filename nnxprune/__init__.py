@@ -25,7 +25,7 @@ Recovery training (distillation, LoRA, continued pretraining; masks held, sharde
 """
 
 from nnxprune import graph, recovery, transforms
-from nnxprune.calibration import CalibrationSet, calibration_samples
+from nnxprune.data import CalibrationSet, calibration_samples
 from nnxprune.errors import UserError
 from nnxprune.evaluate.perplexity import PerplexityResult, evaluate_perplexity
 from nnxprune.evaluate.protocol import PerplexityProtocol, protocol_for

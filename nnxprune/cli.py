@@ -51,7 +51,7 @@ def _load(args, *, with_tokenizer: bool = True):
 
 # -- commands --------------------------------------------------------------------------------------
 def cmd_eval(args) -> int:
-    from nnxprune.evaluate import data as data_lib
+    from nnxprune import data as data_lib
     from nnxprune.evaluate.perplexity import evaluate_perplexity
     from nnxprune.evaluate.protocol import protocol_for
     from nnxprune.io import atomic

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nnxprune import data as data_lib
 from nnxprune.errors import UserError
-from nnxprune.evaluate import data as data_lib
 from nnxprune.io import atomic
 from nnxprune.measure import PeakMemory, count_params, measured_sparsity, source_hash
 from nnxprune.recipes import Recipe
@@ -128,9 +128,7 @@ def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_pat
 
         lmeval.task_manager(recipe.lm_eval["tasks"], recipe.lm_eval.get("include_path"))
     if recipe.recovery is not None:
-        from nnxprune.recovery import data as recovery_data
-
-        recovery_data.check_source(recipe.recovery.dataset, data_dir)
+        data_lib.check_source(recipe.recovery.dataset, data_dir)
         lora = recipe.recovery.lora
         if lora is not None and not lora.merge and out is not None:
             raise UserError("recovery.lora.merge = false keeps the adapters outside the kernels, "

@@ -114,7 +114,7 @@ def test_logits_match_transformers_gguf(our_logits, hf_from_gguf, torch, sentenc
 @pytest.fixture(scope="module")
 def data_dir() -> Path:
     """The shared data folder from $NNXPRUNE_DATA_DIR, or skip (before any model is loaded)."""
-    from nnxprune.evaluate import data as data_lib
+    from nnxprune import data as data_lib
 
     value = os.environ.get(data_lib.DATA_DIR_ENV)
     if not value:
@@ -126,7 +126,7 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def wiki_windows(data_dir, loaded):
-    from nnxprune.evaluate import data as data_lib
+    from nnxprune import data as data_lib
     from nnxprune.evaluate.protocol import protocol_for
 
     protocol = protocol_for("wikitext2", seqlen=1024, max_windows=PPL_WINDOWS, batch_size=1)

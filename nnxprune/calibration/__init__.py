@@ -1,6 +1,4 @@
-"""Calibration data (drawn as the Wanda / SparseGPT reference code draws it) for post-training
-pruning."""
+"""Calibration for post-training pruning: the sequential block-by-block driver (`sequential`).
 
-from nnxprune.calibration.data import DATASETS, FILE_SUFFIXES, CalibrationSet, calibration_samples
-
-__all__ = ["CalibrationSet", "calibration_samples", "DATASETS", "FILE_SUFFIXES"]
+The calibration samples themselves come from `nnxprune.data.calibration_samples`.
+"""

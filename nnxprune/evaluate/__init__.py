@@ -1,1 +1,2 @@
-"""Evaluation: the perplexity protocol, its data (WikiText-2, C4) and token windows."""
+"""Evaluation: the perplexity protocol, jitted scoring and lm-eval (its text and token windows come
+from `nnxprune.data`)."""

@@ -18,7 +18,7 @@ from nnxprune.errors import UserError
 
 def wikitext_paragraphs(n: int, data_dir=None) -> list[str]:
     """The first `n` WikiText-2 test rows longer than 80 characters that are not headings."""
-    from nnxprune.evaluate import data as data_lib
+    from nnxprune import data as data_lib
 
     path = Path(data_lib.resolve_data_dir(data_dir)) / "wiki.test.raw"
     if not path.is_file():

@@ -29,8 +29,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from nnxprune import data as data_lib
 from nnxprune.errors import UserError
-from nnxprune.evaluate import data as data_lib
 from nnxprune.evaluate.compile import compile_fast
 from nnxprune.evaluate.head import head_logprobs
 from nnxprune.evaluate.protocol import PerplexityProtocol

@@ -57,11 +57,10 @@ def recover(model, cfg, *, tokenizer, teacher=None, data_dir=None, log_dir=None,
 def run_train(model_name: str, recipe, *, out=None, report_path=None, teacher: str | None = None,
               train_dir=None, data_dir=None, progress: bool = True, echo=print) -> dict[str, Any]:
     """`nnxprune train`: see the module docstring."""
-    from nnxprune.evaluate import data as eval_data
+    from nnxprune import data as data_lib
     from nnxprune.io import atomic
     from nnxprune.io.checkpoint import is_checkpoint, read_meta, save_checkpoint
     from nnxprune.io.load import load_model
-    from nnxprune.recovery import data as rdata
     from nnxprune.runner import _ppl, count_params, measured_sparsity
 
     cfg = recipe.recovery
@@ -69,13 +68,13 @@ def run_train(model_name: str, recipe, *, out=None, report_path=None, teacher: s
         raise UserError("the recipe has no [recovery] section")
     if out is None and report_path is None:
         raise UserError("nothing would be written: pass --out and/or --json")
-    data_dir = eval_data.resolve_data_dir(data_dir)
-    rdata.check_source(cfg.dataset, data_dir)
+    data_dir = data_lib.resolve_data_dir(data_dir)
+    data_lib.check_source(cfg.dataset, data_dir)
     if cfg.lora is not None and not cfg.lora.merge and out is not None:
         raise UserError("recovery.lora.merge = false keeps the adapters outside the kernels, but "
                         "checkpoints hold plain projections: set merge = true or drop --out")
     if recipe.eval is not None:
-        eval_data.check_available(recipe.eval.dataset, recipe.eval.split, data_dir)
+        data_lib.check_available(recipe.eval.dataset, recipe.eval.split, data_dir)
     teacher_name = None
     if cfg.kind == "distill":
         teacher_name = teacher or cfg.distill.teacher or None

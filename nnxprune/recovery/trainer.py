@@ -39,8 +39,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from nnxprune import data as data_lib
 from nnxprune.errors import UserError
-from nnxprune.recovery import data as data_lib
 from nnxprune.recovery import lora as lora_lib
 from nnxprune.recovery import sharding as sh
 from nnxprune.recovery.config import RecoveryConfig

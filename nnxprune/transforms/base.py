@@ -39,7 +39,7 @@ class Context:
     def calibration_tokens(self):
         """The calibration tokens `[nsamples, seqlen]`, drawn once (None without calibration)."""
         if self.tokens is None and self.calibration is not None:
-            from nnxprune.calibration.data import calibration_samples
+            from nnxprune.data import calibration_samples
 
             c = self.calibration
             drawn = calibration_samples(self.tokenizer, dataset=c.dataset, nsamples=c.nsamples,

@@ -8,7 +8,7 @@ from flax import nnx
 
 from nnxprune.models.llama import Llama, LlamaConfig
 from nnxprune.recovery import RecoveryConfig
-from nnxprune.recovery.data import TokenWindows
+from nnxprune.data import TokenWindows
 
 VOCAB, SEQLEN = 128, 32
 CFG = LlamaConfig.uniform(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4,

@@ -19,7 +19,7 @@ def test_distill_real_weights_two_layers():
         pytest.skip("NNXPRUNE_DATA_DIR is not set (the C4 slice is needed)")
     from nnxprune.io.load import load_model
     from nnxprune.recovery import RecoveryConfig, train
-    from nnxprune.recovery.data import load_windows
+    from nnxprune.data import load_windows
     from nnxprune.measure import measured_sparsity
     from nnxprune.transforms import Context, Magnitude
 

@@ -2,7 +2,7 @@
 pipeline.
 
 Documents (C4, WikiText-2 train, or a local .txt / .jsonl / .parquet file; the same sources as
-calibration, `nnxprune.calibration.data`) are tokenized in order, joined with the tokenizer's EOS
+calibration, `nnxprune.data.sources`) are tokenized in order, joined with the tokenizer's EOS
 token and cut into windows of `seqlen` tokens. The split is by document: the first documents fill
 the held-out windows, training starts at the next document, so no document is in both. Only as
 many documents are tokenized as the run needs.
@@ -24,6 +24,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from nnxprune.data import sources
+from nnxprune.data.tokens import encode
 from nnxprune.errors import UserError
 
 
@@ -57,7 +59,7 @@ def pack(docs: Sequence[str], tokenizer: Any, *, seqlen: int, train_windows: int
             i += 1
             if not text or not text.strip():
                 continue
-            buf.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+            buf.extend(encode(tokenizer, text, add_special_tokens=False).tolist())
             buf.extend(sep)
         n = min(len(buf) // seqlen, windows)
         return np.asarray(buf[:n * seqlen], np.int32).reshape(n, seqlen), i
@@ -75,26 +77,11 @@ def pack(docs: Sequence[str], tokenizer: Any, *, seqlen: int, train_windows: int
 
 def documents(dataset: str, data_dir=None) -> tuple[Sequence[str], str]:
     """The documents of `dataset` ("c4", "wikitext2" or a file path) and where they came from."""
-    from nnxprune.calibration import data as cal
-
-    kind, _, path = cal._resolve_dataset(dataset)
-    if kind == "c4":
-        return cal._c4_documents(data_dir)
-    if kind == "wikitext2":  # the train split (the test split is what perplexity is measured on)
-        text, source = cal._wikitext2_train_text()  # one joined stream: cut into 20k-char parts
+    resolved = sources.resolve_dataset(dataset)
+    if resolved.kind == "wikitext2":  # the train split (perplexity is measured on the test split)
+        text, source = sources.wikitext2_train_text()  # one joined stream: cut into 20k-char parts
         return [text[i:i + 20_000] for i in range(0, len(text), 20_000)], source
-    return cal._file_documents(path), str(path.resolve())
-
-
-def check_source(dataset: str, data_dir=None) -> None:
-    """Fails fast (UserError) when the data could not be read; reads nothing for c4 / files."""
-    from nnxprune.calibration import data as cal
-    from nnxprune.evaluate import data as evaldata
-
-    kind, _, _ = cal._resolve_dataset(dataset)  # bad names and missing files raise here
-    folder = evaldata.resolve_data_dir(data_dir)
-    if kind == "c4" and folder is not None:
-        evaldata.check_available("c4", "validation", folder)
+    return sources.read_documents(resolved, data_dir)
 
 
 def load_windows(tokenizer: Any, dataset: str, *, seqlen: int, train_windows: int,

@@ -27,44 +27,35 @@ Details that decide which tokens come out, all as in the reference:
   tokenized once as one stream and each sample is `start = random.randint(0, n - seqlen - 1)`;
   no document is drawn, so every pick is `(0, start)`.
 
-Sources:
-- `"c4"`: with a data folder (`data_dir`, else `$NNXPRUNE_DATA_DIR`), its C4 validation slice
-  `c4_validation_2k.parquet` (documents in file order); without one, the reference's own source,
-  the hub's `allenai/c4` train shard `en/c4-train.00000-of-01024.json.gz`. The two are different
-  text; `CalibrationSet.source` says which was used.
-- `"wikitext2"`: the hub's `wikitext-2-raw-v1` train split (the data folder holds only the test
-  split, and calibrating on the test split would leak it into the evaluation).
-- a local file, by path: `.txt` (one document per line; lines that are empty or only whitespace
-  are skipped, the line ending is dropped), `.jsonl` (one JSON object per non-blank line, field
-  `text`), `.parquet` (column `text`). Picks index the documents in that order (for `.txt`, the
-  n-th non-empty line).
+Sources (`nnxprune.data.sources`): `"c4"` (the data folder's C4 validation slice, else the
+reference's own hub train shard; `CalibrationSet.source` says which was used), `"wikitext2"` (the
+hub's train split), or a local `.txt` / `.jsonl` / `.parquet` file, whose picks index its
+documents in file order (for `.txt`, the n-th non-empty line).
 
 A source with no document longer than `seqlen` tokens would make the reference loop forever;
 here it is a `UserError`, found before sampling by tokenizing documents from the longest (in
 characters) down until one qualifies; usually the first does.
+
+Example:
+    >>> cs = calibration_samples(tokenizer, dataset="c4", nsamples=128, seqlen=2048, seed=0)
+    >>> cs.tokens.shape, cs.picks[:2], cs.source
+    >>> for batch in cs.batches(8): ...                  # int32 [8, 2048]
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
 import os
 import random
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from nnxprune.data import sources
+from nnxprune.data.tokens import encode
 from nnxprune.errors import UserError
-from nnxprune.evaluate import data as evaldata
 
-DATASETS = ("c4", "wikitext2")
-FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
-C4_HUB_REPO = "allenai/c4"
-C4_HUB_FILE = "en/c4-train.00000-of-01024.json.gz"  # the reference's calibration shard
-WIKITEXT_HUB = ("wikitext", "wikitext-2-raw-v1")
 # Existence check: a document can have no more tokens than this many per character (a UTF-8
 # character is at most 4 bytes; byte-level BPE and SentencePiece byte fallback give at most one
 # token per byte) plus a few special tokens; longer seqlens skip its tokenization.
@@ -135,29 +126,26 @@ def calibration_samples(tokenizer: Any, *, dataset: str | os.PathLike = "c4", ns
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise UserError(f"seed must be an integer, got {seed!r}")
     nsamples, seqlen, seed = int(nsamples), int(seqlen), int(seed)
-    kind, name, path = _resolve_dataset(dataset)
+    resolved = sources.resolve_dataset(dataset)
 
-    if kind == "wikitext2":
-        text, source = _wikitext2_train_text()
-        ids = _encode(tokenizer, text)
+    if resolved.kind == "wikitext2":
+        text, source = sources.wikitext2_train_text()
+        ids = encode(tokenizer, text)
         n = ids.size
         if n <= seqlen:
             raise UserError(f"{source} has {n} tokens, not more than seqlen {seqlen}")
         rng = random.Random(seed)
         picks = [(0, rng.randint(0, n - seqlen - 1)) for _ in range(nsamples)]
         tokens = np.stack([ids[s:s + seqlen] for _, s in picks])
-        return _result(tokens, picks, name, seed, seqlen, source)
+        return _result(tokens, picks, resolved.name, seed, seqlen, source)
 
-    if kind == "c4":
-        docs, source = _c4_documents(data_dir)
-    else:
-        docs, source = _file_documents(path), str(path.resolve())
+    docs, source = sources.read_documents(resolved, data_dir)
     if len(docs) == 0:
         raise UserError(f"{source} holds no documents")
     encoder = _CachedEncoder(tokenizer, docs, seqlen)
     _require_long_document(encoder, docs, seqlen, source)
     tokens, picks = _draw(encoder, len(docs), nsamples, seqlen, seed)
-    return _result(tokens, picks, name, seed, seqlen, source)
+    return _result(tokens, picks, resolved.name, seed, seqlen, source)
 
 
 # -- the sampler ---------------------------------------------------------------------------------
@@ -176,7 +164,7 @@ class _CachedEncoder:
             return self.long[i]
         if i in self.short:
             return None
-        ids = _encode(self.tokenizer, self.docs[i])
+        ids = encode(self.tokenizer, self.docs[i])
         if ids.size > self.seqlen:
             self.long[i] = ids
             return ids
@@ -222,15 +210,6 @@ def _require_long_document(encoder: _CachedEncoder, docs: Sequence[str], seqlen:
                     f"lower seqlen or use longer documents")
 
 
-def _encode(tokenizer: Any, text: str) -> np.ndarray:
-    """`tokenizer(text).input_ids` (defaults, as the reference) as int32."""
-    # verbose=False: documents longer than the model's context are expected here
-    ids = np.asarray(tokenizer(text, verbose=False)["input_ids"], dtype=np.int64).reshape(-1)
-    if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.int32).max):
-        raise UserError("token ids do not fit in int32")
-    return ids.astype(np.int32)
-
-
 def _result(tokens, picks, name, seed, seqlen, source) -> CalibrationSet:
     tokens = np.ascontiguousarray(tokens, dtype=np.int32)
     tokens.setflags(write=False)
@@ -238,121 +217,8 @@ def _result(tokens, picks, name, seed, seqlen, source) -> CalibrationSet:
                           dataset=name, seed=seed, seqlen=seqlen, source=source)
 
 
-# -- sources -------------------------------------------------------------------------------------
-def _resolve_dataset(dataset: str | os.PathLike) -> tuple[str, str, Path | None]:
-    """(kind, name, path): kind is "c4", "wikitext2" or "file"."""
-    if isinstance(dataset, os.PathLike):
-        path = Path(dataset)
-    elif isinstance(dataset, str):
-        if dataset.lower() in DATASETS:
-            return dataset.lower(), dataset.lower(), None
-        path = Path(dataset).expanduser()
-        looks_like_file = path.suffix.lower() in FILE_SUFFIXES or os.sep in dataset \
-            or (os.altsep is not None and os.altsep in dataset) or path.exists()
-        if not looks_like_file:
-            hint = difflib.get_close_matches(dataset.lower(), DATASETS, n=1, cutoff=0.4)
-            did_you_mean = f"did you mean '{hint[0]}'? " if hint else ""
-            raise UserError(f"unknown calibration dataset '{dataset}'; {did_you_mean}known: "
-                            f"{', '.join(DATASETS)}, or a {'/'.join(FILE_SUFFIXES)} file")
-    else:
-        raise UserError(f"dataset must be a name or a file path, got {dataset!r}")
-    if not path.exists():
-        raise UserError(f"calibration file {path} not found")
-    if not path.is_file():
-        raise UserError(f"calibration file {path} is not a file")
-    if path.suffix.lower() not in FILE_SUFFIXES:
-        raise UserError(f"calibration file {path} has an unsupported type '{path.suffix}'; "
-                        f"use {', '.join(FILE_SUFFIXES)}")
-    return "file", str(dataset), path
-
-
-def _file_documents(path: Path) -> list[str]:
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        return evaldata._parquet_text(path)
-    try:
-        with open(path, encoding="utf-8") as f:  # universal newlines: \r\n and \r end lines too
-            lines = f.read().split("\n")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
-    if suffix == ".txt":
-        return [line for line in lines if line.strip()]
-    docs = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        text = row.get("text") if isinstance(row, dict) else None
-        if not isinstance(text, str):
-            raise UserError(f"{path}:{number}: expected an object with a string field 'text'")
-        docs.append(text)
-    return docs
-
-
-def _c4_documents(data_dir: str | os.PathLike | None) -> tuple[Sequence[str], str]:
-    """The local C4 validation slice, or without a data folder the reference's hub train shard."""
-    folder = evaldata.resolve_data_dir(data_dir)
-    if folder is not None:
-        evaldata.check_available("c4", "validation", folder)
-        name = evaldata.DATA_FILES[("c4", "validation")]
-        return evaldata.load_rows("c4", "validation", folder), str(folder / name)
-    source = f"hf://datasets/{C4_HUB_REPO}/{C4_HUB_FILE}"
-    ds = _load_hub(source, "c4", C4_HUB_REPO, data_files={"train": C4_HUB_FILE}, split="train")
-    return _ArrowTexts(ds), source
-
-
-def _wikitext2_train_text() -> tuple[str, str]:
-    """The WikiText-2 raw train rows joined with " " (as the reference joins them)."""
-    source = f"hf://datasets/{WIKITEXT_HUB[0]}/{WIKITEXT_HUB[1]}/train"
-    ds = _load_hub(source, "wikitext2", *WIKITEXT_HUB, split="train")
-    return " ".join(t if t is not None else "" for t in ds["text"]), source
-
-
-def _load_hub(source: str, name: str, *args, **kwargs):
-    """`datasets.load_dataset(*args, **kwargs)`, with an unreachable hub found quickly and every
-    failure a one-line UserError."""
-    hint = (f"calibration set '{name}' needs the Hugging Face hub ({source})"
-            + ("; or pass --data-dir / set NNXPRUNE_DATA_DIR to a folder with "
-               "c4_validation_2k.parquet" if name == "c4" else "")
-            + "; or pass a local .txt/.jsonl/.parquet file")
-    try:
-        import datasets
-    except ImportError:
-        raise UserError(f"package 'datasets' is needed; {hint}") from None
-    if not evaldata._hub_offline() and not evaldata._hub_reachable():
-        raise UserError(f"cannot reach the Hugging Face hub: {hint}")
-    try:
-        return datasets.load_dataset(*args, **kwargs)
-    except Exception as e:  # connection, cache-miss and not-found errors come in many types
-        raise UserError(f"cannot load {source} ({evaldata._one_line(e)}); {hint}") from None
-
-
-class _ArrowTexts(Sequence):
-    """The `text` column of a `datasets.Dataset`, read one row at a time (no list of all texts)."""
-
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        text = self.ds[int(i)]["text"]
-        return text if text is not None else ""
-
-    def char_lengths(self) -> np.ndarray:
-        import pyarrow.compute as pc
-
-        column = self.ds.with_format("arrow")[:]["text"]  # one Arrow read, no Python strings
-        return np.asarray(pc.fill_null(pc.utf8_length(column), 0).to_numpy(zero_copy_only=False),
-                          dtype=np.int64)
-
-
 def _char_lengths(docs: Sequence[str]) -> np.ndarray:
-    if isinstance(docs, _ArrowTexts):
+    if isinstance(docs, sources.ArrowTexts):
         return docs.char_lengths()
     return np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
 
@@ -360,6 +226,3 @@ def _char_lengths(docs: Sequence[str]) -> np.ndarray:
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise UserError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-__all__ = ["CalibrationSet", "calibration_samples", "DATASETS", "FILE_SUFFIXES"]

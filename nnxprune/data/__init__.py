@@ -1,0 +1,27 @@
+"""Text for calibration, evaluation and recovery, read through one module.
+
+- `sources`: where text comes from: the data folder (`--data-dir` / `NNXPRUNE_DATA_DIR`) with
+  WikiText-2 raw test and a C4 validation slice, the Hugging Face hub, local document files.
+- `calibration`: the Wanda / SparseGPT reference calibration sampler, draw for draw.
+- `stream`: an evaluation split as one token stream, cut into perplexity windows.
+- `training`: documents packed into training / held-out windows and a resumable grain iterator.
+- `tokens`: tokenizing to int32 ids.
+
+Example:
+    >>> from nnxprune import data
+    >>> cs = data.calibration_samples(tokenizer, dataset="c4", nsamples=128, seqlen=2048)
+    >>> stream = data.token_stream(protocol, tokenizer, data.resolve_data_dir(None))
+    >>> windows = data.load_windows(tokenizer, "c4", seqlen=512, train_windows=64,
+    ...                             heldout_windows=4)
+"""
+
+from nnxprune.data.calibration import CalibrationSet, calibration_samples
+from nnxprune.data.sources import (DATA_DIR_ENV, DATA_FILES, DATASETS, FILE_SUFFIXES,
+                                   check_available, check_source, load_rows, resolve_data_dir)
+from nnxprune.data.stream import token_stream, windows
+from nnxprune.data.training import TokenWindows, heldout_batches, load_windows, train_iterator
+
+__all__ = ["CalibrationSet", "DATASETS", "DATA_DIR_ENV", "DATA_FILES", "FILE_SUFFIXES",
+           "TokenWindows", "calibration_samples", "check_available", "check_source",
+           "heldout_batches", "load_rows", "load_windows", "resolve_data_dir", "token_stream",
+           "train_iterator", "windows"]
