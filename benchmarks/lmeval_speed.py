@@ -3,7 +3,7 @@
 SmolLM2-135M is exported to an HF folder (the weights nnxprune loaded from the GGUF, so both sides
 score identical float32 weights); both models then run the same local lm-eval task through
 `lm_eval.evaluator.simple_evaluate` in this one process, one after the other. The task is
-`wiki_next` (`nnxprune.evaluate.local_tasks`), multiple choice built from WikiText-2: a
+`wiki_next` (`nnxprune.evaluate.lmeval.local_tasks`), multiple choice built from WikiText-2: a
 paragraph's opening sentences, then its true next sentence against three sentences from
 elsewhere (4 loglikelihood requests per document). It runs twice, with contexts of 1 and of 3
 sentences: how much nnxprune saves depends on how long the shared context is next to the
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     from lm_eval.tasks import TaskManager
 
     from nnxprune.evaluate.lmeval import NnxpruneLM
-    from nnxprune.evaluate.local_tasks import write_wikitext_tasks
+    from nnxprune.evaluate.lmeval.local_tasks import write_wikitext_tasks
     from nnxprune.io.hf import export_hf
     from nnxprune.io.load import load_model
 

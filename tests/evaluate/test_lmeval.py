@@ -22,13 +22,13 @@ def _wikitext_lines(n: int) -> list[str]:
     data = Path(os.environ.get("NNXPRUNE_DATA_DIR", "../shared/data")) / "wiki.test.raw"
     if not data.exists():
         pytest.skip(f"{data} missing (set NNXPRUNE_DATA_DIR)")
-    from nnxprune.evaluate.local_tasks import wikitext_paragraphs
+    from nnxprune.evaluate.lmeval.local_tasks import wikitext_paragraphs
 
     return wikitext_paragraphs(n, data.parent)
 
 
 def write_tasks(folder: Path, n_mc: int = 6, n_roll: int = 3) -> Path:
-    from nnxprune.evaluate.local_tasks import write_wikitext_tasks
+    from nnxprune.evaluate.lmeval.local_tasks import write_wikitext_tasks
 
     _wikitext_lines(1)  # skips when the data is missing
     return write_wikitext_tasks(folder, n_mc, n_roll,
@@ -139,8 +139,9 @@ def test_token_scores_and_greedy_flags_on_every_path(tiny, monkeypatch, pack):
     import jax.numpy as jnp
 
     from nnxprune.evaluate import lmeval
+    from nnxprune.evaluate.lmeval import packing
 
-    monkeypatch.setattr(lmeval, "PACK_TOKENS", pack)
+    monkeypatch.setattr(packing, "PACK_TOKENS", pack)
     loaded, _ = tiny
     model = loaded.model
     ours = lmeval.NnxpruneLM(loaded=loaded, batch_size=4, max_length=512)

@@ -52,32 +52,31 @@ def write_wikitext_tasks(folder, n_mc: int = 6, n_roll: int = 3, *, data_dir=Non
     roll = [{"text": lines[100 + i]} for i in range(n_roll)]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
-    (folder / "roll.jsonl").write_text("".join(json.dumps(r) + "\n" for r in roll))
-    (folder / "wiki_next.yaml").write_text(f"""task: wiki_next
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {folder.resolve() / 'mc.jsonl'}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
+    _write_task(folder, "wiki_next", "mc.jsonl", mc, """output_type: multiple_choice
+doc_to_text: "{{context}}"
+doc_to_choice: "{{choices}}"
 doc_to_target: label
 target_delimiter: " "
 metric_list:
   - metric: acc
 """)
-    (folder / "wiki_roll.yaml").write_text(f"""task: wiki_roll
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {folder.resolve() / 'roll.jsonl'}
-test_split: test
-output_type: loglikelihood_rolling
+    _write_task(folder, "wiki_roll", "roll.jsonl", roll, """output_type: loglikelihood_rolling
 doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
+doc_to_target: "{{text}}"
 metric_list:
   - metric: word_perplexity
 """)
     return folder
+
+
+def _write_task(folder: Path, name: str, data: str, docs: list[dict], spec: str) -> None:
+    """Writes `docs` as JSONL to `folder / data` and the lm-eval task `name` over it: the YAML of
+    a local JSON test split, then `spec` (output type, prompts, metrics)."""
+    (folder / data).write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (folder / f"{name}.yaml").write_text(f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {folder.resolve() / data}
+test_split: test
+""" + spec)
