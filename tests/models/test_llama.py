@@ -214,3 +214,32 @@ def test_mask_equals_zeroed_kernel():
     # The mask changed the model (compared with the unmasked original weights).
     q.set_mask(np.ones(q.kernel.shape, bool))
     assert np.abs(np.asarray(model(toks)) - masked).max() > 1e-2
+
+
+def test_run_layers_keeps_layer_outputs_and_takes_an_attention_kernel(tiny_config, randomize):
+    """The one layer loop: `keep` hands back the outputs of the layers asked for (each equal to
+    running that many layers by hand), and an injected attention kernel replaces the default
+    one in every layer (the masked kernel gives the blocked kernel's result; a kernel that
+    attends nowhere changes the output)."""
+    from nnxprune.models import attention
+    from nnxprune.models.llama import default_positions
+
+    model = randomize(Llama(tiny_config, rngs=nnx.Rngs(0)))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, tiny_config.vocab_size, (2, 100)))
+    positions = default_positions(tokens)
+    x = model.embed_tokens(tokens)
+    out = model.run_layers(x, positions, keep=(0,))
+    assert set(out.hidden) == {0} and out.cache is None
+    by_hand = model.layers[0](x, positions, model.inv_freq)[0]
+    np.testing.assert_array_equal(np.asarray(out.hidden[0]), np.asarray(by_hand))
+    masked = model.run_layers(x, positions, attention_fn=attention.masked_attention)
+    np.testing.assert_allclose(np.asarray(masked.x), np.asarray(out.x), rtol=1e-4, atol=1e-4)
+    calls = []
+
+    def zero(q, keys, values, q_pos, k_pos):
+        calls.append(q.shape)
+        return jnp.zeros_like(q)
+
+    zeroed = model.run_layers(x, positions, attention_fn=zero)
+    assert len(calls) == tiny_config.num_layers
+    assert not np.allclose(np.asarray(zeroed.x), np.asarray(out.x))
