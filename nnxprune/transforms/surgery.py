@@ -44,6 +44,7 @@ class _Scored(Transform):
     """A structured transform that ranks channels by `score` (module docstring)."""
 
     score: str = "weight_norm"
+    soft: bool = False
     batch_size: int = 8
     kind: ClassVar[str]
 
@@ -65,6 +66,20 @@ class _Scored(Transform):
 
     def rank(self, model, group, stats: Stats | None):
         return get_score(self.score)(model, group, stats)
+
+    def edit_groups(self, model, ctx: Context, kind: str, layers, removed) -> dict:
+        """Ranks the `kind` group of each layer in `layers` (one group for `embed`: `layers =
+        (None,)`) and removes `removed(group)` channels from it (from each of its blocks); returns
+        `{layer: (group, kept indices)}`. Statistics, when the score needs them, come from the
+        model before any edit."""
+        stats = self.statistics(model, ctx)
+        done = {}
+        for i in layers:
+            group = graph.find_group(model, kind, i)
+            keep = lowest(self.rank(model, group, stats), removed(group), group.blocks)
+            _edit(model, group, keep, self.soft)
+            done[i] = (group, keep)
+        return done
 
 
 def _amount(size: int, fraction: float | None, count: int | None, what: str) -> int:
@@ -120,7 +135,6 @@ class ShrinkMLP(_Scored):
     fraction: float | None = None
     count: int | None = None
     layers: tuple[int, ...] | None = None
-    soft: bool = False
     kind: ClassVar[str]
 
     def check(self, config: LlamaConfig) -> LlamaConfig:
@@ -135,15 +149,10 @@ class ShrinkMLP(_Scored):
         return dataclasses.replace(config, layers=tuple(shapes))
 
     def __call__(self, model, ctx: Context):
-        stats = self.statistics(model, ctx)
-        sizes = {}
-        for i in _check_layers(self.layers, model.config):
-            group = graph.find_group(model, "mlp", i)
-            removed = _amount(group.size, self.fraction, self.count, f"MLP of layer {i}")
-            keep = lowest(self.rank(model, group, stats), removed)
-            _edit(model, group, keep, self.soft)
-            sizes[i] = [group.size, len(keep)]
-        ctx.log(self.kind, score=self.score, soft=self.soft, widths=sizes)
+        done = self.edit_groups(model, ctx, "mlp", _check_layers(self.layers, model.config),
+                                lambda g: _amount(g.size, self.fraction, self.count, f"MLP of layer {g.layer}"))
+        ctx.log(self.kind, score=self.score, soft=self.soft,
+                widths={i: [g.size, len(keep)] for i, (g, keep) in done.items()})
         return model
 
 
@@ -155,7 +164,6 @@ class RemoveQueryHeads(_Scored):
 
     per_kv_group: int = 1
     layers: tuple[int, ...] | None = None
-    soft: bool = False
     kind: ClassVar[str]
 
     def check(self, config: LlamaConfig) -> LlamaConfig:
@@ -173,14 +181,10 @@ class RemoveQueryHeads(_Scored):
         return dataclasses.replace(config, layers=tuple(shapes))
 
     def __call__(self, model, ctx: Context):
-        stats = self.statistics(model, ctx)
-        heads = {}
-        for i in _check_layers(self.layers, model.config):
-            group = graph.find_group(model, "q", i)
-            keep = lowest(self.rank(model, group, stats), self.per_kv_group, group.blocks)
-            _edit(model, group, keep, self.soft)
-            heads[i] = [int(k) for k in keep]
-        ctx.log(self.kind, score=self.score, soft=self.soft, kept_heads=heads)
+        done = self.edit_groups(model, ctx, "q", _check_layers(self.layers, model.config),
+                                lambda g: self.per_kv_group)
+        ctx.log(self.kind, score=self.score, soft=self.soft,
+                kept_heads={i: [int(k) for k in keep] for i, (_, keep) in done.items()})
         return model
 
 
@@ -191,7 +195,6 @@ class RemoveKVGroups(_Scored):
 
     count: int = 1
     layers: tuple[int, ...] | None = None
-    soft: bool = False
     kind: ClassVar[str]
 
     def check(self, config: LlamaConfig) -> LlamaConfig:
@@ -210,14 +213,10 @@ class RemoveKVGroups(_Scored):
         return dataclasses.replace(config, layers=tuple(shapes))
 
     def __call__(self, model, ctx: Context):
-        stats = self.statistics(model, ctx)
-        kept = {}
-        for i in _check_layers(self.layers, model.config):
-            group = graph.find_group(model, "kv", i)
-            keep = lowest(self.rank(model, group, stats), self.count)
-            _edit(model, group, keep, self.soft)
-            kept[i] = [int(k) for k in keep]
-        ctx.log(self.kind, score=self.score, soft=self.soft, kept_kv_heads=kept)
+        done = self.edit_groups(model, ctx, "kv", _check_layers(self.layers, model.config),
+                                lambda g: self.count)
+        ctx.log(self.kind, score=self.score, soft=self.soft,
+                kept_kv_heads={i: [int(k) for k in keep] for i, (_, keep) in done.items()})
         return model
 
 
@@ -228,7 +227,6 @@ class ShrinkHidden(_Scored):
 
     fraction: float | None = None
     count: int | None = None
-    soft: bool = False
     kind: ClassVar[str]
 
     def check(self, config: LlamaConfig) -> LlamaConfig:
@@ -239,11 +237,9 @@ class ShrinkHidden(_Scored):
         return dataclasses.replace(config, hidden_size=config.hidden_size - removed)
 
     def __call__(self, model, ctx: Context):
-        stats = self.statistics(model, ctx)
-        group = graph.find_group(model, "embed")
-        removed = _amount(group.size, self.fraction, self.count, "hidden size")
-        keep = lowest(self.rank(model, group, stats), removed)
-        _edit(model, group, keep, self.soft)
+        ((group, keep),) = self.edit_groups(
+            model, ctx, "embed", (None,),
+            lambda g: _amount(g.size, self.fraction, self.count, "hidden size")).values()
         ctx.log(self.kind, score=self.score, soft=self.soft, hidden=[group.size, len(keep)])
         return model
 
