@@ -85,7 +85,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from nnxprune.algorithms.sparsegpt import hessian_factor, sparsegpt_prune
+from nnxprune.algorithms.sparsegpt import hessian, hessian_factor, sparsegpt_prune
 
 __all__ = ["init_aux", "update_p", "update_z", "update_s", "refit", "objective_terms",
            "reconstruction_error", "damped_cholesky", "sparsellm_mlp"]
@@ -236,6 +236,29 @@ def _check_number(name, value, *, positive=True):
                         f"got {value!r}")
 
 
+def _checked_inputs(X, Y, gate, up, down, xtx, where: str, *, iterations, s_steps, **numbers):
+    """`sparsellm_mlp`'s arrays as float32, after every setting and shape is checked."""
+    for name, v in numbers.items():
+        _check_number(name, v, positive=name != "refit_damp")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"SparseLLM: iterations must be an integer >= 1, got {iterations!r}")
+    if isinstance(s_steps, bool) or not isinstance(s_steps, int) or s_steps < 0:
+        raise ValueError(f"SparseLLM: s_steps must be an integer >= 0, got {s_steps!r}")
+    X, Y = jnp.asarray(X, _f32), jnp.asarray(Y, _f32)
+    gate, up, down = (jnp.asarray(w, _f32) for w in (gate, up, down))
+    xtx = jnp.asarray(xtx, _f32)
+    d, f = gate.shape
+    if X.ndim != 2 or Y.shape != X.shape or X.shape[1] != d or up.shape != (d, f) \
+            or down.shape != (f, d) or xtx.shape != (d, d):
+        raise ValueError(f"SparseLLM: {where}: shapes do not fit a SwiGLU MLP: X {X.shape}, "
+                         f"Y {Y.shape}, gate {gate.shape}, up {up.shape}, down {down.shape}, "
+                         f"xtx {xtx.shape}")
+    if not _finite(X, Y, gate, up, down, xtx):
+        raise ValueError(f"SparseLLM: {where}: non-finite values (NaN/Inf) in the layer's weights or "
+                         "in its calibration inputs/outputs; stopping")
+    return X, Y, gate, up, down, xtx
+
+
 def sparsellm_mlp(X, Y, gate, up, down, xtx, nsamples: int, *, sparsity: float | None = None,
                   n: int = 0, m: int = 0, alpha: float = 5.0, beta: float = 5.0, gamma: float = 5.0,
                   iterations: int = 8, s_steps: int = 2, s_lr: float = 0.01, blocksize: int = 128,
@@ -256,28 +279,12 @@ def sparsellm_mlp(X, Y, gate, up, down, xtx, nsamples: int, *, sparsity: float |
     and `y_norm`. Non-finite values anywhere raise a ValueError naming `where`.
     `log(round_info)`, when given, is called after every round.
     """
-    for name, v in (("alpha", alpha), ("beta", beta), ("gamma", gamma), ("s_lr", s_lr)):
-        _check_number(name, v)
-    _check_number("refit_damp", refit_damp, positive=False)
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"SparseLLM: iterations must be an integer >= 1, got {iterations!r}")
-    if isinstance(s_steps, bool) or not isinstance(s_steps, int) or s_steps < 0:
-        raise ValueError(f"SparseLLM: s_steps must be an integer >= 0, got {s_steps!r}")
-    X, Y = jnp.asarray(X, _f32), jnp.asarray(Y, _f32)
-    gate, up, down = (jnp.asarray(w, _f32) for w in (gate, up, down))
-    xtx = jnp.asarray(xtx, _f32)
-    d, f = gate.shape
-    if X.ndim != 2 or Y.shape != X.shape or X.shape[1] != d or up.shape != (d, f) \
-            or down.shape != (f, d) or xtx.shape != (d, d):
-        raise ValueError(f"SparseLLM: {where}: shapes do not fit a SwiGLU MLP: X {X.shape}, "
-                        f"Y {Y.shape}, gate {gate.shape}, up {up.shape}, down {down.shape}, "
-                        f"xtx {xtx.shape}")
-    if not _finite(X, Y, gate, up, down, xtx):
-        raise ValueError(f"SparseLLM: {where}: non-finite values (NaN/Inf) in the layer's weights or "
-                        "in its calibration inputs/outputs; stopping")
+    X, Y, gate, up, down, xtx = _checked_inputs(X, Y, gate, up, down, xtx, where, alpha=alpha,
+                                                beta=beta, gamma=gamma, s_lr=s_lr,
+                                                refit_damp=refit_damp, iterations=iterations,
+                                                s_steps=s_steps)
     alpha, beta, gamma, s_lr, refit_damp = (np.float32(v) for v in (alpha, beta, gamma, s_lr,
                                                                     refit_damp))
-    scale = 2.0 / nsamples
 
     def prune(kernel, H, name, rnd, factor=None):
         try:
@@ -287,9 +294,9 @@ def sparsellm_mlp(X, Y, gate, up, down, xtx, nsamples: int, *, sparsity: float |
             raise ValueError(f"SparseLLM: {where}.{name}, round {rnd}: {e}") from None
 
     z, s, p = init_aux(X, gate, up)
-    h_x = xtx * scale
+    h_x = hessian(xtx, nsamples)
     f_x = hessian_factor(h_x, percdamp=percdamp)  # gate and up, every round: X does not change
-    h_p = _tdot(p, p) * scale if h_down is None else jnp.asarray(h_down, _f32)
+    h_p = hessian(_tdot(p, p), nsamples) if h_down is None else jnp.asarray(h_down, _f32)
     x_chol = damped_cholesky(xtx, refit_damp) if iterations > 1 else None
     y_norm = float(jnp.sum(Y * Y))
     history, best = [], None
@@ -297,7 +304,7 @@ def sparsellm_mlp(X, Y, gate, up, down, xtx, nsamples: int, *, sparsity: float |
         t0 = time.perf_counter()
         if rnd > 0:
             gate, up, down, ptp = refit(X, x_chol, Y, z, s, p, refit_damp)
-            h_p = ptp * scale
+            h_p = hessian(ptp, nsamples)
         gate, keep_g, info_g = prune(gate, h_x, "gate_proj", rnd, f_x)
         up, keep_u, info_u = prune(up, h_x, "up_proj", rnd, f_x)
         down, keep_d, info_d = prune(down, h_p, "down_proj", rnd)
