@@ -2,8 +2,8 @@
 
 One trainer (`trainer.train`) runs every recipe under a `jax.sharding.Mesh`; the loss is a
 strategy object (`losses`), LoRA adapters are added and merged by `lora`, the channel-space
-sharding rules live in `sharding`, packed token windows in `data`, and the `[recovery]` recipe
-section in `config`.
+sharding rules live in `sharding`, packed token windows in `data`, the log folder (metrics, loss
+plot, checkpoints for resume) in `logdir`, and the `[recovery]` recipe section in `config`.
 
 Example:
     >>> from nnxprune.recovery import RecoveryConfig, train
