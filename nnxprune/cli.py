@@ -222,23 +222,22 @@ def cmd_models(args) -> int:
     return 0
 
 
-# -- parser ----------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="nnxprune", description="Prune Llama-family language models by structural surgery (Flax NNX).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+# -- parser: one function per command -------------------------------------------------------------
+_FORMAT = argparse.ArgumentDefaultsHelpFormatter
 
-    def model_command(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, formatter_class=fmt)
-        p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
-        p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                       help="parameter dtype after loading (GGUF weights are dequantized to it)")
-        return p
 
-    p = model_command("eval", "Perplexity under a pinned protocol (dataset, split, join rule, "
-                              "windows); prints the protocol beside the number.")
+def _model_command(sub, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand whose first argument is a MODEL (with --dtype)."""
+    p = sub.add_parser(name, help=help, description=help, formatter_class=_FORMAT)
+    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="parameter dtype after loading (GGUF weights are dequantized to it)")
+    return p
+
+
+def _add_eval(sub) -> None:
+    p = _model_command(sub, "eval", "Perplexity under a pinned protocol (dataset, split, join rule, "
+                                    "windows); prints the protocol beside the number.")
     p.add_argument("--dataset", choices=["wikitext2", "c4"], default="wikitext2",
                    help="wikitext2: HF wikitext-2-raw-v1 rows joined with '\\n\\n'; c4: C4 "
                         "validation documents")
@@ -257,7 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_eval)
 
-    p = model_command("generate", "Generate text from a prompt (greedy by default; KV cache, jitted).")
+
+def _add_generate(sub) -> None:
+    p = _model_command(sub, "generate",
+                       "Generate text from a prompt (greedy by default; KV cache, jitted).")
     p.add_argument("prompt", metavar="PROMPT", help="the prompt text")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most "
                                                                    "(stops early at EOS)")
@@ -269,10 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wrap the prompt in the tokenizer's chat template (instruct models)")
     p.set_defaults(func=cmd_generate)
 
-    p = model_command("export", "Write MODEL as a Hugging Face folder (masks folded; uniform "
-                                "shapes give a plain LlamaForCausalLM, heterogeneous ones an "
-                                "nnxprune_llama folder with per-layer sizes) or as an nnxprune "
-                                "checkpoint (masks kept).")
+
+def _add_export(sub) -> None:
+    p = _model_command(sub, "export", "Write MODEL as a Hugging Face folder (masks folded; uniform "
+                                      "shapes give a plain LlamaForCausalLM, heterogeneous ones an "
+                                      "nnxprune_llama folder with per-layer sizes) or as an "
+                                      "nnxprune checkpoint (masks kept).")
     p.add_argument("out", metavar="OUT_DIR", nargs="?", default=None,
                    help="output folder (replaced atomically); or use --hf / --checkpoint")
     group = p.add_mutually_exclusive_group()
@@ -283,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="format for the positional OUT_DIR")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("prune", formatter_class=fmt,
+
+def _add_prune(sub) -> None:
+    p = sub.add_parser("prune", formatter_class=_FORMAT,
                        help="Run a recipe: prune MODEL, evaluate dense and pruned, save and report.",
                        description="Run a recipe file (recipes/*.toml): validate everything, "
                                    "evaluate the dense model, apply the pruning pipeline, evaluate "
@@ -308,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="call jax.distributed.initialize() first (multi-host GPU / TPU runs)")
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("train", formatter_class=fmt,
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", formatter_class=_FORMAT,
                        help="Run a recipe's [recovery] alone on a (pruned) model: distillation, "
                             "LoRA or continued pretraining, sharded over the devices.",
                        description="Recovery training alone: load MODEL (usually a pruned "
@@ -335,9 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="call jax.distributed.initialize() first (multi-host GPU / TPU runs)")
     p.set_defaults(func=cmd_train)
 
-    p = model_command("lm-eval", "Zero-shot / few-shot accuracy through lm-evaluation-harness "
-                                 "(the `nnxprune` lm-eval model: exact log-likelihoods, bucketed "
-                                 "and batched); prints a Markdown table.")
+
+def _add_lm_eval(sub) -> None:
+    p = _model_command(sub, "lm-eval", "Zero-shot / few-shot accuracy through lm-evaluation-harness "
+                                       "(the `nnxprune` lm-eval model: exact log-likelihoods, "
+                                       "bucketed and batched); prints a Markdown table.")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     p.add_argument("--include-path", metavar="DIR", default=None,
                    help="folder of local task YAMLs; when every task is there, lm-eval's built-in "
@@ -352,9 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT.json", default=None, help="write the results here")
     p.set_defaults(func=cmd_lm_eval)
 
-    p = model_command("inspect", "Show a model's architecture and sparsity: per-layer table "
-                                 "(heads, KV heads, MLP width, parameters, sparsity, N:M pattern), "
-                                 "a treescope HTML view and a PNG plot.")
+
+def _add_inspect(sub) -> None:
+    p = _model_command(sub, "inspect", "Show a model's architecture and sparsity: per-layer table "
+                                       "(heads, KV heads, MLP width, parameters, sparsity, N:M "
+                                       "pattern), a treescope HTML view and a PNG plot.")
     p.add_argument("--html", metavar="OUT.html", default=None,
                    help="treescope view with every Linear annotated (shape, sparsity, pattern)")
     p.add_argument("--markdown", metavar="OUT.md", default=None, help="the tables as Markdown")
@@ -365,9 +377,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matrices", action="store_true", help="also list every matrix")
     p.set_defaults(func=cmd_inspect)
 
+
+def _add_models(sub) -> None:
     p = sub.add_parser("models", help="List the model cards (names usable as MODEL).",
-                       formatter_class=fmt)
+                       formatter_class=_FORMAT)
     p.set_defaults(func=cmd_models)
+
+
+COMMANDS = (_add_eval, _add_generate, _add_export, _add_prune, _add_train, _add_lm_eval,
+            _add_inspect, _add_models)  # in the order `nnxprune --help` lists them
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nnxprune", description="Prune Llama-family language models by structural surgery (Flax NNX).",
+        formatter_class=_FORMAT)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 

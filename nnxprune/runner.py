@@ -17,11 +17,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flax import nnx
+
 from nnxprune import data as data_lib
 from nnxprune.errors import UserError
+from nnxprune.evaluate.perplexity import evaluate_perplexity
+from nnxprune.inspect import inspect_model
 from nnxprune.io import atomic
+from nnxprune.io.checkpoint import save_checkpoint
+from nnxprune.io.load import load_model
 from nnxprune.measure import PeakMemory, count_params, measured_sparsity, source_hash
 from nnxprune.recipes import Recipe
+from nnxprune.recovery.run import default_train_dir, recover
 from nnxprune.transforms import Context
 
 
@@ -48,14 +55,6 @@ def _lm_eval(model, loaded, settings: dict[str, Any], echo, label: str) -> dict[
                           if "stderr" not in k and k.endswith(",none"))
         echo(f"{label:9s} {task}: {shown}")
     return out
-
-
-def _ppl(model, tokenizer, protocol, data_dir, progress) -> dict[str, Any]:
-    from nnxprune.evaluate.perplexity import evaluate_perplexity
-
-    result = evaluate_perplexity(model, tokenizer, protocol, data_dir=data_dir, progress=progress)
-    return {"ppl": result.ppl, "nll": result.nll, "tokens": result.tokens,
-            "seconds": result.seconds, "tokens_per_second": result.tokens_per_second}
 
 
 def _check_calibration_source(recipe: Recipe, data_dir) -> None:
@@ -103,18 +102,14 @@ def markdown_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_path: str | None = None,
-               data_dir=None, progress: bool = True, views: bool = True,
-               echo=print, train_dir=None) -> dict[str, Any]:
-    """Runs `recipe` on `model` (default: the recipe's); see the module docstring.
+def _ppl(model, tokenizer, recipe: Recipe, data_dir, progress: bool) -> dict[str, Any]:
+    return evaluate_perplexity(model, tokenizer, recipe.eval, data_dir=data_dir,
+                               progress=progress).summary()
 
-    With a `[recovery]` section the pruned model is trained after the transforms (logs and
-    resumable checkpoints in `train_dir`, default `REPORT.train/`) and evaluated again.
-    """
-    from nnxprune.io.checkpoint import save_checkpoint
-    from nnxprune.io.load import load_model
 
-    name = model or recipe.model
+def _preflight(recipe: Recipe, name: str | None, out, report_path, data_dir):
+    """Every check that needs no model: model name, outputs, data, lm-eval tasks, recovery
+    settings. Returns the resolved data folder."""
     if not name:
         raise UserError("no model: pass --model or set [recipe] model")
     if out is None and report_path is None:
@@ -133,14 +128,17 @@ def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_pat
         if lora is not None and not lora.merge and out is not None:
             raise UserError("recovery.lora.merge = false keeps the adapters outside the kernels, "
                             "but checkpoints hold plain projections: set merge = true or drop --out")
+    return data_dir
 
-    t0 = time.perf_counter()
-    loaded = load_model(name)
-    model_obj, tokenizer = loaded.model, loaded.tokenizer
-    dense_config = model_obj.config
-    predicted = recipe.check(dense_config)  # every step validated before any work
-    echo(f"model     {loaded.source}: {dense_config.num_layers} layers, "
-         f"{count_params(model_obj) / 1e6:.1f}M parameters")
+
+def _dense(recipe: Recipe, name: str, loaded, t0: float, *, data_dir, progress: bool, echo):
+    """Checks the pipeline against the model's shapes, draws the calibration data and evaluates
+    the dense model. Returns the report so far, the pipeline's context and the predicted config."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    config = model.config
+    predicted = recipe.check(config)  # every step validated before any work
+    echo(f"model     {loaded.source}: {config.num_layers} layers, "
+         f"{count_params(model) / 1e6:.1f}M parameters")
     echo(f"recipe    {recipe.name}: {len(recipe.pipeline.steps)} steps "
          f"({', '.join(s.kind for s in recipe.pipeline.steps) or 'none'})")
     report: dict[str, Any] = {
@@ -148,9 +146,8 @@ def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_pat
                    "settings": recipe.to_dict()},
         "model": name, "source": loaded.source,
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "dense": {"params": count_params(model_obj), "hidden_size": dense_config.hidden_size,
-                  "layers": _shapes(dense_config),
-                  "sparsity": measured_sparsity(model_obj)["overall"]},
+        "dense": {"params": count_params(model), "hidden_size": config.hidden_size,
+                  "layers": _shapes(config), "sparsity": measured_sparsity(model)["overall"]},
         "seconds": {"load": time.perf_counter() - t0},
     }
     ctx = Context(tokenizer=tokenizer, calibration=recipe.calibration, data_dir=data_dir,
@@ -167,19 +164,22 @@ def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_pat
         echo(f"protocol  {recipe.eval.describe()}")
         report["eval_protocol"] = recipe.eval.to_dict()
         report["eval_protocol_text"] = recipe.eval.describe()
-        report["dense"].update(_ppl(model_obj, tokenizer, recipe.eval, data_dir, progress))
+        report["dense"].update(_ppl(model, tokenizer, recipe, data_dir, progress))
         echo(f"dense     ppl {report['dense']['ppl']:.4f}")
     if recipe.lm_eval is not None:
-        report["dense"]["lm_eval"] = _lm_eval(model_obj, loaded, recipe.lm_eval, echo, "dense")
+        report["dense"]["lm_eval"] = _lm_eval(model, loaded, recipe.lm_eval, echo, "dense")
+    return report, ctx, predicted
 
+
+def _prune(recipe: Recipe, model, ctx: Context, predicted, report: dict[str, Any], echo):
+    """Runs the pipeline (a copy of the dense model is kept as the teacher of a distillation) and
+    records the pruned model. Returns `(pruned model, teacher or None)`."""
     t1 = time.perf_counter()
     with PeakMemory() as memory:
         teacher = None  # distillation learns from the unpruned model
         if recipe.recovery is not None and recipe.recovery.kind == "distill":
-            from flax import nnx
-
-            teacher = nnx.clone(model_obj)
-        model_obj = recipe.pipeline(model_obj, ctx)
+            teacher = nnx.clone(model)
+        model = recipe.pipeline(model, ctx)
     report["seconds"]["prune"] = time.perf_counter() - t1
     report["peak_memory_bytes"] = memory.peak
     report["transforms"] = ctx.report.get("transforms", [])
@@ -192,22 +192,62 @@ def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_pat
         report["method"] = methods[-1].kind
         report["pattern"] = getattr(methods[-1], "pattern", None) or "unstructured"
         report["target_sparsity"] = methods[-1].target_sparsity()
-    pruned_config = model_obj.config
+    pruned_config = model.config
     if pruned_config.layers != predicted.layers or pruned_config.hidden_size != predicted.hidden_size:
         if not any(s.kind == "fold_masks" for s in recipe.pipeline.steps):
             raise AssertionError(f"pipeline produced {pruned_config}, its check predicted {predicted}")
-    report["sparsity"] = measured_sparsity(model_obj)
-    report["pruned"] = {"params": count_params(model_obj), "hidden_size": pruned_config.hidden_size,
+    report["sparsity"] = measured_sparsity(model)
+    report["pruned"] = {"params": count_params(model), "hidden_size": pruned_config.hidden_size,
                         "layers": _shapes(pruned_config), "sparsity": report["sparsity"]["overall"]}
     echo(f"pruned    {report['pruned']['params'] / 1e6:.1f}M parameters "
          f"({report['pruned']['params'] / report['dense']['params']:.1%} of dense) in "
          f"{report['seconds']['prune']:.1f} s")
+    return model, teacher
+
+
+def _save(model, out, recipe: Recipe, loaded, dense_config, echo) -> None:
+    """The pruned model as an nnxprune checkpoint, with where it came from."""
+    provenance = {"recipe": recipe.to_dict(), "recipe_path": recipe.path, "source": loaded.source,
+                  "source_sha256": source_hash(loaded.path), "source_config": dense_config.to_dict()}
+    save_checkpoint(model, out, tokenizer=loaded.tokenizer, provenance=provenance)
+    echo(f"wrote     {out}")
+
+
+def _write_report(report: dict[str, Any], report_path, model, dense_config, title: str, *,
+                  views: bool, echo) -> None:
+    """The JSON and Markdown reports, and (with `views`) the treescope view and per-layer plot."""
+    written = [".md"]
+    if views:  # the pruned architecture for people: treescope view and per-layer plot
+        base = Path(report_path)
+        summary = inspect_model(model, source_config=dense_config, html=base.with_suffix(".html"),
+                                png=base.with_suffix(".png"), title=title)
+        report["summary"] = summary.to_dict()
+        written += [".html", ".png"]
+    atomic.write_json(report_path, report)
+    atomic.write_text(Path(report_path).with_suffix(".md"), markdown_report(report))
+    echo(f"wrote     {report_path} (and {', '.join(written)})")
+
+
+def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_path: str | None = None,
+               data_dir=None, progress: bool = True, views: bool = True,
+               echo=print, train_dir=None) -> dict[str, Any]:
+    """Runs `recipe` on `model` (default: the recipe's); see the module docstring.
+
+    With a `[recovery]` section the pruned model is trained after the transforms (logs and
+    resumable checkpoints in `train_dir`, default `REPORT.train/`) and evaluated again.
+    """
+    name = model or recipe.model
+    data_dir = _preflight(recipe, name, out, report_path, data_dir)
+    t0 = time.perf_counter()
+    loaded = load_model(name)
+    tokenizer, dense_config = loaded.tokenizer, loaded.model.config
+    report, ctx, predicted = _dense(recipe, name, loaded, t0, data_dir=data_dir, progress=progress,
+                                    echo=echo)
+    model_obj, teacher = _prune(recipe, loaded.model, ctx, predicted, report, echo)
     if recipe.eval is not None:
-        report["pruned"].update(_ppl(model_obj, tokenizer, recipe.eval, data_dir, progress))
+        report["pruned"].update(_ppl(model_obj, tokenizer, recipe, data_dir, progress))
         echo(f"pruned    ppl {report['pruned']['ppl']:.4f}")
     if recipe.recovery is not None:
-        from nnxprune.recovery.run import default_train_dir, recover
-
         t1 = time.perf_counter()
         report["recovery"] = recover(
             model_obj, recipe.recovery, tokenizer=tokenizer, teacher=teacher, data_dir=data_dir,
@@ -217,34 +257,17 @@ def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_pat
         report["recovered"] = {"params": count_params(model_obj),
                                "sparsity": measured_sparsity(model_obj)["overall"]}
         if recipe.eval is not None:
-            report["recovered"].update(_ppl(model_obj, tokenizer, recipe.eval, data_dir, progress))
+            report["recovered"].update(_ppl(model_obj, tokenizer, recipe, data_dir, progress))
             echo(f"recovered ppl {report['recovered']['ppl']:.4f}")
-
     if recipe.lm_eval is not None:
         final = "recovered" if recipe.recovery is not None else "pruned"
         report[final]["lm_eval"] = _lm_eval(model_obj, loaded, recipe.lm_eval, echo, final)
-
     if out is not None:
-        provenance = {"recipe": recipe.to_dict(), "recipe_path": recipe.path, "source": loaded.source,
-                      "source_sha256": source_hash(loaded.path),
-                      "source_config": dense_config.to_dict()}
-        save_checkpoint(model_obj, out, tokenizer=tokenizer, provenance=provenance)
+        _save(model_obj, out, recipe, loaded, dense_config, echo)
         report["checkpoint"] = str(out)
-        echo(f"wrote     {out}")
     report["seconds"]["total"] = time.perf_counter() - t0
     if report_path is not None:
-        written = [".md"]
-        if views:  # the pruned architecture for people: treescope view and per-layer plot
-            from nnxprune.inspect import inspect_model
-
-            base = Path(report_path)
-            summary = inspect_model(model_obj, source_config=dense_config,
-                                    html=base.with_suffix(".html"), png=base.with_suffix(".png"),
-                                    title=f"{recipe.name} on {name}")
-            report["summary"] = summary.to_dict()
-            written += [".html", ".png"]
-        atomic.write_json(report_path, report)
-        atomic.write_text(Path(report_path).with_suffix(".md"), markdown_report(report))
-        echo(f"wrote     {report_path} (and {', '.join(written)})")
+        _write_report(report, report_path, model_obj, dense_config, f"{recipe.name} on {name}",
+                      views=views, echo=echo)
     echo(markdown_report(report))
     return report

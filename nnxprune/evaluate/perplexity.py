@@ -61,6 +61,11 @@ class PerplexityResult:
         d["tokens_per_second"] = self.tokens_per_second
         return d
 
+    def summary(self) -> dict[str, Any]:
+        """The entry a run report keeps (its protocol is recorded once, beside the entries)."""
+        return {"ppl": self.ppl, "nll": self.nll, "tokens": self.tokens, "seconds": self.seconds,
+                "tokens_per_second": self.tokens_per_second}
+
 
 def token_nll(model: Llama, tokens: jax.Array) -> jax.Array:
     """Per-token NLL `[B, T-1]` of `tokens [B, T]` under `model`, in float32."""

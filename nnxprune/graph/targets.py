@@ -38,26 +38,27 @@ def check_regex(label: str, pattern: str | None) -> None:
 
 
 def select_projections(names: list[str], targets: str | None = None,
-                       ignore: str | None = None) -> list[str]:
+                       ignore: str | None = None, *, where: str = "") -> list[str]:
     """The names (like `layers.3.self_attn.q_proj`) a method acts on, in the given order.
 
     `targets` / `ignore` are regexes searched in the full name; by default q, k, v, o, gate, up
-    and down of every layer are targets. A regex that matches nothing is a UserError.
+    and down of every layer are targets. A regex that matches nothing is a UserError; `where`
+    prefixes the option names in its message (`"recovery.lora."` -> `recovery.lora.targets`).
     """
-    check_regex("targets", targets)
-    check_regex("ignore", ignore)
+    check_regex(f"{where}targets", targets)
+    check_regex(f"{where}ignore", ignore)
     chosen = [n for n in names if re.search(DEFAULT_TARGETS, n)
               and (targets is None or re.search(targets, n))]
     if targets is not None and not chosen:
-        raise UserError(f"targets regex {targets!r} matches no projection (names look like "
+        raise UserError(f"{where}targets regex {targets!r} matches no projection (names look like "
                         f"'layers.0.self_attn.q_proj', 'layers.0.mlp.down_proj')")
     if ignore is not None:
         kept = [n for n in chosen if not re.search(ignore, n)]
         if len(kept) == len(chosen):
-            raise UserError(f"ignore regex {ignore!r} matches no targeted projection")
+            raise UserError(f"{where}ignore regex {ignore!r} matches no targeted projection")
         chosen = kept
     if not chosen:
-        raise UserError("no projection left after targets / ignore")
+        raise UserError(f"no projection left after {where}targets / {where}ignore")
     return chosen
 
 

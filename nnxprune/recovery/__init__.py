@@ -2,8 +2,9 @@
 
 One trainer (`trainer.train`) runs every recipe under a `jax.sharding.Mesh`; the loss is a
 strategy object (`losses`), LoRA adapters are added and merged by `lora`, the channel-space
-sharding rules live in `sharding`, and the `[recovery]` recipe section in `config`; packed token
-windows come from `nnxprune.data`.
+sharding rules live in `sharding`, the log folder (metrics, loss plot, checkpoints for resume)
+in `logdir`, and the `[recovery]` recipe section in `config`; packed token windows come from
+`nnxprune.data`.
 
 Example:
     >>> from nnxprune.recovery import RecoveryConfig, train

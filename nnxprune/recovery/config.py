@@ -28,7 +28,9 @@
     teacher = ""                # model for `nnxprune train` (default: the checkpoint's source)
 
     [recovery.lora]             # kind = "lora" only (LoRA, arXiv 2106.09685)
-    targets = '.*_proj'         # regex, fully matched against module paths (layers.3.mlp.up_proj)
+    targets = 'mlp'             # regex searched in projection names (layers.3.mlp.up_proj), the
+                                # rule of the pruning methods; default: q, k, v, o, gate, up, down
+    ignore = 'layers\\.0\\.'      # regex: projections left out (default: none)
     rank = 8
     alpha = 16.0
     dropout = 0.0
@@ -43,6 +45,11 @@ Every key is checked (an unknown one names the nearest valid key), values are ty
 range-checked, and `RecoveryConfig.check(config, device_count)` checks what depends on the model
 and the machine (LoRA regex matching nothing, mesh not dividing the devices, batch not divisible
 by the batch axes) before the model is touched.
+
+Example:
+    >>> cfg = RecoveryConfig.from_dict({"kind": "lora", "steps": 50, "lora": {"targets": "mlp"}})
+    >>> cfg.check(model.config, device_count=1)
+    {'data': 1, 'fsdp': 1, 'tensor': 1}
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from nnxprune.errors import UserError
+from nnxprune.graph.targets import layer_projection_names, select_projections
 
 KINDS = ("distill", "lora", "pretrain")
 DTYPES = ("float32", "bfloat16")
@@ -125,27 +133,38 @@ class DistillConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoRAConfig:
-    """Low-rank adapters on the projections whose module path fully matches `targets`."""
+    """Low-rank adapters on the projections `targets` / `ignore` select (`graph.targets`)."""
 
-    targets: str = r".*_proj"
+    targets: str | None = None  # None: q, k, v, o, gate, up and down of every layer
+    ignore: str | None = None
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     merge: bool = True
 
     def __post_init__(self):
-        if not isinstance(self.targets, str) or not self.targets:
-            raise UserError(f"recovery.lora.targets must be a regex, got {self.targets!r}")
-        try:
-            re.compile(self.targets)
-        except re.error as e:
-            raise UserError(f"recovery.lora.targets {self.targets!r} is not a valid regex ({e})") \
-                from None
+        for name in ("targets", "ignore"):
+            pattern = getattr(self, name)
+            if pattern is None:
+                continue
+            if not isinstance(pattern, str) or not pattern:
+                raise UserError(f"recovery.lora.{name} must be a regex, got {pattern!r}")
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise UserError(f"recovery.lora.{name} {pattern!r} is not a valid regex ({e})") \
+                    from None
         _check_int("recovery.lora.rank", self.rank, 1)
         _check_float("recovery.lora.alpha", self.alpha, 0.0, strict=True)
         _check_float("recovery.lora.dropout", self.dropout, 0.0, maximum=0.99)
         if not isinstance(self.merge, bool):
             raise UserError(f"recovery.lora.merge must be true or false, got {self.merge!r}")
+
+    def select(self, names: list[str]) -> list[str]:
+        """The projection names (like `layers.3.mlp.up_proj`) that get adapters, by the rule of
+        the pruning methods (`graph.targets.select_projections`): a UserError when a regex
+        matches nothing."""
+        return select_projections(names, self.targets, self.ignore, where="recovery.lora.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -288,14 +307,7 @@ class RecoveryConfig:
             raise UserError(f"recovery.seqlen {self.seqlen} is beyond the model's context of "
                             f"{config.max_position_embeddings} tokens")
         if self.lora is not None:
-            from nnxprune.recovery.lora import projection_paths
-
-            paths = projection_paths(config)
-            pattern = re.compile(self.lora.targets)
-            if not any(pattern.fullmatch(p) for p in paths):
-                raise UserError(f"recovery.lora.targets {self.lora.targets!r} matches no projection "
-                                f"(paths look like {paths[0]!r}, {paths[-1]!r})" if paths else
-                                "recovery.lora: the model has no projections")
+            self.lora.select(layer_projection_names(config.num_layers))
         if self.distill is not None:
             for i in self.distill.hidden_layers:
                 if i >= config.num_layers:

@@ -15,8 +15,12 @@ a masked projection (cheap next to the token matmul when tokens >> rank), and th
 cannot put capacity back into pruned positions. Unmasked projections use the usual cheap path
 `x @ W + s (x @ A) @ B`.
 
+Which projections get adapters is the rule of the pruning methods (`graph.targets`): `targets`
+and `ignore` are regexes searched in names like `layers.3.mlp.up_proj`, by default every q, k, v,
+o, gate, up and down projection; the embedding and the output head never get one.
+
 Example:
-    >>> paths = add_lora(model, LoRAConfig(targets=r".*mlp\\..*", rank=8))
+    >>> paths = add_lora(model, LoRAConfig(targets="mlp", rank=8))
     >>> opt = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.LoRAParam)
     >>> ...                                  # train
     >>> merge_lora(model)                    # plain Linears again, masks kept
@@ -24,13 +28,10 @@ Example:
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nnxprune.errors import UserError
 from nnxprune.layers import Linear
 from nnxprune.recovery.config import LoRAConfig
 from nnxprune.variables import ProjectionInput
@@ -39,17 +40,6 @@ from nnxprune.variables import ProjectionInput
 class DropoutKey(nnx.Variable):
     """Raw PRNG key data `uint32[2]` for adapter dropout, set by the trainer for each micro-batch
     (derived from the seed and the step, so it is never checkpointed state)."""
-
-
-def projection_paths(config) -> list[str]:
-    """Dotted module paths of every projection of a model with `config` (what `targets` matches)."""
-    paths = []
-    for i in range(config.num_layers):
-        paths += [f"layers.{i}.self_attn.{n}_proj" for n in ("q", "k", "v", "o")]
-        paths += [f"layers.{i}.mlp.{n}_proj" for n in ("gate", "up", "down")]
-    if not config.tie_word_embeddings:
-        paths.append("lm_head")
-    return paths
 
 
 class LoRALinear(Linear):
@@ -121,23 +111,21 @@ def _set(model, path: tuple, module) -> None:
 
 
 def add_lora(model, cfg: LoRAConfig, *, seed: int = 0) -> list[str]:
-    """Wraps every `Linear` whose dotted path fully matches `cfg.targets`; returns the paths.
+    """Wraps every decoder-layer `Linear` that `cfg.targets` / `cfg.ignore` select (and that has
+    no adapter yet); returns their names.
 
     A regex that matches nothing is a `UserError` (a typo must not train nothing).
     """
-    pattern = re.compile(cfg.targets)
-    matches = [(path, node) for path, node in nnx.iter_modules(model)
-               if isinstance(node, Linear) and not isinstance(node, LoRALinear)
-               and pattern.fullmatch(".".join(map(str, path)))]
-    if not matches:
-        names = [".".join(map(str, p)) for p, n in nnx.iter_modules(model) if isinstance(n, Linear)]
-        raise UserError(f"recovery.lora.targets {cfg.targets!r} matches no projection (paths look "
-                        f"like {names[0]!r})" if names else "the model has no projections")
+    plain = {".".join(map(str, path)): (path, node) for path, node in nnx.iter_modules(model)
+             if isinstance(node, Linear) and not isinstance(node, LoRALinear)
+             and path and path[0] == "layers"}
+    names = cfg.select(list(plain))
     key = jax.random.key(seed)
-    for i, (path, node) in enumerate(matches):
+    for i, name in enumerate(names):
+        path, node = plain[name]
         _set(model, path, LoRALinear(node, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
                                      key=jax.random.fold_in(key, i)))
-    return [".".join(map(str, p)) for p, _ in matches]
+    return names
 
 
 def lora_modules(model) -> list[tuple[tuple, LoRALinear]]:

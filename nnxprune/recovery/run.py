@@ -5,6 +5,11 @@
 CKPT --recipe R`: recovery alone on a saved (pruned) model, perplexity before and after under the
 recipe's `[eval]` protocol, the trained model saved as an nnxprune checkpoint (masks kept, LoRA
 merged) and a JSON + Markdown report.
+
+Example:
+    >>> entry = recover(pruned, recipe.recovery, tokenizer=tok, teacher=dense, log_dir="out/r.train")
+    >>> report = run_train("out/wanda-2of4", load_recipe("recipes/wanda-2of4-distill.toml"),
+    ...                    out="out/kd", report_path="out/kd.json")
 """
 
 from __future__ import annotations
@@ -14,7 +19,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nnxprune import data as data_lib
 from nnxprune.errors import UserError
+from nnxprune.evaluate.perplexity import evaluate_perplexity
+from nnxprune.io import atomic
+from nnxprune.io.checkpoint import is_checkpoint, read_meta, save_checkpoint
+from nnxprune.io.load import load_model
+from nnxprune.measure import count_params, measured_sparsity
+from nnxprune.recovery.trainer import train
 
 
 def default_train_dir(out, report_path) -> Path:
@@ -36,8 +48,6 @@ def source_model(source: str | None) -> str | None:
 def recover(model, cfg, *, tokenizer, teacher=None, data_dir=None, log_dir=None,
             progress: bool = True, echo=print) -> dict[str, Any]:
     """Trains `model` in place; returns the report entry of the run."""
-    from nnxprune.recovery.trainer import train
-
     echo(f"recovery  {cfg.kind}: {cfg.steps} steps x {cfg.batch_size} x {cfg.seqlen} tokens on "
          f"{cfg.dataset}, lr {cfg.lr:g}, {cfg.compute_dtype}, mesh {cfg.mesh.describe()}")
     t0 = time.perf_counter()
@@ -57,12 +67,6 @@ def recover(model, cfg, *, tokenizer, teacher=None, data_dir=None, log_dir=None,
 def run_train(model_name: str, recipe, *, out=None, report_path=None, teacher: str | None = None,
               train_dir=None, data_dir=None, progress: bool = True, echo=print) -> dict[str, Any]:
     """`nnxprune train`: see the module docstring."""
-    from nnxprune import data as data_lib
-    from nnxprune.io import atomic
-    from nnxprune.io.checkpoint import is_checkpoint, read_meta, save_checkpoint
-    from nnxprune.io.load import load_model
-    from nnxprune.runner import _ppl, count_params, measured_sparsity
-
     cfg = recipe.recovery
     if cfg is None:
         raise UserError("the recipe has no [recovery] section")
@@ -103,7 +107,8 @@ def run_train(model_name: str, recipe, *, out=None, report_path=None, teacher: s
     if recipe.eval is not None:
         report["eval_protocol"] = recipe.eval.to_dict()
         report["eval_protocol_text"] = recipe.eval.describe()
-        report["before"].update(_ppl(model, tokenizer, recipe.eval, data_dir, progress))
+        report["before"].update(evaluate_perplexity(
+            model, tokenizer, recipe.eval, data_dir=data_dir, progress=progress).summary())
         echo(f"before    ppl {report['before']['ppl']:.4f}")
     log_dir = Path(train_dir) if train_dir else default_train_dir(out, report_path)
     report["recovery"] = recover(model, cfg, tokenizer=tokenizer, teacher=teacher_model,
@@ -111,7 +116,8 @@ def run_train(model_name: str, recipe, *, out=None, report_path=None, teacher: s
     del teacher_model
     report["after"] = {"params": count_params(model), "sparsity": measured_sparsity(model)["overall"]}
     if recipe.eval is not None:
-        report["after"].update(_ppl(model, tokenizer, recipe.eval, data_dir, progress))
+        report["after"].update(evaluate_perplexity(
+            model, tokenizer, recipe.eval, data_dir=data_dir, progress=progress).summary())
         echo(f"after     ppl {report['after']['ppl']:.4f}")
     if out is not None:
         save_checkpoint(model, out, tokenizer=tokenizer,

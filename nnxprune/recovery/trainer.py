@@ -14,10 +14,11 @@ Pieces, each small:
   function, so gradients arrive in float32).
 - The loss is a strategy object (`losses.py`): the step calls `compute_loss` and runs the frozen
   teacher only when the strategy asks for it.
-- Around the step: held-out evaluation every `eval_every` steps, metrics as JSONL, a tqdm bar, a
-  PNG loss curve at the end, and Orbax `CheckpointManager` checkpoints (keep-last-N) holding the
-  model and optimizer state plus the grain iterator state, so a resumed run continues with
-  exactly the batches, and therefore the losses, of an uninterrupted one.
+- Around the step (`_loop`): held-out evaluation every `eval_every` steps and a tqdm bar; the
+  log folder (`logdir.py`) gets metrics as JSONL, a PNG loss curve at the end, and Orbax
+  checkpoints (keep-last-N) holding the model and optimizer state plus the grain iterator state,
+  so a resumed run continues with exactly the batches, and therefore the losses, of an
+  uninterrupted one.
 
 Example:
     >>> cfg = RecoveryConfig(kind="distill", steps=100, batch_size=8, seqlen=512)
@@ -28,9 +29,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -44,11 +43,8 @@ from nnxprune.errors import UserError
 from nnxprune.recovery import lora as lora_lib
 from nnxprune.recovery import sharding as sh
 from nnxprune.recovery.config import RecoveryConfig
+from nnxprune.recovery.logdir import LogDir
 from nnxprune.recovery.losses import LossStrategy, forward, next_token_ce, strategy_for
-
-METRICS_FILE = "metrics.jsonl"
-PLOT_FILE = "loss.png"
-CHECKPOINT_DIR = "checkpoints"
 
 
 @dataclasses.dataclass
@@ -189,54 +185,6 @@ def build_steps(parts: _Parts, opt_gdef, strategy: LossStrategy, teacher_gdef, *
     return train_step, eval_step
 
 
-# -- checkpoints, logs -----------------------------------------------------------------------------
-def _manager(directory: Path, keep: int):
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=False)
-    return ocp.CheckpointManager(directory.absolute(), options=options)
-
-
-def _abstract(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
-                        shardings)
-
-
-def _trim_metrics(path: Path, last_step: int) -> None:
-    """Drops log lines after `last_step` (written after the checkpoint a resume starts from)."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
-def plot_losses(metrics_path: Path, png: Path, title: str = "recovery") -> None:
-    """Training loss per step (and held-out loss) from the metrics JSONL, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in rows if r.get("split") == "train"]
-    held = [(r["step"], r["loss"]) for r in rows if r.get("split") == "heldout"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train", lw=1)
-    if held:
-        ax.plot(*zip(*held), "o-", label="held-out", lw=1.5)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-
-
 # -- the loop --------------------------------------------------------------------------------------
 def _check_teacher(strategy: LossStrategy, model, teacher) -> None:
     if not strategy.needs_teacher:
@@ -256,6 +204,141 @@ def _check_teacher(strategy: LossStrategy, model, teacher) -> None:
                             f"{tc.num_layers} layers")
 
 
+def _windows(cfg: RecoveryConfig, windows, tokenizer, data_dir) -> data_lib.TokenWindows:
+    if windows is None:
+        if tokenizer is None:
+            raise UserError("recovery needs a tokenizer (or pre-tokenized windows)")
+        windows = data_lib.load_windows(
+            tokenizer, cfg.dataset, seqlen=cfg.seqlen, train_windows=cfg.steps * cfg.batch_size,
+            heldout_windows=cfg.eval_batches * cfg.micro_batch, data_dir=data_dir)
+    if windows.train.shape[1] != cfg.seqlen:
+        raise UserError(f"windows have {windows.train.shape[1]} tokens, recovery.seqlen is {cfg.seqlen}")
+    return windows
+
+
+@dataclasses.dataclass
+class _Session:
+    """The state of one run placed on the mesh, and its jitted train and held-out steps."""
+
+    state: dict[str, Any]  # {"trainable", "opt"}: donated to each step, checkpointed
+    shardings: dict[str, Any]  # the same keys
+    const: Any
+    teacher_state: Any
+    train_jit: Any
+    eval_jit: Any
+    batch_sh: Any
+    eval_batch_sh: Any
+
+    def step(self, batch, step: int) -> dict[str, float]:
+        """One optimizer step on `batch` (already placed); returns its statistics."""
+        trainable, opt, stats = self.train_jit(self.state["trainable"], self.state["opt"],
+                                               self.const, self.teacher_state, batch,
+                                               jnp.asarray(step, jnp.int32))
+        self.state = {"trainable": trainable, "opt": opt}
+        return {k: float(v) for k, v in stats.items()}
+
+    def evaluate(self, heldout: list) -> dict[str, float]:
+        """Mean held-out metrics over the batches of `heldout`."""
+        sums: dict[str, float] = {}
+        for tokens in heldout:
+            batch = _place(jnp.asarray(tokens), self.eval_batch_sh)
+            for k, v in self.eval_jit(self.state["trainable"], self.const, self.teacher_state,
+                                      batch).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return {k: v / len(heldout) for k, v in sums.items()}
+
+
+def _session(model, teacher, strategy: LossStrategy, cfg: RecoveryConfig, wrt, mesh) -> _Session:
+    """Builds the optimizer, splits and places the state by the channel-space rules (optimizer
+    state by path) and jits the steps."""
+    optimizer = nnx.Optimizer(model, make_tx(cfg), wrt=wrt)
+    parts = _split(model, wrt)
+    opt_gdef, opt_state = nnx.split(optimizer)
+    specs = sh.param_specs(model, mesh)
+    tr_sh = sh.state_shardings(parts.trainable, specs, mesh)
+    const_sh = sh.state_shardings(parts.const, specs, mesh)
+    opt_sh = sh.state_shardings(opt_state, specs, mesh)
+    trainable = _place(parts.trainable, tr_sh, copy=True)  # donated to the step
+    opt_state = _place(opt_state, opt_sh, copy=True)
+    parts.keys = _place(parts.keys, sh.state_shardings(parts.keys, {}, mesh))
+    teacher_gdef, teacher_state, teacher_sh = None, None, None
+    if strategy.needs_teacher:
+        teacher_gdef, teacher_state = nnx.split(teacher)
+        teacher_sh = sh.state_shardings(teacher_state, sh.param_specs(teacher, mesh), mesh)
+        teacher_state = _place(teacher_state, teacher_sh)
+
+    train_step, eval_step = build_steps(parts, opt_gdef, strategy, teacher_gdef,
+                                        compute_dtype=jnp.dtype(cfg.compute_dtype),
+                                        grad_accum=cfg.grad_accum, seed=cfg.seed,
+                                        sched=schedule(cfg))
+    rep = sh.replicated(mesh)
+    batch_sh = sh.batch_sharding(mesh, 3, leading=1)
+    eval_batch_sh = sh.batch_sharding(mesh, 2)
+    train_jit = jax.jit(train_step, in_shardings=(tr_sh, opt_sh, const_sh, teacher_sh, batch_sh, rep),
+                        out_shardings=(tr_sh, opt_sh, rep), donate_argnums=(0, 1))
+    eval_jit = jax.jit(eval_step, in_shardings=(tr_sh, const_sh, teacher_sh, eval_batch_sh),
+                       out_shardings=rep)
+    return _Session(state={"trainable": trainable, "opt": opt_state},
+                    shardings={"trainable": tr_sh, "opt": opt_sh},
+                    const=_place(parts.const, const_sh), teacher_state=teacher_state,
+                    train_jit=train_jit, eval_jit=eval_jit, batch_sh=batch_sh,
+                    eval_batch_sh=eval_batch_sh)
+
+
+@dataclasses.dataclass
+class _Progress:
+    """What the loop measured."""
+
+    losses: list[float] = dataclasses.field(default_factory=list)
+    evals: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    compile_seconds: float = 0.0
+    seconds: float = 0.0  # of the steps after the first (which compiles)
+
+
+def _loop(session: _Session, cfg: RecoveryConfig, iterator, heldout, logs: LogDir, *, start: int,
+          end: int, progress: bool) -> _Progress:
+    """Steps `start` to `end`, with held-out evaluations, metrics and checkpoints on the way."""
+    from tqdm.auto import tqdm
+
+    done = _Progress()
+
+    def evaluate(step: int) -> None:
+        if heldout:
+            row = {"step": step, "split": "heldout", **session.evaluate(heldout)}
+            logs.log(row)
+            done.evals.append(row)
+
+    tokens_per_step = cfg.batch_size * cfg.seqlen
+    if start == 0 and cfg.eval_every:
+        evaluate(0)
+    bar = tqdm(total=end - start, desc=f"recovery {cfg.kind}", unit="step", disable=not progress,
+               leave=False)
+    t_loop = time.perf_counter()
+    for step in range(start, end):
+        batch = _place(jnp.asarray(next(iterator)), session.batch_sh)
+        t0 = time.perf_counter()
+        stats = session.step(batch, step)
+        dt = time.perf_counter() - t0
+        if step == start:
+            done.compile_seconds = dt  # the first call compiles
+        else:
+            done.seconds += dt
+        if not np.isfinite(stats["loss"]):
+            raise FloatingPointError(f"recovery loss is not finite at step {step + 1}: {stats}")
+        done.losses.append(stats["loss"])
+        logs.log({"step": step + 1, "split": "train", **stats, "tokens": (step + 1) * tokens_per_step,
+                  "elapsed": time.perf_counter() - t_loop})
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats['loss']:.4f}")
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 != cfg.steps:
+            evaluate(step + 1)
+        logs.save(step + 1, session.state, iterator, final=step + 1 == cfg.steps)
+    bar.close()
+    if end == cfg.steps and (cfg.eval_every or heldout):
+        evaluate(cfg.steps)
+    return done
+
+
 def train(model, cfg: RecoveryConfig, *, tokenizer=None, windows: data_lib.TokenWindows | None = None,
           teacher=None, data_dir=None, log_dir=None, progress: bool = True,
           stop_after: int | None = None, echo=None) -> TrainResult:
@@ -272,167 +355,44 @@ def train(model, cfg: RecoveryConfig, *, tokenizer=None, windows: data_lib.Token
     strategy = strategy_for(cfg)
     _check_teacher(strategy, model, teacher)
     mesh = sh.make_mesh(sizes)
-    if windows is None:
-        if tokenizer is None:
-            raise UserError("recovery needs a tokenizer (or pre-tokenized windows)")
-        windows = data_lib.load_windows(
-            tokenizer, cfg.dataset, seqlen=cfg.seqlen, train_windows=cfg.steps * cfg.batch_size,
-            heldout_windows=cfg.eval_batches * cfg.micro_batch, data_dir=data_dir)
-    if windows.train.shape[1] != cfg.seqlen:
-        raise UserError(f"windows have {windows.train.shape[1]} tokens, recovery.seqlen is {cfg.seqlen}")
+    windows = _windows(cfg, windows, tokenizer, data_dir)
     iterator = data_lib.train_iterator(windows.train, batch_size=cfg.batch_size,
                                        grad_accum=cfg.grad_accum, seed=cfg.seed)
     heldout = data_lib.heldout_batches(windows.heldout, cfg.micro_batch, cfg.eval_batches)
-
     lora_paths: list[str] = []
     if cfg.kind == "lora":
         lora_paths = lora_lib.add_lora(model, cfg.lora, seed=cfg.seed)
-        wrt = nnx.LoRAParam
-    else:
-        wrt = nnx.Param
-    compute_dtype = jnp.dtype(cfg.compute_dtype)
-    sched = schedule(cfg)
-    optimizer = nnx.Optimizer(model, make_tx(cfg), wrt=wrt)
-    parts = _split(model, wrt)
-    opt_gdef, opt_state = nnx.split(optimizer)
+    wrt = nnx.LoRAParam if cfg.kind == "lora" else nnx.Param
+    session = _session(model, teacher, strategy, cfg, wrt, mesh)
 
-    # placement: channel-space rules for the model and teacher, optimizer state by path
-    specs = sh.param_specs(model, mesh)
-    tr_sh = sh.state_shardings(parts.trainable, specs, mesh)
-    const_sh = sh.state_shardings(parts.const, specs, mesh)
-    opt_sh = sh.state_shardings(opt_state, specs, mesh)
-    trainable = _place(parts.trainable, tr_sh, copy=True)  # donated to the step
-    const = _place(parts.const, const_sh)
-    opt_state = _place(opt_state, opt_sh, copy=True)
-    parts.keys = _place(parts.keys, sh.state_shardings(parts.keys, {}, mesh))
-    teacher_gdef, teacher_state, teacher_sh = None, None, None
-    if strategy.needs_teacher:
-        teacher_gdef, teacher_state = nnx.split(teacher)
-        teacher_sh = sh.state_shardings(teacher_state, sh.param_specs(teacher, mesh), mesh)
-        teacher_state = _place(teacher_state, teacher_sh)
-
-    train_step, eval_step = build_steps(parts, opt_gdef, strategy, teacher_gdef,
-                                        compute_dtype=compute_dtype, grad_accum=cfg.grad_accum,
-                                        seed=cfg.seed, sched=sched)
-    rep = sh.replicated(mesh)
-    batch_sh = sh.batch_sharding(mesh, 3, leading=1)
-    eval_batch_sh = sh.batch_sharding(mesh, 2)
-    train_jit = jax.jit(train_step, in_shardings=(tr_sh, opt_sh, const_sh, teacher_sh, batch_sh, rep),
-                        out_shardings=(tr_sh, opt_sh, rep), donate_argnums=(0, 1))
-    eval_jit = jax.jit(eval_step, in_shardings=(tr_sh, const_sh, teacher_sh, eval_batch_sh),
-                       out_shardings=rep)
-
-    # logs and checkpoints
-    log_dir = Path(log_dir) if log_dir is not None else None
-    metrics_path = plot_path = None
-    manager = None
-    start = 0
-    resumed_from = None
-    if log_dir is not None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        metrics_path, plot_path = log_dir / METRICS_FILE, log_dir / PLOT_FILE
-        if cfg.checkpoint_every:
-            import orbax.checkpoint as ocp
-
-            manager = _manager(log_dir / CHECKPOINT_DIR, cfg.keep_checkpoints)
-            latest = manager.latest_step()
-            if latest is not None:
-                target = {"trainable": _abstract(trainable, tr_sh), "opt": _abstract(opt_state, opt_sh)}
-                restored = manager.restore(latest, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-                trainable, opt_state = restored["state"]["trainable"], restored["state"]["opt"]
-                iterator.set_state(restored["data"])
-                start = resumed_from = int(latest)
-                say(f"resume    from step {latest} ({log_dir / CHECKPOINT_DIR})")
-        if start:
-            _trim_metrics(metrics_path, start)
-        elif metrics_path.exists():
-            metrics_path.unlink()
-
-    def put_batch(batch, sharding):
-        return _place(jnp.asarray(batch), sharding)
-
-    def evaluate(step: int) -> dict[str, float] | None:
-        if not heldout:
-            return None
-        sums: dict[str, float] = {}
-        for tokens in heldout:
-            for k, v in eval_jit(trainable, const, teacher_state, put_batch(tokens, eval_batch_sh)).items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-        row = {"step": step, "split": "heldout", **{k: v / len(heldout) for k, v in sums.items()}}
-        log(row)
-        evals.append(row)
-        return row
-
-    def log(row):
-        if metrics_path is not None:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    from tqdm.auto import tqdm
-
+    logs = LogDir(log_dir, checkpoint_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
+    restored, start = logs.restore(session.state, session.shardings, iterator)
+    if restored is not None:
+        session.state = {"trainable": restored["trainable"], "opt": restored["opt"]}
+        say(f"resume    from step {start} ({logs.checkpoints})")
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    losses: list[float] = []
-    evals: list[dict[str, float]] = []
-    tokens_per_step = cfg.batch_size * cfg.seqlen
-    compile_seconds, seconds = 0.0, 0.0
-    if start == 0 and cfg.eval_every:
-        evaluate(0)
-    bar = tqdm(total=end - start, desc=f"recovery {cfg.kind}", unit="step", disable=not progress,
-               leave=False)
-    t_loop = time.perf_counter()
-    for step in range(start, end):
-        batch = put_batch(next(iterator), batch_sh)
-        t0 = time.perf_counter()
-        trainable, opt_state, stats = train_jit(trainable, opt_state, const, teacher_state, batch,
-                                                jnp.asarray(step, jnp.int32))
-        stats = {k: float(v) for k, v in stats.items()}
-        dt = time.perf_counter() - t0
-        if step == start:
-            compile_seconds = dt  # the first call compiles
-        else:
-            seconds += dt
-        if not np.isfinite(stats["loss"]):
-            raise FloatingPointError(f"recovery loss is not finite at step {step + 1}: {stats}")
-        losses.append(stats["loss"])
-        log({"step": step + 1, "split": "train", **stats, "tokens": (step + 1) * tokens_per_step,
-             "elapsed": time.perf_counter() - t_loop})
-        bar.update(1)
-        bar.set_postfix(loss=f"{stats['loss']:.4f}")
-        done = step + 1
-        if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
-            evaluate(done)
-        if manager is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            import orbax.checkpoint as ocp
+    done = _loop(session, cfg, iterator, heldout, logs, start=start, end=end, progress=progress)
+    logs.close()
 
-            manager.save(done, args=ocp.args.Composite(
-                state=ocp.args.StandardSave({"trainable": trainable, "opt": opt_state}),
-                data=ocp.args.JsonSave(iterator.get_state())))
-    bar.close()
-    if end == cfg.steps and (cfg.eval_every or heldout):
-        evaluate(cfg.steps)
-    if manager is not None:
-        manager.wait_until_finished()
-        manager.close()
-
-    placement = {"params": _placement(trainable), "optimizer": _placement(opt_state)}
-    # write the trained state back into the model object
-    nnx.update(model, trainable)
+    trainable = session.state["trainable"]
+    placement = {"params": _placement(trainable), "optimizer": _placement(session.state["opt"])}
+    nnx.update(model, trainable)  # the trained state back into the model object
     lora_lib.set_training(model, False)
     merged = 0
     if cfg.lora is not None and cfg.lora.merge and end == cfg.steps:
         merged = lora_lib.merge_lora(model)
-    if metrics_path is not None and metrics_path.is_file():
-        plot_losses(metrics_path, plot_path, title=f"recovery ({cfg.kind})")
+    logs.plot_losses(f"recovery ({cfg.kind})")
+    tokens_per_step = cfg.batch_size * cfg.seqlen
     timed_steps = max(end - start - 1, 0)
     return TrainResult(
-        steps=end, losses=losses, evals=evals, tokens=(end - start) * tokens_per_step,
-        seconds=seconds + compile_seconds, compile_seconds=compile_seconds,
-        tokens_per_second=(timed_steps * tokens_per_step / seconds) if seconds > 0 else float("nan"),
+        steps=end, losses=done.losses, evals=done.evals, tokens=(end - start) * tokens_per_step,
+        seconds=done.seconds + done.compile_seconds, compile_seconds=done.compile_seconds,
+        tokens_per_second=(timed_steps * tokens_per_step / done.seconds) if done.seconds > 0
+        else float("nan"),
         mesh=sizes, strategy=strategy.describe(), data=windows.describe(),
-        resumed_from=resumed_from, lora_paths=lora_paths, lora_merged=merged,
-        metrics_path=str(metrics_path) if metrics_path else None,
-        plot_path=str(plot_path) if plot_path and plot_path.exists() else None, placement=placement)
+        resumed_from=start if restored is not None else None, lora_paths=lora_paths,
+        lora_merged=merged, metrics_path=str(logs.metrics) if logs.metrics else None,
+        plot_path=str(logs.plot) if logs.plot and logs.plot.exists() else None, placement=placement)
 
 
 def _placement(state) -> dict[str, str]:

@@ -1,14 +1,16 @@
 """The `[recovery]` recipe section: parsed into `RecoveryConfig`, validated strictly before any
 work (unknown keys name the nearest valid one), overridable with --set."""
 
+import re
 from pathlib import Path
 
 import pytest
 
 from nnxprune.errors import UserError
+from nnxprune.graph.targets import layer_projection_names
 from nnxprune.models.llama import LlamaConfig
 from nnxprune.recipes import load_recipe
-from nnxprune.recovery import RecoveryConfig
+from nnxprune.recovery import LoRAConfig, RecoveryConfig
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 SMOL = LlamaConfig.uniform(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9,
@@ -69,6 +71,7 @@ def test_bundled_distill_recipe():
     ("[recovery]\nkind = 'distill'\n[recovery.distill]\ntemprature = 2.0\n", "did you mean 'temperature'"),
     ("[recovery]\nkind = 'distill'\n[recovery.lora]\nrank = 2\n", "only applies to kind = 'lora'"),
     ("[recovery]\nkind = 'lora'\n[recovery.lora]\ntargets = '('\n", "not a valid regex"),
+    ("[recovery]\nkind = 'lora'\n[recovery.lora]\nignore = '['\n", "ignore '\\[' is not a valid regex"),
     ("[recovery]\nkind = 'lora'\n[recovery.lora]\nrank = 0\n", "rank must be an integer >= 1"),
     ("[recovery]\nkind = 'pretrain'\n[recovery.mesh]\ndata = -1\nfsdp = -1\n", "at most one axis"),
     ("[recovery]\nkind = 'pretrain'\n[recovery.mesh]\ndatta = 2\n", "did you mean 'data'"),
@@ -86,3 +89,23 @@ def test_checked_against_the_pruned_model_before_work(tmp_path):
     recipe = load_recipe(write(tmp_path, GOOD), ["recovery.seqlen=9000"])
     with pytest.raises(UserError, match="beyond the model's context"):
         recipe.check(SMOL)
+
+
+@pytest.mark.parametrize("pattern", [r".*_proj", r".*mlp\..*", ".*mlp.*", r"layers\.\d+\.mlp\..*",
+                                     r"layers\.\d+\.(self_attn\.q_proj|mlp\..*)"])
+def test_lora_targets_written_for_a_full_match_select_the_same_projections(pattern):
+    names = layer_projection_names(SMOL.num_layers)
+    assert LoRAConfig(targets=pattern).select(names) == [n for n in names if re.fullmatch(pattern, n)]
+
+
+def test_lora_targets_follow_the_pruning_rule():
+    names = layer_projection_names(2)
+    assert LoRAConfig().select(names) == names  # default: every projection of every layer
+    assert LoRAConfig(targets="mlp", ignore=r"layers\.0\.").select(names) == [
+        "layers.1.mlp.gate_proj", "layers.1.mlp.up_proj", "layers.1.mlp.down_proj"]
+    with pytest.raises(UserError, match=r"recovery\.lora\.targets regex 'lm_head' matches no projection"):
+        LoRAConfig(targets="lm_head").select(names)
+    with pytest.raises(UserError, match=r"recovery\.lora\.ignore regex 'x' matches no targeted"):
+        LoRAConfig(ignore="x").select(names)
+    with pytest.raises(UserError, match="no projection left after recovery.lora.targets"):
+        LoRAConfig(ignore="proj").select(names)

@@ -1,0 +1,141 @@
+"""What a recovery run leaves in its log folder, and how a rerun resumes from it.
+
+`LogDir(path, checkpoint_every=N, keep=K)` owns `metrics.jsonl` (one JSON line per training step
+and per held-out evaluation), `loss.png` (drawn from the metrics at the end) and, with
+`checkpoint_every`, an Orbax `CheckpointManager` in `checkpoints/` (keep-last-K) holding the
+trainable and optimizer state plus the grain iterator state. `restore` puts a rerun back on the
+latest checkpoint and trims the metrics written after it, so the log reads like one uninterrupted
+run. Without a path nothing is written.
+
+Example:
+    >>> logs = LogDir("out/train", checkpoint_every=50, keep=2)
+    >>> state, start = logs.restore({"trainable": t, "opt": o}, shardings, iterator)
+    >>> logs.log({"step": 1, "split": "train", "loss": 3.2})
+    >>> logs.save(50, {"trainable": t, "opt": o}, iterator, final=False)
+    >>> logs.close(); logs.plot_losses("recovery (distill)")
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def _manager(directory: Path, keep: int):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                        shardings)
+
+
+def _trim_metrics(path: Path, last_step: int) -> None:
+    """Drops log lines after `last_step` (written after the checkpoint a resume starts from)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def plot_losses(metrics_path: Path, png: Path, title: str = "recovery") -> None:
+    """Training loss per step (and held-out loss) from the metrics JSONL, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if r.get("split") == "train"]
+    held = [(r["step"], r["loss"]) for r in rows if r.get("split") == "heldout"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1)
+    if held:
+        ax.plot(*zip(*held), "o-", label="held-out", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+class LogDir:
+    """A run's log folder (or none): metrics JSONL, loss plot, Orbax checkpoints for resume."""
+
+    def __init__(self, path, *, checkpoint_every: int = 0, keep: int = 2):
+        self.path = Path(path) if path is not None else None
+        self.metrics: Path | None = None
+        self.plot: Path | None = None
+        self.checkpoint_every = checkpoint_every
+        self.manager = None
+        if self.path is not None:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.metrics, self.plot = self.path / METRICS_FILE, self.path / PLOT_FILE
+            if checkpoint_every:
+                self.manager = _manager(self.checkpoints, keep)
+
+    @property
+    def checkpoints(self) -> Path | None:
+        return self.path / CHECKPOINT_DIR if self.path is not None else None
+
+    def restore(self, state: dict[str, Any], shardings: dict[str, Any], iterator):
+        """`(restored state or None, step to start from)`. With a checkpoint the state comes back
+        placed on `shardings` and `iterator` continues where it was; the metrics are trimmed to
+        that step (or started afresh when there is no checkpoint)."""
+        latest = self.manager.latest_step() if self.manager is not None else None
+        restored = None
+        if latest is not None:
+            import orbax.checkpoint as ocp
+
+            target = {k: _abstract(v, shardings[k]) for k, v in state.items()}
+            out = self.manager.restore(latest, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+            iterator.set_state(out["data"])
+            restored = out["state"]
+        start = int(latest) if latest is not None else 0
+        if self.metrics is not None:
+            if start:
+                _trim_metrics(self.metrics, start)
+            elif self.metrics.exists():
+                self.metrics.unlink()
+        return restored, start
+
+    def log(self, row: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def save(self, step: int, state: dict[str, Any], iterator, *, final: bool) -> None:
+        """A checkpoint every `checkpoint_every` steps and at the last step (`final`)."""
+        if self.manager is None or not (step % self.checkpoint_every == 0 or final):
+            return
+        import orbax.checkpoint as ocp
+
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(iterator.get_state())))
+
+    def close(self) -> None:
+        if self.manager is not None:
+            self.manager.wait_until_finished()
+            self.manager.close()
+
+    def plot_losses(self, title: str) -> None:
+        """loss.png from the metrics, when any were written."""
+        if self.metrics is not None and self.metrics.is_file():
+            plot_losses(self.metrics, self.plot, title=title)
