@@ -9,7 +9,8 @@ removes them. For every group, `take(model, g, keep)` gives the same outputs as
 
 Masking hidden (`embed`) channels also masks the embedding and every RMSNorm, whose mean then
 runs over the kept channels only, so even that soft edit equals its hard slice exactly. A layer's
-soft removal masks its o_proj and down_proj entirely: the residual passes through unchanged.
+soft removal masks the Linears that write the residual stream (o_proj and down_proj) entirely: the
+residual passes through unchanged.
 
 All edits work in place and return the model, so they chain and fit `Transform.__call__`.
 
@@ -71,13 +72,19 @@ def _channel_vector(member: Member, keep: np.ndarray, length: int) -> np.ndarray
 
 
 # -- soft edits ------------------------------------------------------------------------------------
+def residual_writers(layer) -> list:
+    """The Linears of a decoder layer that write the residual stream (output space `embed`: o_proj
+    and down_proj of a Llama layer): masking them all removes the layer exactly."""
+    return [node for _, node in nnx.iter_modules(layer)
+            if isinstance(node, L.Linear) and node.out_space == L.EMBED]
+
+
 def mask_group(model, group: Group, keep: Iterable[int]):
     """Soft edit: masks every channel of `group` not in `keep` (ANDed with existing masks)."""
     keep = check_keep(group, keep)
     if group.kind == "layer":
         if keep.size == 0:
-            layer = node_at(model, group.members[0].path)
-            for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            for lin in residual_writers(node_at(model, group.members[0].path)):
                 mask_weights(lin, np.zeros(lin.kernel.shape, bool))
         return model
     for member in group.members:
@@ -162,7 +169,7 @@ def compact(model):
     channels contributed nothing."""
     dead_layers = [i for i, layer in enumerate(model.layers)
                    if all(lin.mask is not None and not np.asarray(lin.mask[...]).any()
-                          for lin in (layer.self_attn.o_proj, layer.mlp.down_proj))]
+                          for lin in residual_writers(layer))]
     drop_layers(model, dead_layers)
     for i in range(len(model.layers)):
         for kind in ("kv", "q", "mlp"):
