@@ -73,7 +73,6 @@ class Scorer:
         self.model = model
         self.graphdef, self.state = nnx.split(model)
         self.layers = [nnx.split(layer) for layer in model.layers]
-        self.inv_freq = model.inv_freq
         self.embedding = np.asarray(model.embed_tokens.effective_embedding())
         self.shapes: set[tuple] = set()
         self.tokens = 0  # token positions run through the layers, padding included
