@@ -36,7 +36,7 @@ class WandaScore(Score):
 
     name: ClassVar[str] = "wanda"
 
-    def collectors(self, num_layers: int) -> tuple:
+    def collectors(self) -> tuple:
         return (InputSumSq(names=PROJECTIONS),)
 
     def member(self, model, member, stats):

@@ -7,7 +7,7 @@ indexed axis (or None when the member carries no signal for this score, such as 
 for an activation score); `reduce_members` sums each channel's `unit` entries and combines the
 members (sum, mean, max or prod, as Torch-Pruning's and LLM-Pruner's group reductions do);
 `finish` maps the result (a square root for norms). Structured transforms take any registered
-score by name and ask for calibration only when `score.collectors(...)` is not empty.
+score by name and ask for calibration only when `score.collectors()` is not empty.
 
 Statistics reach a score as `{layer index: {collector name: finished statistic}}`, gathered on
 the dense model in one pass of the sequential driver.
@@ -94,12 +94,12 @@ class Score:
     name: ClassVar[str] = ""
     reduction: ClassVar[str] = "sum"
 
-    def collectors(self, num_layers: int) -> tuple:
+    def collectors(self) -> tuple:
         """The collectors whose statistics this score reads (empty: no calibration)."""
         return ()
 
-    def needs_calibration(self, num_layers: int = 1) -> bool:
-        return bool(self.collectors(num_layers))
+    def needs_calibration(self) -> bool:
+        return bool(self.collectors())
 
     def member(self, model, member: Member, stats: Stats | None):
         """Per-entry values along `member.axis`, or None when the member takes no part."""

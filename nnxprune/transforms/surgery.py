@@ -54,7 +54,7 @@ class _Scored(Transform):
 
     def statistics(self, model, ctx: Context) -> Stats | None:
         """The score's statistics over the dense model (None for a calibration-free score)."""
-        collectors = get_score(self.score).collectors(len(model.layers))
+        collectors = get_score(self.score).collectors()
         if not collectors:
             return None
         tokens = ctx.calibration_tokens()

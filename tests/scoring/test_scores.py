@@ -48,7 +48,7 @@ def test_weight_norm_of_an_mlp_group_by_hand():
 
 def test_structured_wanda_by_hand():
     model = build()
-    stats = collect_statistics(model, TOKENS, get_score("wanda").collectors(2), progress=False)
+    stats = collect_statistics(model, TOKENS, get_score("wanda").collectors(), progress=False)
     norm = {n: np.sqrt(np.asarray(stats[0]["sumsq"][n], np.float64))
             for n in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "self_attn.q_proj",
                       "self_attn.o_proj")}
