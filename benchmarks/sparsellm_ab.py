@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
@@ -32,6 +33,10 @@ def main() -> None:
     ap.add_argument("--tokens", help="calibration tokens [16, 512] as .npy (default: draw them)")
     ap.add_argument("--out", required=True, help="path prefix of the .json and .npz outputs")
     args = ap.parse_args()
+    taken = [f for f in (args.out + ".json", args.out + ".npz", args.out + ".tokens.npy")
+             if os.path.exists(f)]
+    if taken:
+        ap.error(f"{', '.join(taken)} already exist; choose another --out (nothing is overwritten)")
     loaded = load_model("smollm2-135m")
     if args.tokens:
         tokens = np.load(args.tokens)
