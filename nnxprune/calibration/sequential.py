@@ -170,12 +170,14 @@ def _statistics(layer, plan: Plan, x, inv_freq, bs: int, want_out: bool):
 
 def run_sequential(model, tokens: np.ndarray, visit: Visit, collectors: Sequence[Collector] = (), *,
                    keep_outputs: bool = False, batch_size: int = 8, progress: bool = True,
-                   desc: str = "calibrate") -> dict[str, float]:
+                   desc: str = "calibrate", edits: bool = True) -> dict[str, float]:
     """Runs the sequential driver (module docstring); returns timings in seconds.
 
     `visit(i, layer, calib)` is called for every layer for which some collector is active (for
     every layer when `collectors` is empty); whatever it does to the layer is what the next
     layer's inputs see. `keep_outputs` hands `visit` the unpruned layer's outputs too.
+    `edits = False` promises that `visit` leaves the layers as they are: the statistics forward's
+    outputs then feed the next layer directly (one forward per layer instead of two).
     """
     tokens = np.asarray(tokens)
     if tokens.ndim != 2:
@@ -197,7 +199,7 @@ def run_sequential(model, tokens: np.ndarray, visit: Visit, collectors: Sequence
         plan = tuple((c, c.taps(i)) for c in collectors if c.active(i))
         if plan or not collectors:
             t0 = time.perf_counter()
-            want_out = keep_outputs or any(c.needs_output for c, _ in plan)
+            want_out = keep_outputs or not edits or any(c.needs_output for c, _ in plan)
             stats, outs = _statistics(layer, plan, x, inv_freq, bs, want_out) if (
                 plan or want_out) else ({}, None)
             timings["forward_stats"] += time.perf_counter() - t0
@@ -205,6 +207,9 @@ def run_sequential(model, tokens: np.ndarray, visit: Visit, collectors: Sequence
             visit(i, layer, LayerCalibration(index=i, inputs=x, outputs=outs, stats=stats,
                                              sequences=n_seq, tokens=n_seq * seqlen))
             timings["visit"] += time.perf_counter() - t0
+            if not edits:
+                bar.update(1)
+                return outs, None
         t0 = time.perf_counter()
         graphdef, state = nnx.split(layer)
         x = jnp.concatenate([_forward(graphdef, state, x[s:s + bs], inv_freq)
@@ -223,12 +228,13 @@ def collect_statistics(model, tokens: np.ndarray, collectors: Sequence[Collector
                        batch_size: int = 8, progress: bool = True,
                        desc: str = "statistics") -> dict[int, dict[str, Any]]:
     """The collectors' statistics of every layer of the model as it is (nothing is pruned while
-    they are gathered): `{layer index: {collector name: statistic}}`."""
+    they are gathered): `{layer index: {collector name: statistic}}`. One forward per layer: the
+    statistics forward's outputs feed the next layer."""
     stats: dict[int, dict[str, Any]] = {}
 
     def visit(i, layer, calib):
         stats[i] = calib.stats
 
     run_sequential(model, tokens, visit, collectors, batch_size=batch_size, progress=progress,
-                   desc=desc)
+                   desc=desc, edits=False)
     return stats

@@ -93,6 +93,7 @@ class Score:
 
     name: ClassVar[str] = ""
     reduction: ClassVar[str] = "sum"
+    kinds: ClassVar[tuple[str, ...]] = ("embed", "mlp", "kv", "q")  # group kinds it can rank
 
     def collectors(self) -> tuple:
         """The collectors whose statistics this score reads (empty: no calibration)."""
@@ -108,7 +109,14 @@ class Score:
     def finish(self, values: jnp.ndarray) -> jnp.ndarray:
         return values
 
+    def check_kind(self, kind: str) -> None:
+        """UserError when this score cannot rank groups of `kind` (before any work)."""
+        if kind not in self.kinds:
+            raise UserError(f"score {self.name!r} ranks {', '.join(self.kinds)} groups, not "
+                            f"{kind!r}")
+
     def __call__(self, model, group: Group, stats: Stats | None = None) -> np.ndarray:
+        self.check_kind(group.kind)
         if self.needs_calibration() and stats is None:
             raise ValueError(f"score {self.name!r} needs calibration statistics")
         values = [self.member(model, m, stats) for m in group.members]

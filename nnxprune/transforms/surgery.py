@@ -35,8 +35,8 @@ def _check_layers(layers: tuple[int, ...] | None, config: LlamaConfig) -> tuple[
     return tuple(layers)
 
 
-def _check_score(score: str) -> None:
-    get_score(score)
+def _check_score(score: str, kind: str) -> None:
+    get_score(score).check_kind(kind)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -138,7 +138,7 @@ class ShrinkMLP(_Scored):
     kind: ClassVar[str]
 
     def check(self, config: LlamaConfig) -> LlamaConfig:
-        _check_score(self.score)
+        _check_score(self.score, "mlp")
         layers = _check_layers(self.layers, config)
         shapes = list(config.layers)
         for i in layers:
@@ -167,7 +167,7 @@ class RemoveQueryHeads(_Scored):
     kind: ClassVar[str]
 
     def check(self, config: LlamaConfig) -> LlamaConfig:
-        _check_score(self.score)
+        _check_score(self.score, "q")
         shapes = list(config.layers)
         for i in _check_layers(self.layers, config):
             s = shapes[i]
@@ -198,7 +198,7 @@ class RemoveKVGroups(_Scored):
     kind: ClassVar[str]
 
     def check(self, config: LlamaConfig) -> LlamaConfig:
-        _check_score(self.score)
+        _check_score(self.score, "kv")
         shapes = list(config.layers)
         for i in _check_layers(self.layers, config):
             s = shapes[i]
@@ -230,7 +230,7 @@ class ShrinkHidden(_Scored):
     kind: ClassVar[str]
 
     def check(self, config: LlamaConfig) -> LlamaConfig:
-        _check_score(self.score)
+        _check_score(self.score, "embed")
         removed = _amount(config.hidden_size, self.fraction, self.count, "hidden size")
         if self.soft:
             return config

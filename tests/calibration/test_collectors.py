@@ -97,3 +97,26 @@ def test_a_module_that_cannot_be_tapped_is_refused():
     with pytest.raises(ValueError, match="cannot record"):
         run_sequential(build(), TOKENS, lambda *a: None, [InputSumSq(names=("self_attn",))],
                        progress=False)
+
+
+def test_statistics_without_edits_run_one_forward_and_match_the_two_forward_driver():
+    """`collect_statistics` feeds the statistics forward's outputs to the next layer (one forward
+    per layer); the statistics equal those of the driver that reruns every layer, and the second
+    forward does not run at all."""
+    model = build()
+    collectors = [ChannelMeanAbs(names=("mlp.down_proj", "input_layernorm")),
+                  BlockInfluence(layers=(0, 1)), InputSumSq.for_layers({2: ["self_attn.o_proj"]})]
+    fast = collect_statistics(model, TOKENS, collectors, progress=False, batch_size=3)
+    slow = {}
+    timings = run_sequential(model, TOKENS, lambda i, layer, c: slow.setdefault(i, c.stats),
+                             collectors, progress=False, batch_size=3)
+    assert timings["forward_pruned"] > 0
+    assert sorted(fast) == sorted(slow) == [0, 1, 2]
+    for i in fast:
+        for name in fast[i]:
+            for a, b in zip(jax.tree.leaves(fast[i][name]), jax.tree.leaves(slow[i][name]),
+                            strict=True):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+    once = run_sequential(model, TOKENS, lambda *a: None, collectors, progress=False,
+                          batch_size=3, edits=False)
+    assert once["forward_pruned"] == 0
