@@ -10,6 +10,20 @@
   norm scales, the output head) take no part. This is the structured use of Wanda's metric that
   FLAP / Wanda-sp compare against; it serves any group kind (neurons, heads, KV groups, hidden
   channels).
+- `activation` (Minitron: Muralidharan et al., "Compact Language Models via Pruning and Knowledge
+  Distillation", arXiv 2407.14679; Sreenivas et al., arXiv 2408.11796): activation-based
+  importance with NVIDIA ModelOpt's aggregation. For a channel c of an activation x
+  `[samples, tokens, channels]`, `imp_c = sqrt(sum over samples of (mean over tokens of
+  |x[s, t, c]|)^2)`, one calibration sequence per sample (`collectors.ChannelMeanAbs`).
+  - MLP neuron c of layer i: `imp_c` at the input of `down_proj`.
+  - Query head h: the L2 norm of the `imp_c` of its `head_dim` channels at the input of
+    `o_proj`; a KV group: the L2 norm over all its query heads' channels there (our extension
+    for removing KV heads, which Minitron does not do by default).
+  - Hidden channel c: the sum over every RMSNorm inside the decoder layers (input and
+    post-attention norms, 2 per layer; not the final norm) of that norm output's `imp_c`.
+  The collection's `prune_width.py` (zlab-princeton/llm-pruning-collection) sums
+  `(mean |x|)^2` over samples and norms without the square root; that ranks MLP neurons the same
+  but hidden channels differently. We follow ModelOpt's (and the issue's) definition above.
 """
 
 from __future__ import annotations
@@ -18,10 +32,14 @@ import dataclasses
 from typing import ClassVar
 
 import jax.numpy as jnp
+import numpy as np
 
-from nnxprune.calibration.collectors import InputSumSq
+from nnxprune.calibration.collectors import ChannelMeanAbs, InputSumSq
 from nnxprune.graph.targets import PROJECTIONS
 from nnxprune.scoring.base import Score, layer_of, member_array, other_axes_sum, register_score
+
+NORMS = ("input_layernorm", "post_attention_layernorm")
+MINITRON_TAPS = ("self_attn.o_proj", "mlp.down_proj", *NORMS)  # where `activation` reads
 
 
 def wanda(kernel, sumsq) -> jnp.ndarray:
@@ -46,3 +64,28 @@ class WandaScore(Score):
         sumsq = stats[layer][InputSumSq.name][name]
         return other_axes_sum(wanda(member_array(model, member).astype(jnp.float32), sumsq),
                               member.axis)
+
+
+@register_score
+@dataclasses.dataclass(frozen=True)
+class ActivationScore(Score):
+    """Minitron's activation importance (module docstring): MLP neurons, query heads, KV groups
+    and hidden channels, all from one calibration pass."""
+
+    name: ClassVar[str] = "activation"
+
+    def collectors(self) -> tuple:
+        return (ChannelMeanAbs(names=MINITRON_TAPS),)
+
+    def member(self, model, member, stats):
+        layer, name = layer_of(member)
+        if layer is None or member.axis != 0:
+            return None  # outside the decoder layers, or an output side
+        imp = stats[layer][ChannelMeanAbs.name]
+        if name == "self_attn.o_proj":
+            return jnp.square(imp[name])  # a head: the L2 norm of its channels (`__call__`)
+        return imp[name] if name == "mlp.down_proj" or name in NORMS else None
+
+    def __call__(self, model, group, stats=None):
+        values = super().__call__(model, group, stats)
+        return np.sqrt(values) if group.kind in ("q", "kv") else values
