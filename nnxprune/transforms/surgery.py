@@ -23,7 +23,7 @@ from nnxprune.scoring import SCORES, Stats, get_score, lowest
 from nnxprune.transforms.base import Context, Transform, register
 
 
-def _check_layers(layers: tuple[int, ...] | None, config: LlamaConfig) -> tuple[int, ...]:
+def check_layers(layers: tuple[int, ...] | None, config: LlamaConfig) -> tuple[int, ...]:
     n = config.num_layers
     if layers is None:
         return tuple(range(n))
@@ -35,12 +35,12 @@ def _check_layers(layers: tuple[int, ...] | None, config: LlamaConfig) -> tuple[
     return tuple(layers)
 
 
-def _check_score(score: str, kind: str) -> None:
+def check_score(score: str, kind: str) -> None:
     get_score(score).check_kind(kind)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class _Scored(Transform):
+class Scored(Transform):
     """A structured transform that ranks channels by `score` (module docstring)."""
 
     score: str = "weight_norm"
@@ -77,12 +77,12 @@ class _Scored(Transform):
         for i in layers:
             group = graph.find_group(model, kind, i)
             keep = lowest(self.rank(model, group, stats), removed(group), group.blocks)
-            _edit(model, group, keep, self.soft)
+            edit(model, group, keep, self.soft)
             done[i] = (group, keep)
         return done
 
 
-def _amount(size: int, fraction: float | None, count: int | None, what: str) -> int:
+def amount(size: int, fraction: float | None, count: int | None, what: str) -> int:
     """How many channels to remove: `count`, or `int(fraction * size)`."""
     if (fraction is None) == (count is None):
         raise UserError(f"give exactly one of 'fraction' and 'count' ({what})")
@@ -95,7 +95,7 @@ def _amount(size: int, fraction: float | None, count: int | None, what: str) -> 
     return count
 
 
-def _edit(model, group, keep, soft: bool):
+def edit(model, group, keep, soft: bool):
     return graph.mask_group(model, group, keep) if soft else graph.take(model, group, keep)
 
 
@@ -109,7 +109,7 @@ class DropLayers(Transform):
     kind: ClassVar[str]
 
     def check(self, config: LlamaConfig) -> LlamaConfig:
-        layers = _check_layers(self.layers, config)
+        layers = check_layers(self.layers, config)
         if len(layers) >= config.num_layers:
             raise UserError(f"cannot drop all {config.num_layers} layers")
         if self.soft:
@@ -129,7 +129,7 @@ class DropLayers(Transform):
 
 @register("shrink_mlp")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ShrinkMLP(_Scored):
+class ShrinkMLP(Scored):
     """Removes the lowest-scoring MLP neurons of each chosen layer."""
 
     fraction: float | None = None
@@ -138,19 +138,19 @@ class ShrinkMLP(_Scored):
     kind: ClassVar[str]
 
     def check(self, config: LlamaConfig) -> LlamaConfig:
-        _check_score(self.score, "mlp")
-        layers = _check_layers(self.layers, config)
+        check_score(self.score, "mlp")
+        layers = check_layers(self.layers, config)
         shapes = list(config.layers)
         for i in layers:
             size = shapes[i].intermediate_size
-            removed = _amount(size, self.fraction, self.count, f"MLP of layer {i}")
+            removed = amount(size, self.fraction, self.count, f"MLP of layer {i}")
             if not self.soft:
                 shapes[i] = dataclasses.replace(shapes[i], intermediate_size=size - removed)
         return dataclasses.replace(config, layers=tuple(shapes))
 
     def __call__(self, model, ctx: Context):
-        done = self.edit_groups(model, ctx, "mlp", _check_layers(self.layers, model.config),
-                                lambda g: _amount(g.size, self.fraction, self.count, f"MLP of layer {g.layer}"))
+        done = self.edit_groups(model, ctx, "mlp", check_layers(self.layers, model.config),
+                                lambda g: amount(g.size, self.fraction, self.count, f"MLP of layer {g.layer}"))
         ctx.log(self.kind, score=self.score, soft=self.soft,
                 widths={i: [g.size, len(keep)] for i, (g, keep) in done.items()})
         return model
@@ -158,7 +158,7 @@ class ShrinkMLP(_Scored):
 
 @register("remove_query_heads")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RemoveQueryHeads(_Scored):
+class RemoveQueryHeads(Scored):
     """Removes `per_kv_group` query heads from every KV group of each chosen layer (GQA stays
     valid: every KV group keeps the same number of query heads)."""
 
@@ -167,9 +167,9 @@ class RemoveQueryHeads(_Scored):
     kind: ClassVar[str]
 
     def check(self, config: LlamaConfig) -> LlamaConfig:
-        _check_score(self.score, "q")
+        check_score(self.score, "q")
         shapes = list(config.layers)
-        for i in _check_layers(self.layers, config):
+        for i in check_layers(self.layers, config):
             s = shapes[i]
             per = s.num_heads // s.num_kv_heads
             if not 0 <= self.per_kv_group < per:
@@ -181,7 +181,7 @@ class RemoveQueryHeads(_Scored):
         return dataclasses.replace(config, layers=tuple(shapes))
 
     def __call__(self, model, ctx: Context):
-        done = self.edit_groups(model, ctx, "q", _check_layers(self.layers, model.config),
+        done = self.edit_groups(model, ctx, "q", check_layers(self.layers, model.config),
                                 lambda g: self.per_kv_group)
         ctx.log(self.kind, score=self.score, soft=self.soft,
                 kept_heads={i: [int(k) for k in keep] for i, (_, keep) in done.items()})
@@ -190,7 +190,7 @@ class RemoveQueryHeads(_Scored):
 
 @register("remove_kv_groups")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RemoveKVGroups(_Scored):
+class RemoveKVGroups(Scored):
     """Removes `count` whole KV groups (a k and v head with all their query heads) per layer."""
 
     count: int = 1
@@ -198,9 +198,9 @@ class RemoveKVGroups(_Scored):
     kind: ClassVar[str]
 
     def check(self, config: LlamaConfig) -> LlamaConfig:
-        _check_score(self.score, "kv")
+        check_score(self.score, "kv")
         shapes = list(config.layers)
-        for i in _check_layers(self.layers, config):
+        for i in check_layers(self.layers, config):
             s = shapes[i]
             if not 0 <= self.count < s.num_kv_heads:
                 raise UserError(f"layer {i} has {s.num_kv_heads} KV heads; cannot remove "
@@ -213,7 +213,7 @@ class RemoveKVGroups(_Scored):
         return dataclasses.replace(config, layers=tuple(shapes))
 
     def __call__(self, model, ctx: Context):
-        done = self.edit_groups(model, ctx, "kv", _check_layers(self.layers, model.config),
+        done = self.edit_groups(model, ctx, "kv", check_layers(self.layers, model.config),
                                 lambda g: self.count)
         ctx.log(self.kind, score=self.score, soft=self.soft,
                 kept_kv_heads={i: [int(k) for k in keep] for i, (_, keep) in done.items()})
@@ -222,7 +222,7 @@ class RemoveKVGroups(_Scored):
 
 @register("shrink_hidden")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ShrinkHidden(_Scored):
+class ShrinkHidden(Scored):
     """Removes the lowest-scoring hidden (embedding) channels everywhere at once."""
 
     fraction: float | None = None
@@ -230,8 +230,8 @@ class ShrinkHidden(_Scored):
     kind: ClassVar[str]
 
     def check(self, config: LlamaConfig) -> LlamaConfig:
-        _check_score(self.score, "embed")
-        removed = _amount(config.hidden_size, self.fraction, self.count, "hidden size")
+        check_score(self.score, "embed")
+        removed = amount(config.hidden_size, self.fraction, self.count, "hidden size")
         if self.soft:
             return config
         return dataclasses.replace(config, hidden_size=config.hidden_size - removed)
@@ -239,7 +239,7 @@ class ShrinkHidden(_Scored):
     def __call__(self, model, ctx: Context):
         ((group, keep),) = self.edit_groups(
             model, ctx, "embed", (None,),
-            lambda g: _amount(g.size, self.fraction, self.count, "hidden size")).values()
+            lambda g: amount(g.size, self.fraction, self.count, "hidden size")).values()
         ctx.log(self.kind, score=self.score, soft=self.soft, hidden=[group.size, len(keep)])
         return model
 
