@@ -1,6 +1,7 @@
 """Transforms: `model -> model` steps, registered by kind, composed by `Pipeline`."""
 
 from nnxprune.transforms.base import REGISTRY, Context, Pipeline, Transform, from_dict, register
+from nnxprune.transforms.depth import Depth
 from nnxprune.transforms.magnitude import Magnitude
 from nnxprune.transforms.owl import OWL
 from nnxprune.transforms.sparsegpt import SparseGPT
@@ -8,7 +9,9 @@ from nnxprune.transforms.sparsellm import SparseLLM
 from nnxprune.transforms.surgery import (DropLayers, FoldMasks, RemoveKVGroups, RemoveQueryHeads,
                                          ShrinkHidden, ShrinkMLP)
 from nnxprune.transforms.wanda import Wanda
+from nnxprune.transforms.width import Width
 
-__all__ = ["OWL", "REGISTRY", "Context", "DropLayers", "FoldMasks", "Magnitude", "Pipeline",
+__all__ = ["OWL", "REGISTRY", "Context", "Depth", "DropLayers", "FoldMasks", "Magnitude", "Pipeline",
            "SparseGPT", "SparseLLM", "Wanda", "RemoveKVGroups",
-           "RemoveQueryHeads", "ShrinkHidden", "ShrinkMLP", "Transform", "from_dict", "register"]
+           "RemoveQueryHeads", "ShrinkHidden", "ShrinkMLP", "Transform", "Width", "from_dict",
+           "register"]
