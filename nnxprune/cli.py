@@ -5,6 +5,7 @@
     nnxprune export MODEL OUT_DIR [--format hf|checkpoint]
     nnxprune models
     nnxprune train CKPT --recipe RECIPE --out OUT_DIR --json REPORT [--distributed]
+    nnxprune importance MODEL --score block_influence --score activation --json OUT --png OUT
 
 `MODEL` is a model card name (`nnxprune models` lists them), a Hugging Face folder, a GGUF file or
 an nnxprune checkpoint. Bad input (unknown card, missing file, unsupported architecture, a window
@@ -205,6 +206,23 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_importance(args) -> int:
+    from nnxprune import data as data_lib
+    from nnxprune.inspect.importance import calibration_for, check_scores, write_importance
+    from nnxprune.io import atomic
+
+    scores = check_scores(args.score)
+    calibration = calibration_for(args.set or [])
+    data_dir = data_lib.resolve_data_dir(args.data_dir)
+    for path in (args.json, args.png):
+        atomic.check_writable(path)
+    loaded = _load(args)
+    write_importance(loaded, scores, calibration, data_dir=data_dir, json_path=args.json,
+                     png_path=args.png, batch_size=args.batch_size, progress=not args.no_progress,
+                     name=args.model)
+    return 0
+
+
 def cmd_models(args) -> int:
     import tomllib
 
@@ -378,6 +396,22 @@ def _add_inspect(sub) -> None:
     p.set_defaults(func=cmd_inspect)
 
 
+def _add_importance(sub) -> None:
+    p = _model_command(sub, "importance", "Score layers, heads, MLP neurons and hidden channels "
+                                          "from one calibration pass; write JSON and a plot.")
+    p.add_argument("--score", action="append", required=True,
+                   help="block_influence (ShortGPT) or activation (Minitron); repeatable, one pass")
+    p.add_argument("--json", metavar="OUT", default=None, help="scores and protocol as JSON")
+    p.add_argument("--png", metavar="OUT", default=None, help="a plot of the scores")
+    p.add_argument("--set", action="append", metavar="calibration.KEY=VALUE",
+                   help="calibration settings (default c4, nsamples 32, seqlen 1024, seed 0)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
+    p.add_argument("--data-dir", default=None, help="folder with the calibration data "
+                                                    "(default: $NNXPRUNE_DATA_DIR, else the hub)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_importance)
+
+
 def _add_models(sub) -> None:
     p = sub.add_parser("models", help="List the model cards (names usable as MODEL).",
                        formatter_class=_FORMAT)
@@ -385,7 +419,7 @@ def _add_models(sub) -> None:
 
 
 COMMANDS = (_add_eval, _add_generate, _add_export, _add_prune, _add_train, _add_lm_eval,
-            _add_inspect, _add_models)  # in the order `nnxprune --help` lists them
+            _add_inspect, _add_importance, _add_models)  # in the order `nnxprune --help` lists them
 
 
 def build_parser() -> argparse.ArgumentParser:
