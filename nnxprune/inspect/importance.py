@@ -71,6 +71,7 @@ def _ragged(rows: list[list[float]]) -> np.ndarray:
 
 def plot_importance(report: dict[str, Any], title: str = "") -> bytes:
     """PNG bytes of whatever scores `report` holds (module docstring)."""
+    from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
 
     panels = [k for k in ("block_influence", "heads", "mlp", "hidden") if k in report]
@@ -88,11 +89,14 @@ def plot_importance(report: dict[str, Any], title: str = "") -> bytes:
             ax.set(xlabel="hidden channel (sorted)", ylabel="importance", yscale="log",
                    title="hidden channels (sum over the decoder norms)")
         else:
-            image = ax.imshow(_ragged(report[key]).T, aspect="auto", origin="lower",
-                              interpolation="nearest", cmap="viridis")
+            values = _ragged(report[key])
+            positive = values[np.isfinite(values) & (values > 0)]
+            norm = LogNorm(vmin=positive.min(), vmax=positive.max()) if positive.size else None
+            image = ax.imshow(values.T, aspect="auto", origin="lower", interpolation="nearest",
+                              cmap="viridis", norm=norm)
             fig.colorbar(image, ax=ax)
             what = "query head" if key == "heads" else "MLP neuron"
-            ax.set(xlabel="layer", ylabel=what, title=f"{what} importance (activation)")
+            ax.set(xlabel="layer", ylabel=what, title=f"{what} importance (activation, log color)")
     if title:
         fig.suptitle(title)
     buf = io.BytesIO()

@@ -159,3 +159,29 @@ def test_depth_then_width_then_wanda_compose_from_a_recipe():
     assert model.config.num_layers == 3 and model.config.hidden_size == 24
     kernel = np.asarray(model.layers[0].mlp.up_proj.effective_kernel())
     assert np.mean(kernel == 0) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("name, layers, hidden, shape", [
+    ("shortgpt", 22, 576, (9, 3, 1536)), ("minitron-depth", 22, 576, (9, 3, 1536)),
+    ("minitron-width", 30, 448, (6, 3, 1024)), ("shortgpt-distill", 22, 576, (9, 3, 1536)),
+    ("minitron-depth-distill", 22, 576, (9, 3, 1536)),
+    ("minitron-width-distill", 30, 448, (6, 3, 1024)),
+    ("shortgpt-wanda-2of4-distill", 22, 576, (9, 3, 1536)),
+])
+def test_structured_recipes_predict_the_asked_shapes_for_smollm2(name, layers, hidden, shape):
+    from pathlib import Path
+
+    from nnxprune.recipes import load_recipe
+
+    smollm2 = LlamaConfig.uniform(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9,
+                                  num_kv_heads=3, intermediate_size=1536, head_dim=64,
+                                  max_position_embeddings=8192, tie_word_embeddings=True)
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / f"{name}.toml")
+    predicted = recipe.check(smollm2)
+    assert predicted.num_layers == layers and predicted.hidden_size == hidden
+    assert set(predicted.layers) == {LayerShape(num_heads=shape[0], num_kv_heads=shape[1],
+                                                intermediate_size=shape[2])}
+    assert (recipe.recovery is not None) == name.endswith("-distill")
+    if recipe.recovery is not None:
+        d = recipe.recovery.distill
+        assert (recipe.recovery.kind, d.temperature, d.kd_weight, d.ce_weight) == ("distill", 1.0, 1.0, 0.0)
