@@ -182,7 +182,14 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
                                 f"({node!r}), not a table with keys")
         last = parts[-1]
         if isinstance(node, list):
-            raise UserError(f"--set {path}: cannot replace a whole list entry; set one of its keys")
+            where = ".".join(parts[:-1])
+            if not last.isdigit() or int(last) >= len(node):
+                raise UserError(f"--set {path}: {where} is a list of {len(node)} entries; {last!r} "
+                                f"is not an index of one")
+            if isinstance(node[int(last)], dict):
+                raise UserError(f"--set {path}: cannot replace a whole list entry; set one of its keys")
+            node[int(last)] = _parse_value(text.strip())
+            continue
         if not isinstance(node, dict):
             raise UserError(f"--set {path}: {'.'.join(parts[:-1])} is a value ({node!r}), not a "
                             f"table with keys")
