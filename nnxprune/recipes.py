@@ -228,6 +228,9 @@ def _build_eval(section: dict[str, Any] | None) -> PerplexityProtocol | None:
         return None  # only [eval.lm_eval]
     if "dataset" not in section:
         raise UserError("[eval] needs a 'dataset' (wikitext2 or c4)")
+    if not isinstance(section["dataset"], str):
+        raise UserError(f"eval.dataset must be a dataset name (wikitext2 or c4), got "
+                        f"{section['dataset']!r}")
     try:
         return PerplexityProtocol.from_dict(section)
     except UserError as e:
@@ -273,6 +276,8 @@ POSITIVE_FIELDS = ("batch_size", "blocksize", "count", "per_kv_group", "iteratio
 
 def _step(data: Any, where: str):
     """`transforms.from_dict`, then the positive-count fields of the step."""
+    if isinstance(data, dict) and "kind" in data and not isinstance(data["kind"], str):
+        raise UserError(f"{where}: 'kind' must be a transform name, got {data['kind']!r}")
     step = from_dict(data, where)
     for name in POSITIVE_FIELDS:
         value = getattr(step, name, None)
