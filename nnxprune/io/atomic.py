@@ -7,10 +7,11 @@ complete). SIGTERM during a write raises `SystemExit`, so the temporary is remov
 temporaries a killed run (SIGKILL, power loss) left are removed by the next write to the same
 target. Outputs get the user's umask.
 
-An existing output is replaced only when nnxprune wrote it: a checkpoint folder (it holds
-`nnxprune.json`), or an output recorded, with its fingerprint (a file's sha256; a folder's names and
-file sizes), in `registry_path()` (`~/.local/state/nnxprune/outputs.json`) and unchanged since.
-Anything else, a user's edits to a report included, is refused with one line unless the caller passes
+An existing output is replaced only when nnxprune wrote it: an output recorded, with its
+fingerprint (a file's sha256; a folder's names and file sizes), in `registry_path()`
+(`~/.local/state/nnxprune/outputs.json`) and unchanged since, or a checkpoint folder (it holds
+`nnxprune.json`) that was never recorded. Anything else, a user's edits to a report or files
+added to an output folder included, is refused with one line unless the caller passes
 `overwrite=True` (`--overwrite`). The current folder, its parents, the home folder and `/` are
 never accepted as output folders. `check_outputs` runs all of this before any work.
 
@@ -82,12 +83,15 @@ def _record(path: Path) -> None:
 
 
 def is_own(path: Path) -> bool:
-    """Whether nnxprune wrote `path` (a checkpoint folder, or an output recorded unchanged)."""
+    """Whether nnxprune wrote `path`: an output recorded here and unchanged since, or a checkpoint
+    folder (`nnxprune.json`) that was not recorded (older versions, another machine)."""
     path = Path(path)
-    if path.is_dir() and (path / "nnxprune.json").is_file():
-        return True
+    if not path.exists():
+        return False
     digest = _registry().get(str(path.resolve()))
-    return bool(digest) and path.exists() and fingerprint(path) == digest
+    if digest:  # recorded: only if unchanged since (files the user added to a folder count)
+        return fingerprint(path) == digest
+    return path.is_dir() and (path / "nnxprune.json").is_file()  # a checkpoint not recorded here
 
 
 def protected_folders() -> set[Path]:

@@ -283,3 +283,13 @@ def test_truncated_gguf_says_truncated(tmp_path):
     path.write_bytes(data[:200])  # inside the header
     with pytest.raises(UserError, match="damaged or truncated header|truncated"):
         read_gguf(path)
+
+
+def test_files_added_to_an_own_checkpoint_are_protected(tmp_path):
+    out = save_checkpoint(tiny(), tmp_path / "ckpt")
+    (out / "my-notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not a folder nnxprune wrote"):
+        save_checkpoint(tiny(1), out)
+    assert (out / "my-notes.txt").read_text() == "keep me"
+    (out / "my-notes.txt").unlink()
+    save_checkpoint(tiny(1), out)  # unchanged again: its own output
