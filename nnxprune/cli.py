@@ -112,7 +112,7 @@ def cmd_export(args) -> int:
     if fmt == "hf":
         written = export_hf(loaded.model, out, tokenizer=loaded.tokenizer, overwrite=args.overwrite)
     else:
-        from nnxprune.recovery.run import source_label
+        from nnxprune.io.load import source_label
 
         written = save_checkpoint(loaded.model, out, tokenizer=loaded.tokenizer,
                                   provenance={"source": loaded.source,
@@ -288,7 +288,8 @@ def _add_export(sub) -> None:
                                       "nnxprune_llama folder with per-layer sizes) or as an "
                                       "nnxprune checkpoint (masks kept).")
     p.add_argument("out", metavar="OUT_DIR", nargs="?", default=None,
-                   help="output folder (replaced atomically); or use --hf / --checkpoint")
+                   help="output folder (replaces only an earlier nnxprune output; see "
+                        "--overwrite); or use --hf / --checkpoint")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--hf", metavar="OUT_DIR", default=None, help="write a Hugging Face folder")
     group.add_argument("--checkpoint", metavar="OUT_DIR", default=None,
@@ -307,7 +308,8 @@ def _add_prune(sub) -> None:
                                    "again, write an nnxprune checkpoint and a JSON + Markdown report.")
     p.add_argument("recipe", metavar="RECIPE", help="a recipe TOML file")
     p.add_argument("--model", default=None, help=_MODEL_HELP + " (default: the recipe's [recipe] model)")
-    p.add_argument("--out", default=None, help="checkpoint folder to write (replaced atomically)")
+    p.add_argument("--out", default=None, help="checkpoint folder to write (replaces only an "
+                                               "earlier nnxprune output; see --overwrite)")
     p.add_argument("--json", metavar="REPORT", default=None,
                    help="report JSON to write (a Markdown twin is written beside it)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
@@ -340,7 +342,8 @@ def _add_train(sub) -> None:
                                    "and a JSON + Markdown report.")
     p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     p.add_argument("--recipe", required=True, help="a recipe TOML file with a [recovery] section")
-    p.add_argument("--out", default=None, help="checkpoint folder to write (replaced atomically)")
+    p.add_argument("--out", default=None, help="checkpoint folder to write (replaces only an "
+                                               "earlier nnxprune output; see --overwrite)")
     p.add_argument("--json", metavar="REPORT", default=None,
                    help="report JSON to write (a Markdown twin is written beside it)")
     p.add_argument("--teacher", default=None,

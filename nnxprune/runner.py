@@ -27,10 +27,10 @@ from nnxprune.evaluate.perplexity import evaluate_perplexity
 from nnxprune.inspect import inspect_model
 from nnxprune.io import atomic
 from nnxprune.io.checkpoint import save_checkpoint
-from nnxprune.io.load import load_model, peek_config
+from nnxprune.io.load import load_model, peek_config, source_label
 from nnxprune.measure import PeakMemory, count_params, measured_sparsity, source_hash
 from nnxprune.recipes import Recipe
-from nnxprune.recovery.run import default_train_dir, recover, source_label, training_windows
+from nnxprune.recovery.run import default_train_dir, recover, training_windows
 from nnxprune.transforms import Context
 
 
@@ -239,7 +239,8 @@ def _prune(recipe: Recipe, model, ctx: Context, predicted, report: dict[str, Any
 def _save(model, out, recipe: Recipe, loaded, dense_config, echo) -> None:
     """The pruned model as an nnxprune checkpoint, with where it came from."""
     provenance = {"recipe": recipe.to_dict(), "recipe_path": recipe.path, "source": loaded.source,
-                  "source_model": source_label(loaded), "source_sha256": source_hash(loaded.path), "source_config": dense_config.to_dict()}
+                  "source_model": source_label(loaded), "source_sha256": source_hash(loaded.path),
+                  "source_config": dense_config.to_dict()}
     save_checkpoint(model, out, tokenizer=loaded.tokenizer, provenance=provenance)
     echo(f"wrote     {out}")
 

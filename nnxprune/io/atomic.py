@@ -7,7 +7,8 @@ complete). SIGTERM during a write raises `SystemExit`, so the temporary is remov
 temporaries a killed run (SIGKILL, power loss) left are removed by the next write to the same
 target. Outputs get the user's umask.
 
-An existing output is replaced only when nnxprune wrote it: an output recorded, with its
+An existing output is replaced only when nnxprune wrote it (checked by `check_outputs` before any
+work, and again by `atomic_dir` when it writes; `write_bytes` replaces files unless told not to): an output recorded, with its
 fingerprint (a file's sha256; a folder's names and file sizes), in `registry_path()`
 (`~/.local/state/nnxprune/outputs.json`) and unchanged since, or a checkpoint folder (it holds
 `nnxprune.json`) that was never recorded. Anything else, a user's edits to a report or files
@@ -282,10 +283,12 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     _record(out_dir)
 
 
-def write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = False) -> Path:
+def write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = True) -> Path:
     """Writes `data` to `path` through a temporary file in the same folder and a rename.
 
-    Refuses an existing file nnxprune did not write (unless `overwrite`) and a folder.
+    Refuses a folder at `path`. An existing file is replaced (a library call means it; the
+    commands and `run_recipe` / `run_train` refuse other people's files at startup with
+    `check_outputs`); `overwrite=False` refuses one nnxprune did not write.
     """
     path = Path(path).absolute()
     _guard(path, folder=False, overwrite=overwrite)
@@ -297,11 +300,11 @@ def write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = False
     return path
 
 
-def write_text(path: str | os.PathLike, text: str, *, overwrite: bool = False) -> Path:
+def write_text(path: str | os.PathLike, text: str, *, overwrite: bool = True) -> Path:
     """`write_bytes` of `text` encoded as UTF-8."""
     return write_bytes(path, text.encode("utf-8"), overwrite=overwrite)
 
 
-def write_json(path: str | os.PathLike, obj: Any, *, overwrite: bool = False) -> Path:
+def write_json(path: str | os.PathLike, obj: Any, *, overwrite: bool = True) -> Path:
     """`write_text` of `obj` as indented JSON."""
     return write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n", overwrite=overwrite)

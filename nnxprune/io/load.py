@@ -187,6 +187,14 @@ def peek_config(name_or_path: str | os.PathLike):
     return None
 
 
+def source_label(loaded: Loaded) -> str:
+    """What a checkpoint records as its source model (`source_model`): the card name, else the
+    absolute path, so `nnxprune train CKPT` finds it from any folder."""
+    if loaded.source.startswith("card ") and ":" in loaded.source:
+        return loaded.source[len("card "):].split(":", 1)[0].strip()
+    return str(Path(loaded.path).resolve())
+
+
 def load_model(name_or_path: str | os.PathLike, *, param_dtype=jnp.float32,
                with_tokenizer: bool = True) -> Loaded:
     """Loads `MODEL` (checkpoint, HF folder, GGUF file or card name) and its tokenizer."""

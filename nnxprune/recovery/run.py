@@ -24,7 +24,7 @@ from nnxprune.errors import UserError
 from nnxprune.evaluate.perplexity import evaluate_perplexity
 from nnxprune.io import atomic
 from nnxprune.io.checkpoint import is_checkpoint, read_meta, save_checkpoint
-from nnxprune.io.load import load_model, peek_config
+from nnxprune.io.load import load_model, peek_config, source_label
 from nnxprune.measure import count_params, measured_sparsity
 from nnxprune.recovery.trainer import train
 
@@ -34,14 +34,6 @@ def default_train_dir(out, report_path) -> Path:
     if report_path is not None:
         return atomic.sibling(report_path, ".train")
     return Path(str(out).rstrip("/") + ".train")
-
-
-def source_label(loaded) -> str:
-    """What a checkpoint records as its source model: the card name, else the absolute path (so
-    `nnxprune train CKPT` finds it from any folder)."""
-    if loaded.source.startswith("card ") and ":" in loaded.source:
-        return loaded.source[len("card "):].split(":", 1)[0].strip()
-    return str(Path(loaded.path).resolve())
 
 
 def source_model(source: str | None, checkpoint: str | Path | None = None) -> str | None:

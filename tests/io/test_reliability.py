@@ -71,12 +71,15 @@ def test_own_outputs_are_replaced_and_overwrite_is_explicit(tmp_path):
     np.testing.assert_array_equal(np.asarray(load_checkpoint(out)(TOKENS)), np.asarray(tiny(1)(TOKENS)))
     report = tmp_path / "rep.json"
     atomic.write_json(report, {"a": 1})
-    atomic.write_json(report, {"a": 2})  # recorded and unchanged: replaced
+    atomic.check_outputs(files=[report])
+    atomic.write_json(report, {"a": 2}, overwrite=False)  # recorded and unchanged: replaced
     report.write_text('{"a": 2, "my": "edit"}')
     with pytest.raises(UserError, match="not a file nnxprune wrote"):
-        atomic.write_json(report, {"a": 3})
+        atomic.check_outputs(files=[report])
+    with pytest.raises(UserError, match="not a file nnxprune wrote"):
+        atomic.write_json(report, {"a": 3}, overwrite=False)
     assert json.loads(report.read_text())["my"] == "edit"
-    atomic.write_json(report, {"a": 3}, overwrite=True)
+    atomic.write_json(report, {"a": 3})  # a library call replaces
     assert json.loads(report.read_text()) == {"a": 3}
 
 
