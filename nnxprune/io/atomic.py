@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 from pathlib import Path
@@ -39,7 +40,7 @@ from typing import Any, Iterable, Iterator
 
 from nnxprune.errors import UserError
 
-_TMP = ".nnxprune-tmp-"  # temporaries: .NAME.nnxprune-tmp-PID-RANDOM
+_TMP = ".nnxprune-tmp-"  # temporaries: .NAME.nnxprune-tmp-HOST~PID-RANDOM
 _permitted: set[Path] = set()  # outputs the user allowed to be replaced (check_outputs overwrite)
 
 
@@ -207,12 +208,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:64] or "host"
+
+
+def _tmp_prefix(target: Path) -> str:
+    return f".{target.name}{_TMP}{_host()}~{os.getpid()}-"
+
+
 def remove_stale_temporaries(target: Path) -> list[Path]:
     """Removes the temporaries of `target` left by runs that are no longer alive."""
     removed = []
-    pattern = re.compile(re.escape(f".{target.name}{_TMP}") + r"(\d+)-.+")
+    pattern = re.compile(re.escape(f".{target.name}{_TMP}{_host()}~") + r"(\d+)-.+")
     with contextlib.suppress(OSError):
-        for p in target.parent.iterdir():
+        for p in target.parent.iterdir():  # this host's only: a pid means nothing elsewhere
             m = pattern.fullmatch(p.name)
             if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
@@ -243,7 +252,7 @@ def sigterm_exits() -> Iterator[None]:
 
 
 def _replace_with(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{_TMP}{os.getpid()}-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
@@ -268,7 +277,7 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir)
     with sigterm_exits():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{_TMP}{os.getpid()}-", dir=out_dir.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out_dir), dir=out_dir.parent))
         try:
             os.chmod(tmp, 0o777 & ~_umask())
             yield tmp
