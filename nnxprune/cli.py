@@ -9,8 +9,9 @@
 
 `MODEL` is a model card name (`nnxprune models` lists them), a Hugging Face folder, a GGUF file or
 an nnxprune checkpoint. Bad input (unknown card, missing file, unsupported architecture, a window
-longer than the model's context, a missing data folder) is reported on one line with exit status
-2, before any work and without writing anything; outputs are written atomically at the end.
+longer than the model's context, a missing data folder, an output that would replace something
+nnxprune did not write) is reported on one line with exit status 2, before any work and without
+writing anything; outputs are written atomically at the end (`nnxprune.io.atomic`).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def cmd_eval(args) -> int:
     protocol = protocol_for(args.dataset, **overrides)
     data_dir = data_lib.resolve_data_dir(args.data_dir)
     data_lib.check_available(protocol.dataset, protocol.split, data_dir)
-    atomic.check_writable(args.json)
+    atomic.check_outputs(files=[args.json], overwrite=args.overwrite)
 
     loaded = _load(args)
     print(f"protocol  {protocol.describe()}", flush=True)
@@ -107,13 +108,17 @@ def cmd_export(args) -> int:
     if out is None:
         raise UserError("give an output: --hf OUT_DIR or --checkpoint OUT_DIR")
     fmt = "checkpoint" if args.checkpoint else ("hf" if args.hf else args.format)
-    atomic.check_writable(out)
+    atomic.check_outputs(folders=[out], overwrite=args.overwrite)
     loaded = _load(args)
     if fmt == "hf":
-        written = export_hf(loaded.model, out, tokenizer=loaded.tokenizer)
+        written = export_hf(loaded.model, out, tokenizer=loaded.tokenizer, overwrite=args.overwrite)
     else:
+        from nnxprune.io.load import source_label
+
         written = save_checkpoint(loaded.model, out, tokenizer=loaded.tokenizer,
-                                  provenance={"source": loaded.source})
+                                  provenance={"source": loaded.source,
+                                              "source_model": source_label(loaded)},
+                                  overwrite=args.overwrite)
     print(f"wrote     {written} ({fmt})")
     return 0
 
@@ -130,30 +135,29 @@ def _distributed(args) -> None:
 
 
 def cmd_prune(args) -> int:
-    from nnxprune.io import atomic
     from nnxprune.recipes import load_recipe
-    from nnxprune.runner import run_recipe
+    from nnxprune.runner import check_recipe, run_recipe
 
     recipe = load_recipe(args.recipe, args.set or [])
-    atomic.check_writable(args.out)
-    atomic.check_writable(args.json)
+    if args.check:  # dry run: the recipe against the model's config, no weights, nothing written
+        check_recipe(recipe, model=args.model)
+        return 0
     _distributed(args)
     run_recipe(recipe, model=args.model, out=args.out, report_path=args.json, train_dir=args.train_dir,
-               data_dir=args.data_dir, progress=not args.no_progress, views=not args.no_views)
+               data_dir=args.data_dir, progress=not args.no_progress, views=not args.no_views,
+               overwrite=args.overwrite)  # outputs, data and the recipe checked before loading
     return 0
 
 
 def cmd_train(args) -> int:
-    from nnxprune.io import atomic
     from nnxprune.recipes import load_recipe
     from nnxprune.recovery.run import run_train
 
     recipe = load_recipe(args.recipe, args.set or [])
-    atomic.check_writable(args.out)
-    atomic.check_writable(args.json)
     _distributed(args)
     run_train(args.model, recipe, out=args.out, report_path=args.json, teacher=args.teacher,
-              train_dir=args.train_dir, data_dir=args.data_dir, progress=not args.no_progress)
+              train_dir=args.train_dir, data_dir=args.data_dir, progress=not args.no_progress,
+              overwrite=args.overwrite)  # outputs, data, shapes and teacher checked before loading
     return 0
 
 
@@ -163,7 +167,7 @@ def cmd_lm_eval(args) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise UserError("--tasks: give at least one task name")
-    atomic.check_writable(args.json)
+    atomic.check_outputs(files=[args.json], overwrite=args.overwrite)
     from nnxprune.evaluate import lmeval
 
     manager = lmeval.task_manager(tasks, args.include_path)  # unknown tasks fail before loading
@@ -189,8 +193,7 @@ def cmd_inspect(args) -> int:
     from nnxprune.io.checkpoint import is_checkpoint, read_meta
     from nnxprune.io.load import load_model
 
-    for path in (args.html, args.markdown, args.png):
-        atomic.check_writable(path)
+    atomic.check_outputs(files=[args.html, args.markdown, args.png], overwrite=args.overwrite)
     source_config = None
     if args.source:
         source_config = load_model(args.source, with_tokenizer=False).model.config
@@ -253,6 +256,12 @@ def _model_command(sub, name: str, help: str) -> argparse.ArgumentParser:
     return p
 
 
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs nnxprune did not write (by default only its own "
+                        "earlier outputs are replaced; anything else is refused)")
+
+
 def _add_eval(sub) -> None:
     p = _model_command(sub, "eval", "Perplexity under a pinned protocol (dataset, split, join rule, "
                                     "windows); prints the protocol beside the number.")
@@ -272,6 +281,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--json", metavar="OUT", default=None,
                    help="also write the result (ppl, protocol, tokens, seconds, ...) as JSON")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_overwrite(p)
     p.set_defaults(func=cmd_eval)
 
 
@@ -296,13 +306,15 @@ def _add_export(sub) -> None:
                                       "nnxprune_llama folder with per-layer sizes) or as an "
                                       "nnxprune checkpoint (masks kept).")
     p.add_argument("out", metavar="OUT_DIR", nargs="?", default=None,
-                   help="output folder (replaced atomically); or use --hf / --checkpoint")
+                   help="output folder (replaces only an earlier nnxprune output; see "
+                        "--overwrite); or use --hf / --checkpoint")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--hf", metavar="OUT_DIR", default=None, help="write a Hugging Face folder")
     group.add_argument("--checkpoint", metavar="OUT_DIR", default=None,
                        help="write an nnxprune checkpoint")
     p.add_argument("--format", choices=["hf", "checkpoint"], default="hf",
                    help="format for the positional OUT_DIR")
+    _add_overwrite(p)
     p.set_defaults(func=cmd_export)
 
 
@@ -314,7 +326,8 @@ def _add_prune(sub) -> None:
                                    "again, write an nnxprune checkpoint and a JSON + Markdown report.")
     p.add_argument("recipe", metavar="RECIPE", help="a recipe TOML file")
     p.add_argument("--model", default=None, help=_MODEL_HELP + " (default: the recipe's [recipe] model)")
-    p.add_argument("--out", default=None, help="checkpoint folder to write (replaced atomically)")
+    p.add_argument("--out", default=None, help="checkpoint folder to write (replaces only an "
+                                               "earlier nnxprune output; see --overwrite)")
     p.add_argument("--json", metavar="REPORT", default=None,
                    help="report JSON to write (a Markdown twin is written beside it)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
@@ -330,6 +343,10 @@ def _add_prune(sub) -> None:
                         "(default: REPORT.train/ beside the report)")
     p.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() first (multi-host GPU / TPU runs)")
+    p.add_argument("--check", action="store_true",
+                   help="dry run: validate the recipe against the model's config, print the "
+                        "predicted shapes and parameter count; loads no weights, writes nothing")
+    _add_overwrite(p)
     p.set_defaults(func=cmd_prune)
 
 
@@ -343,7 +360,8 @@ def _add_train(sub) -> None:
                                    "and a JSON + Markdown report.")
     p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     p.add_argument("--recipe", required=True, help="a recipe TOML file with a [recovery] section")
-    p.add_argument("--out", default=None, help="checkpoint folder to write (replaced atomically)")
+    p.add_argument("--out", default=None, help="checkpoint folder to write (replaces only an "
+                                               "earlier nnxprune output; see --overwrite)")
     p.add_argument("--json", metavar="REPORT", default=None,
                    help="report JSON to write (a Markdown twin is written beside it)")
     p.add_argument("--teacher", default=None,
@@ -359,6 +377,7 @@ def _add_train(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() first (multi-host GPU / TPU runs)")
+    _add_overwrite(p)
     p.set_defaults(func=cmd_train)
 
 
@@ -378,6 +397,7 @@ def _add_lm_eval(sub) -> None:
                    help="longest model input in tokens (default: the model's context)")
     p.add_argument("--seed", type=int, default=0, help="seed of lm-eval's few-shot sampling")
     p.add_argument("--json", metavar="OUT.json", default=None, help="write the results here")
+    _add_overwrite(p)
     p.set_defaults(func=cmd_lm_eval)
 
 
@@ -393,6 +413,7 @@ def _add_inspect(sub) -> None:
     p.add_argument("--source", metavar="MODEL", default=None,
                    help="the unpruned model, for ratios (default: the checkpoint's recorded source)")
     p.add_argument("--matrices", action="store_true", help="also list every matrix")
+    _add_overwrite(p)
     p.set_defaults(func=cmd_inspect)
 
 
@@ -433,9 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from nnxprune.io.atomic import sigterm_exits
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with sigterm_exits():  # SIGTERM unwinds like Ctrl-C: temporaries are removed
+            return args.func(args)
     except UserError as e:
         print(f"nnxprune {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

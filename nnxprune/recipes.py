@@ -95,17 +95,58 @@ class Recipe:
     raw: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     def check(self, config: LlamaConfig) -> LlamaConfig:
-        """Validates every step against the model's shapes; returns the predicted config."""
-        if self.eval is not None and self.eval.seqlen > config.max_position_embeddings:
-            raise UserError(f"eval.seqlen {self.eval.seqlen} is beyond the model's context of "
-                            f"{config.max_position_embeddings} tokens")
+        """Validates every step against the model's shapes; returns the predicted config.
+
+        Needs no weights: runs against a config read from a card or a folder before loading."""
+        for where, section in (("eval", self.eval), ("calibration", self.calibration)):
+            if section is not None and section.seqlen > config.max_position_embeddings:
+                raise UserError(f"{where}.seqlen {section.seqlen} is beyond the model's context of "
+                                f"{config.max_position_embeddings} tokens")
+        if self.pipeline.needs_calibration and self.calibration is None:
+            raise UserError("the recipe's methods need calibration data: add a [calibration] section")
         predicted = self.pipeline.check(config)
         if self.recovery is not None:  # mesh, batch, LoRA targets: before any work
             self.recovery.check(predicted)
+            if self.recovery.kind == "distill":  # the teacher is the unpruned model
+                self.recovery.check_teacher(predicted, config)
         return predicted
+
+    def check_changes(self, config: LlamaConfig) -> None:
+        """UserError when the recipe would change nothing (no step removes or masks anything,
+        and there is no recovery training): a "pruned" report of an unchanged model misleads."""
+        if self.recovery is not None:
+            return
+        if not self.pipeline.steps:
+            raise UserError("the recipe has no [[prune]] steps: nothing would be pruned")
+        if not any(_changes(step, cfg) for step, cfg in _configs(self.pipeline.steps, config)):
+            raise UserError("no step of the recipe removes or masks anything (empty layer lists, "
+                            "zero sparsity or counts): nothing would be pruned")
 
     def to_dict(self) -> dict[str, Any]:
         return self.raw
+
+
+def _configs(steps, config: LlamaConfig):
+    """`(step, the config it sees)` for each step in order (nested pipelines flattened)."""
+    def flat(steps):
+        for step in steps:
+            yield from (flat(step.steps) if isinstance(step, Pipeline) else (step,))
+
+    for step in flat(steps):
+        yield step, config
+        config = step.check(config)
+
+
+def _changes(step, config: LlamaConfig) -> bool:
+    """Whether `step` would remove or mask anything on a model of `config`."""
+    if step.kind == "fold_masks":
+        return True  # folds masks the input model may carry
+    if hasattr(step, "target_sparsity"):
+        if getattr(step, "layer_sparsity", None) is not None:
+            return any(s > 0 for s in step.layer_sparsity)
+        return step.target_sparsity() > 0
+    hard = dataclasses.replace(step, soft=False) if getattr(step, "soft", False) else step
+    return hard.check(config) != config
 
 
 # -- overrides -------------------------------------------------------------------------------------
@@ -134,11 +175,24 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
                     raise UserError(f"--set {path}: {'.'.join(parts[:depth])} has {len(node)} "
                                     f"entries; {part!r} is not an index of one")
                 node = node[int(part)]
-            else:
+            elif isinstance(node, dict):
                 node = node.setdefault(part, {})
+            else:
+                raise UserError(f"--set {path}: {'.'.join(parts[:depth])} is a value "
+                                f"({node!r}), not a table with keys")
         last = parts[-1]
         if isinstance(node, list):
-            raise UserError(f"--set {path}: cannot replace a whole list entry; set one of its keys")
+            where = ".".join(parts[:-1])
+            if not last.isdigit() or int(last) >= len(node):
+                raise UserError(f"--set {path}: {where} is a list of {len(node)} entries; {last!r} "
+                                f"is not an index of one")
+            if isinstance(node[int(last)], dict):
+                raise UserError(f"--set {path}: cannot replace a whole list entry; set one of its keys")
+            node[int(last)] = _parse_value(text.strip())
+            continue
+        if not isinstance(node, dict):
+            raise UserError(f"--set {path}: {'.'.join(parts[:-1])} is a value ({node!r}), not a "
+                            f"table with keys")
         node[last] = _parse_value(text.strip())
     return data
 
@@ -174,6 +228,9 @@ def _build_eval(section: dict[str, Any] | None) -> PerplexityProtocol | None:
         return None  # only [eval.lm_eval]
     if "dataset" not in section:
         raise UserError("[eval] needs a 'dataset' (wikitext2 or c4)")
+    if not isinstance(section["dataset"], str):
+        raise UserError(f"eval.dataset must be a dataset name (wikitext2 or c4), got "
+                        f"{section['dataset']!r}")
     try:
         return PerplexityProtocol.from_dict(section)
     except UserError as e:
@@ -212,6 +269,25 @@ def _build_recovery(section: dict[str, Any] | None) -> RecoveryConfig | None:
     return RecoveryConfig.from_dict(section)  # strict: unknown keys name the nearest valid one
 
 
+# integer fields of transforms that count something and must be positive (batch_size 0 would
+# otherwise fail inside the calibration forwards, a negative count inside a shape check)
+POSITIVE_FIELDS = ("batch_size", "blocksize", "count", "per_kv_group", "iterations")
+
+
+def _step(data: Any, where: str):
+    """`transforms.from_dict`, then the positive-count fields of the step."""
+    if isinstance(data, dict) and "kind" in data and not isinstance(data["kind"], str):
+        raise UserError(f"{where}: 'kind' must be a transform name, got {data['kind']!r}")
+    step = from_dict(data, where)
+    for name in POSITIVE_FIELDS:
+        value = getattr(step, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise UserError(f"{where} ({step.kind}).{name} must be a positive integer, got {value}")
+    for inner, sub in enumerate(getattr(step, "steps", ())):  # a nested pipeline
+        _step(sub.to_dict(), f"{where}.steps[{inner}]")
+    return step
+
+
 def parse_recipe(data: dict[str, Any], *, path: str | None = None) -> Recipe:
     """Builds and validates a `Recipe` from parsed TOML."""
     for key in data:
@@ -225,7 +301,7 @@ def parse_recipe(data: dict[str, Any], *, path: str | None = None) -> Recipe:
     steps = data.get("prune", [])
     if not isinstance(steps, list):
         raise UserError("[[prune]] must be a list of tables, each with a 'kind'")
-    pipeline = Pipeline(steps=tuple(from_dict(s, f"prune[{i}]") for i, s in enumerate(steps)))
+    pipeline = Pipeline(steps=tuple(_step(s, f"prune[{i}]") for i, s in enumerate(steps)))
     return Recipe(name=name, description=meta.get("description", ""), model=meta.get("model"),
                   paper=meta.get("paper"), pipeline=pipeline,
                   calibration=_build_calibration(_section(data, "calibration")),
@@ -237,12 +313,19 @@ def parse_recipe(data: dict[str, Any], *, path: str | None = None) -> Recipe:
 def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
     """Reads, overrides and validates a recipe file (UserError on any problem)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"recipe {path} is a folder; give a recipe .toml file (e.g. recipes/wanda.toml)")
     if not path.is_file():
         raise UserError(f"recipe file {path} not found")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); TOML files are "
+                        f"UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML ({e})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror})") from None
     data = apply_overrides(data, overrides)
     try:
         return parse_recipe(data, path=str(path))

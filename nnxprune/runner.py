@@ -13,10 +13,12 @@ Example:
 from __future__ import annotations
 
 import datetime
+import math
 import time
 from pathlib import Path
 from typing import Any
 
+import jax
 from flax import nnx
 
 from nnxprune import data as data_lib
@@ -25,10 +27,10 @@ from nnxprune.evaluate.perplexity import evaluate_perplexity
 from nnxprune.inspect import inspect_model
 from nnxprune.io import atomic
 from nnxprune.io.checkpoint import save_checkpoint
-from nnxprune.io.load import load_model
+from nnxprune.io.load import load_model, peek_config, source_label
 from nnxprune.measure import PeakMemory, count_params, measured_sparsity, source_hash
 from nnxprune.recipes import Recipe
-from nnxprune.recovery.run import default_train_dir, recover
+from nnxprune.recovery.run import default_train_dir, recover, training_windows
 from nnxprune.transforms import Context
 
 
@@ -107,13 +109,38 @@ def _ppl(model, tokenizer, recipe: Recipe, data_dir, progress: bool) -> dict[str
                                progress=progress).summary()
 
 
-def _preflight(recipe: Recipe, name: str | None, out, report_path, data_dir):
-    """Every check that needs no model: model name, outputs, data, lm-eval tasks, recovery
-    settings. Returns the resolved data folder."""
+def report_outputs(report_path, views: bool = True) -> list[Path]:
+    """The files a run's report is written to: the JSON, its Markdown twin and (with `views`) the
+    treescope HTML and the PNG plot (`atomic.sibling`: never the same path as the JSON)."""
+    if report_path is None:
+        return []
+    base = Path(report_path)
+    return [base, *(atomic.sibling(base, s) for s in ((".md", ".html", ".png") if views else (".md",)))]
+
+
+def check_against(recipe: Recipe, name: str):
+    """`recipe.check` against MODEL's config read without weights (a card's, a folder's, a
+    checkpoint's): the weight-free checks, before any loading. Returns (config, predicted), or
+    (None, None) when the config cannot be had without the weights."""
+    config = peek_config(name)
+    if config is None:
+        return None, None
+    predicted = recipe.check(config)
+    recipe.check_changes(config)
+    return config, predicted
+
+
+def _preflight(recipe: Recipe, name: str | None, out, report_path, data_dir, *, views: bool = True,
+               overwrite: bool = False, train_dir=None):
+    """Every check that needs no weights: model name, outputs, data, lm-eval tasks, recovery
+    settings, the pipeline against the model's config. Returns the resolved data folder."""
     if not name:
         raise UserError("no model: pass --model or set [recipe] model")
     if out is None and report_path is None:
         raise UserError("nothing would be written: pass --out and/or --json")
+    atomic.check_outputs(folders=[out], files=report_outputs(report_path, views), overwrite=overwrite)
+    if recipe.recovery is not None:
+        atomic.check_log_dir(train_dir or default_train_dir(out, report_path))
     data_dir = data_lib.resolve_data_dir(data_dir)
     if recipe.eval is not None:
         data_lib.check_available(recipe.eval.dataset, recipe.eval.split, data_dir)
@@ -128,15 +155,18 @@ def _preflight(recipe: Recipe, name: str | None, out, report_path, data_dir):
         if lora is not None and not lora.merge and out is not None:
             raise UserError("recovery.lora.merge = false keeps the adapters outside the kernels, "
                             "but checkpoints hold plain projections: set merge = true or drop --out")
+    check_against(recipe, name)
     return data_dir
 
 
 def _dense(recipe: Recipe, name: str, loaded, t0: float, *, data_dir, progress: bool, echo):
     """Checks the pipeline against the model's shapes, draws the calibration data and evaluates
-    the dense model. Returns the report so far, the pipeline's context and the predicted config."""
+    the dense model. Returns the report so far, the pipeline's context, the predicted config and
+    the recovery's token windows (None without [recovery])."""
     model, tokenizer = loaded.model, loaded.tokenizer
     config = model.config
     predicted = recipe.check(config)  # every step validated before any work
+    recipe.check_changes(config)
     echo(f"model     {loaded.source}: {config.num_layers} layers, "
          f"{count_params(model) / 1e6:.1f}M parameters")
     echo(f"recipe    {recipe.name}: {len(recipe.pipeline.steps)} steps "
@@ -152,9 +182,10 @@ def _dense(recipe: Recipe, name: str, loaded, t0: float, *, data_dir, progress: 
     }
     ctx = Context(tokenizer=tokenizer, calibration=recipe.calibration, data_dir=data_dir,
                   progress=progress)
+    windows = None
+    if recipe.recovery is not None:  # an unreadable training set fails before any evaluation
+        windows = training_windows(recipe.recovery, tokenizer, data_dir)
     if recipe.pipeline.needs_calibration:
-        if recipe.calibration is None:
-            raise UserError("the recipe's methods need calibration data: add a [calibration] section")
         t1 = time.perf_counter()
         tokens = ctx.calibration_tokens()  # drawn before any model work: bad data fails here
         report["seconds"]["calibration_draw"] = time.perf_counter() - t1
@@ -168,7 +199,7 @@ def _dense(recipe: Recipe, name: str, loaded, t0: float, *, data_dir, progress: 
         echo(f"dense     ppl {report['dense']['ppl']:.4f}")
     if recipe.lm_eval is not None:
         report["dense"]["lm_eval"] = _lm_eval(model, loaded, recipe.lm_eval, echo, "dense")
-    return report, ctx, predicted
+    return report, ctx, predicted, windows
 
 
 def _prune(recipe: Recipe, model, ctx: Context, predicted, report: dict[str, Any], echo):
@@ -208,7 +239,8 @@ def _prune(recipe: Recipe, model, ctx: Context, predicted, report: dict[str, Any
 def _save(model, out, recipe: Recipe, loaded, dense_config, echo) -> None:
     """The pruned model as an nnxprune checkpoint, with where it came from."""
     provenance = {"recipe": recipe.to_dict(), "recipe_path": recipe.path, "source": loaded.source,
-                  "source_sha256": source_hash(loaded.path), "source_config": dense_config.to_dict()}
+                  "source_model": source_label(loaded), "source_sha256": source_hash(loaded.path),
+                  "source_config": dense_config.to_dict()}
     save_checkpoint(model, out, tokenizer=loaded.tokenizer, provenance=provenance)
     echo(f"wrote     {out}")
 
@@ -216,32 +248,32 @@ def _save(model, out, recipe: Recipe, loaded, dense_config, echo) -> None:
 def _write_report(report: dict[str, Any], report_path, model, dense_config, title: str, *,
                   views: bool, echo) -> None:
     """The JSON and Markdown reports, and (with `views`) the treescope view and per-layer plot."""
-    written = [".md"]
+    files = report_outputs(report_path, views)
     if views:  # the pruned architecture for people: treescope view and per-layer plot
-        base = Path(report_path)
-        summary = inspect_model(model, source_config=dense_config, html=base.with_suffix(".html"),
-                                png=base.with_suffix(".png"), title=title)
+        summary = inspect_model(model, source_config=dense_config, html=files[2], png=files[3],
+                                title=title)
         report["summary"] = summary.to_dict()
-        written += [".html", ".png"]
     atomic.write_json(report_path, report)
-    atomic.write_text(Path(report_path).with_suffix(".md"), markdown_report(report))
-    echo(f"wrote     {report_path} (and {', '.join(written)})")
+    atomic.write_text(files[1], markdown_report(report))
+    echo(f"wrote     {report_path} (and {', '.join(str(f) for f in files[1:])})")
 
 
 def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_path: str | None = None,
                data_dir=None, progress: bool = True, views: bool = True,
-               echo=print, train_dir=None) -> dict[str, Any]:
+               echo=print, train_dir=None, overwrite: bool = False) -> dict[str, Any]:
     """Runs `recipe` on `model` (default: the recipe's); see the module docstring.
 
     With a `[recovery]` section the pruned model is trained after the transforms (logs and
-    resumable checkpoints in `train_dir`, default `REPORT.train/`) and evaluated again.
+    resumable checkpoints in `train_dir`, default `REPORT.train/`) and evaluated again. Existing
+    outputs are replaced only if nnxprune wrote them, or with `overwrite` (`nnxprune.io.atomic`).
     """
     name = model or recipe.model
-    data_dir = _preflight(recipe, name, out, report_path, data_dir)
+    data_dir = _preflight(recipe, name, out, report_path, data_dir, views=views,
+                          overwrite=overwrite, train_dir=train_dir)
     t0 = time.perf_counter()
     loaded = load_model(name)
     tokenizer, dense_config = loaded.tokenizer, loaded.model.config
-    report, ctx, predicted = _dense(recipe, name, loaded, t0, data_dir=data_dir, progress=progress,
+    report, ctx, predicted, windows = _dense(recipe, name, loaded, t0, data_dir=data_dir, progress=progress,
                                     echo=echo)
     model_obj, teacher = _prune(recipe, loaded.model, ctx, predicted, report, echo)
     if recipe.eval is not None:
@@ -251,6 +283,7 @@ def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_pat
         t1 = time.perf_counter()
         report["recovery"] = recover(
             model_obj, recipe.recovery, tokenizer=tokenizer, teacher=teacher, data_dir=data_dir,
+            windows=windows,
             log_dir=train_dir or default_train_dir(out, report_path), progress=progress, echo=echo)
         del teacher
         report["seconds"]["recovery"] = time.perf_counter() - t1
@@ -271,3 +304,34 @@ def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_pat
                       views=views, echo=echo)
     echo(markdown_report(report))
     return report
+
+
+def check_recipe(recipe: Recipe, *, model: str | None, echo=print) -> dict[str, Any]:
+    """`nnxprune prune --check`: validates `recipe` against MODEL's config (no weight is loaded)
+    and prints the predicted per-layer shapes and parameter counts. Returns them."""
+    from nnxprune.io.hf import abstract_model
+
+    name = model or recipe.model
+    if not name:
+        raise UserError("no model: pass --model or set [recipe] model")
+    config, predicted = check_against(recipe, name)
+    if config is None:
+        raise UserError(f"{name}: its config cannot be read without downloading the weights "
+                        f"(offline?); --check needs it")
+
+    def params(cfg) -> int:
+        state = nnx.state(abstract_model(cfg), nnx.Param)
+        return sum(int(math.prod(x.shape)) for x in jax.tree.leaves(state))
+
+    dense, pruned = params(config), params(predicted)
+    echo(f"recipe    {recipe.name}: {len(recipe.pipeline.steps)} steps "
+         f"({', '.join(s.kind for s in recipe.pipeline.steps) or 'none'}) on {name}: valid")
+    echo(f"hidden    {config.hidden_size} -> {predicted.hidden_size}; layers {config.num_layers} "
+         f"-> {predicted.num_layers}")
+    echo("layer  heads  kv  mlp")
+    for i, s in enumerate(predicted.layers):
+        echo(f"{i:5d}  {s.num_heads:5d}  {s.num_kv_heads:2d}  {s.intermediate_size}")
+    echo(f"params    {dense:,} -> {pruned:,} ({pruned / dense:.1%}; masks not counted)")
+    return {"dense": {"params": dense, "hidden_size": config.hidden_size, "layers": _shapes(config)},
+            "pruned": {"params": pruned, "hidden_size": predicted.hidden_size,
+                       "layers": _shapes(predicted)}}

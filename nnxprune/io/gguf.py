@@ -112,7 +112,7 @@ def gguf_tokenizer(path: str | pathlib.Path, *, cache: bool = True):
     try:
         from nnxprune.io.atomic import atomic_dir
 
-        with atomic_dir(folder) as tmp:
+        with atomic_dir(folder, overwrite=True) as tmp:  # nnxprune's own cache
             tokenizer.save_pretrained(str(tmp))
     except OSError:  # a read-only home is no reason to fail
         pass
@@ -167,8 +167,17 @@ def _open_cached(path_str: str, size: int, mtime_ns: int):
         raise UserError(f"not a GGUF file (bad magic {magic!r}): {path}")
     try:
         reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError, IndexError) as e:
-        raise UserError(f"cannot read GGUF file {path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - gguf-py parses with numpy views of a memory map: any
+        # failure means a damaged file; a short read shows up as a failed reshape
+        if "reshape" in str(e):
+            raise UserError(f"GGUF file {path} is truncated: its tensor data ends early at "
+                            f"{size:,} bytes ({str(e)[:120]})") from None
+        raise UserError(f"cannot read GGUF file {path} (damaged or truncated header: "
+                        f"{type(e).__name__}: {str(e)[:200]})") from None
+    need = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if need > size:
+        raise UserError(f"GGUF file {path} is truncated: {size:,} bytes, but its tensors need "
+                        f"{need:,}")
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise UserError(f"GGUF architecture {arch!r} in {path} is not supported (only 'llama')")

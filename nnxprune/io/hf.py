@@ -144,8 +144,11 @@ def is_hf_folder(path: Path) -> bool:
 def _safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [folder / name for name in sorted(set(weight_map.values()))]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return [folder / name for name in sorted(set(weight_map.values()))]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{index}: damaged shard index ({type(e).__name__}: {e})") from None
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UserError(f"{folder}: no *.safetensors files (only safetensors checkpoints are read)")
@@ -159,9 +162,30 @@ def iter_safetensors(files: Iterable[Path]) -> Iterable[tuple[str, np.ndarray]]:
     for file in files:
         if not file.is_file():
             raise UserError(f"missing checkpoint shard {file}")
-        with safe_open(str(file), framework="numpy") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+        try:
+            with safe_open(str(file), framework="numpy") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors' own error types: a damaged file
+            raise UserError(f"{file} is damaged or truncated (safetensors: {str(e)[:200]})") from None
+
+
+def read_hf_config(config_file: Path) -> LlamaConfig:
+    """The validated `LlamaConfig` of a config.json (UserError naming the file and the key)."""
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{config_file}: expected a JSON object, got {type(raw).__name__}")
+    try:
+        return config_from_hf(raw)
+    except KeyError as e:
+        raise UserError(f"{config_file}: missing key {e}") from None
+    except (ValueError, TypeError, ZeroDivisionError) as e:
+        raise UserError(f"{config_file}: {e}") from None
 
 
 def load_hf_folder(folder: str | os.PathLike, *, param_dtype=jnp.float32) -> Llama:
@@ -173,28 +197,27 @@ def load_hf_folder(folder: str | os.PathLike, *, param_dtype=jnp.float32) -> Lla
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise UserError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    try:
-        cfg = config_from_hf(json.loads(config_file.read_text()))
-    except (ValueError, KeyError) as e:
-        raise UserError(f"{config_file}: {e}") from None
+    cfg = read_hf_config(config_file)
     return model_from_tensors(cfg, iter_safetensors(_safetensors_files(folder)),
                               param_dtype=param_dtype, source=str(folder))
 
 
 def export_hf(model: Llama, out_dir: str | os.PathLike, *, tokenizer=None,
-              extra_files: Mapping[str, Callable[[Path], None]] | None = None) -> Path:
+              extra_files: Mapping[str, Callable[[Path], None]] | None = None,
+              overwrite: bool = False) -> Path:
     """Writes an HF folder atomically (temporary folder, then rename).
 
     Masks are folded into the kernels; the config is read from the model's shapes. Uniform layers
     give a plain `LlamaForCausalLM` folder; layers of different shapes (or none) give nnxprune's
     `nnxprune_llama` variant, which `load_hf_folder` reads and transformers refuses (module
-    docstring).
+    docstring). An existing `out_dir` is replaced only if nnxprune wrote it (unchanged) or
+    `overwrite` (`nnxprune.io.atomic`).
     """
     from safetensors.numpy import save_file
 
     out_dir = Path(out_dir)
     hf_config = config_to_hf(model.config, allow_heterogeneous=True)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         save_file(to_hf_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:

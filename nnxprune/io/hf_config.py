@@ -43,6 +43,12 @@ def config_from_hf(hf: dict[str, Any]) -> LlamaConfig:
             raise ValueError(f"{flag}=true is not supported")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
+    for key in _REQUIRED:
+        if key not in hf:
+            raise ValueError(f"missing key {key!r}")
+    for key in _POSITIVE:
+        if hf.get(key) is not None:
+            _positive_int(key, hf[key], 0 if key in ("num_hidden_layers", "intermediate_size") else 1)
     num_heads = hf["num_attention_heads"]
     if model_type == HETERO_MODEL_TYPE:
         layers = _parse_hetero_layers(hf)
@@ -62,7 +68,7 @@ def config_from_hf(hf: dict[str, Any]) -> LlamaConfig:
     rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type") not in (None, "default") else None)
     eos = hf.get("eos_token_id")
-    return LlamaConfig(
+    return validate_config(LlamaConfig(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
         head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
@@ -74,7 +80,49 @@ def config_from_hf(hf: dict[str, Any]) -> LlamaConfig:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-    )
+    ))
+
+
+_REQUIRED = ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers",
+             "intermediate_size")
+_POSITIVE = ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads",
+             "num_hidden_layers", "intermediate_size", "head_dim", "max_position_embeddings")
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _positive_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+
+
+def validate_config(cfg: LlamaConfig) -> LlamaConfig:
+    """`cfg` itself, after checking every value's type and range (ValueError naming the field):
+    what a damaged or hand-edited config.json / nnxprune.json would otherwise crash on later."""
+    for name in ("vocab_size", "hidden_size", "head_dim", "max_position_embeddings"):
+        _positive_int(name, getattr(cfg, name))
+    for name in ("rms_norm_eps", "rope_theta"):
+        _positive_number(name, getattr(cfg, name))
+    if not isinstance(cfg.layers, tuple) or not all(isinstance(s, LayerShape) for s in cfg.layers):
+        raise ValueError(f"layers must be a list of per-layer shapes, got {cfg.layers!r}")
+    for i, s in enumerate(cfg.layers):
+        _positive_int(f"layers[{i}].num_heads", s.num_heads)
+        _positive_int(f"layers[{i}].num_kv_heads", s.num_kv_heads)
+        _positive_int(f"layers[{i}].intermediate_size", s.intermediate_size, 0)
+        if s.num_heads % s.num_kv_heads:
+            raise ValueError(f"layers[{i}]: num_heads ({s.num_heads}) is not a multiple of "
+                             f"num_kv_heads ({s.num_kv_heads})")
+    tokens = cfg.eos_token_id if isinstance(cfg.eos_token_id, tuple) else (cfg.eos_token_id,)
+    for name, values in (("bos_token_id", (cfg.bos_token_id,)), ("eos_token_id", tokens)):
+        for v in values:
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+    if not isinstance(cfg.tie_word_embeddings, bool):
+        raise ValueError(f"tie_word_embeddings must be true or false, got {cfg.tie_word_embeddings!r}")
+    return cfg
 
 
 def config_to_hf(config: LlamaConfig, *, allow_heterogeneous: bool = False) -> dict[str, Any]:

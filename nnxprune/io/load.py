@@ -74,7 +74,10 @@ def read_card(name: str) -> ModelCard:
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise UserError(f"unknown model {name!r}{hint}: not a file or folder, and not a card; "
                         f"known cards: {', '.join(cards) or 'none'} (in {cards_dir()})")
-    data = tomllib.loads(cards[name].read_text())
+    try:
+        data = tomllib.loads(cards[name].read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"model card {cards[name]}: not valid TOML ({e})") from None
     try:
         return ModelCard(name=data["name"], description=data.get("description", ""),
                          source=data["source"], defaults=data.get("defaults", {}), path=cards[name])
@@ -132,11 +135,19 @@ def load_tokenizer(path: Path, kind: str):
                         f"there with tokenizer.save_pretrained") from None
 
 
-def load_model(name_or_path: str | os.PathLike, *, param_dtype=jnp.float32,
-               with_tokenizer: bool = True) -> Loaded:
-    """Loads `MODEL` (checkpoint, HF folder, GGUF file or card name) and its tokenizer."""
-    from nnxprune.io import checkpoint, gguf, hf
+def _gguf_config(path: Path):
+    from nnxprune.io import gguf
 
+    try:
+        return config_from_hf(gguf.read_gguf_config(path))
+    except KeyError as e:
+        raise UserError(f"{path}: missing metadata {e}") from None
+    except (ValueError, TypeError, ZeroDivisionError) as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def _resolve(name_or_path) -> tuple[Path, str]:
+    """The local path of `MODEL` and its label (`card NAME: path` for cards)."""
     path = Path(name_or_path)
     label = str(name_or_path)
     if not path.exists():
@@ -145,18 +156,61 @@ def load_model(name_or_path: str | os.PathLike, *, param_dtype=jnp.float32,
         card = read_card(label)
         path = card_location(card)
         label = f"card {card.name}: {path}"
+    return path, label
+
+
+def peek_config(name_or_path: str | os.PathLike):
+    """`MODEL`'s `LlamaConfig` without loading any weight (a checkpoint's nnxprune.json, a
+    folder's config.json, a GGUF header; a hub card fetches its config.json only), or None when
+    that cannot be had cheaply (a hub card not yet downloaded while offline)."""
+    from nnxprune.io import checkpoint, hf
+
+    path = Path(name_or_path)
+    if not path.exists() and os.sep not in str(name_or_path):
+        card = read_card(str(name_or_path))
+        if card.source.get("kind") == "hub":
+            try:
+                from huggingface_hub import hf_hub_download
+
+                path = Path(hf_hub_download(card.source["repo"], "config.json",
+                                            revision=card.source.get("revision")))
+            except Exception:  # noqa: BLE001 - offline or unreachable: checked after loading
+                return None
+            return hf.read_hf_config(path)
+    path, _ = _resolve(name_or_path)
+    if checkpoint.is_checkpoint(path):
+        return checkpoint.checkpoint_config(path)
+    if hf.is_hf_folder(path):
+        return hf.read_hf_config(path / "config.json")
+    if path.is_file() and path.suffix == ".gguf":
+        return _gguf_config(path)
+    return None
+
+
+def source_label(loaded: Loaded) -> str:
+    """What a checkpoint records as its source model (`source_model`): the card name, else the
+    absolute path, so `nnxprune train CKPT` finds it from any folder."""
+    if loaded.source.startswith("card ") and ":" in loaded.source:
+        return loaded.source[len("card "):].split(":", 1)[0].strip()
+    return str(Path(loaded.path).resolve())
+
+
+def load_model(name_or_path: str | os.PathLike, *, param_dtype=jnp.float32,
+               with_tokenizer: bool = True) -> Loaded:
+    """Loads `MODEL` (checkpoint, HF folder, GGUF file or card name) and its tokenizer."""
+    from nnxprune.io import checkpoint, hf
+
+    path, label = _resolve(name_or_path)
     if checkpoint.is_checkpoint(path):
         kind, model = "checkpoint", checkpoint.load_checkpoint(path)
     elif hf.is_hf_folder(path):
         kind, model = "hf", hf.load_hf_folder(path, param_dtype=param_dtype)
     elif path.is_file() and path.suffix == ".gguf":
-        cfg_dict = gguf.read_gguf_config(path)
-        try:
-            cfg = config_from_hf(cfg_dict)
-        except (ValueError, KeyError) as e:
-            raise UserError(f"{path}: {e}") from None
+        cfg = _gguf_config(path)
         kind = "gguf"
-        model = hf.model_from_tensors(cfg, gguf.iter_gguf_tensors(path), param_dtype=param_dtype,
+        from nnxprune.io.gguf import iter_gguf_tensors
+
+        model = hf.model_from_tensors(cfg, iter_gguf_tensors(path), param_dtype=param_dtype,
                                       source=str(path))
     elif path.is_dir():
         raise UserError(f"{path}: neither an nnxprune checkpoint (nnxprune.json) nor a Hugging Face "

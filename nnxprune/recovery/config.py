@@ -314,3 +314,21 @@ class RecoveryConfig:
                     raise UserError(f"recovery.distill.hidden_layers: layer {i} does not exist "
                                     f"(the model has {config.num_layers} layers)")
         return sizes
+
+    def check_teacher(self, student, teacher) -> None:
+        """Distillation's teacher against the student (both `LlamaConfig`s, no weights needed):
+        the same vocabulary, and for hidden-state MSE the same hidden size and enough layers."""
+        if self.distill is None:
+            return
+        if student.vocab_size != teacher.vocab_size:
+            raise UserError(f"the teacher's vocabulary ({teacher.vocab_size}) differs from the "
+                            f"student's ({student.vocab_size}); distillation needs the same one")
+        if self.distill.hidden_layers:
+            if student.hidden_size != teacher.hidden_size:
+                raise UserError(f"recovery.distill.hidden_layers compares hidden states, which "
+                                f"needs equal hidden sizes (student {student.hidden_size}, teacher "
+                                f"{teacher.hidden_size})")
+            bad = [i for i in self.distill.hidden_layers if i >= teacher.num_layers]
+            if bad:
+                raise UserError(f"recovery.distill.hidden_layers {bad} are beyond the teacher's "
+                                f"{teacher.num_layers} layers")

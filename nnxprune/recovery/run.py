@@ -24,7 +24,7 @@ from nnxprune.errors import UserError
 from nnxprune.evaluate.perplexity import evaluate_perplexity
 from nnxprune.io import atomic
 from nnxprune.io.checkpoint import is_checkpoint, read_meta, save_checkpoint
-from nnxprune.io.load import load_model
+from nnxprune.io.load import load_model, peek_config, source_label
 from nnxprune.measure import count_params, measured_sparsity
 from nnxprune.recovery.trainer import train
 
@@ -32,27 +32,51 @@ from nnxprune.recovery.trainer import train
 def default_train_dir(out, report_path) -> Path:
     """Where metrics.jsonl, loss.png and checkpoints go when no --train-dir is given."""
     if report_path is not None:
-        return Path(report_path).with_suffix(".train")
+        return atomic.sibling(report_path, ".train")
     return Path(str(out).rstrip("/") + ".train")
 
 
-def source_model(source: str | None) -> str | None:
-    """The loadable MODEL of a checkpoint's recorded source (`card NAME: path` -> NAME)."""
+def source_model(source: str | None, checkpoint: str | Path | None = None) -> str | None:
+    """The loadable MODEL of a checkpoint's recorded source (`card NAME: path` -> NAME). A relative
+    path (checkpoints before `source_model` was recorded) that does not exist from here is tried
+    relative to the checkpoint's folder."""
     if not source:
         return None
     if source.startswith("card ") and ":" in source:
         return source[len("card "):].split(":", 1)[0].strip()
+    path = Path(source)
+    if checkpoint is not None and not path.is_absolute() and not path.exists():
+        beside = Path(checkpoint).resolve().parent / path
+        if beside.exists():
+            return str(beside)
     return source
 
 
+def recorded_source(checkpoint: str | Path) -> str | None:
+    """The source MODEL a checkpoint records (`source_model`, else the older `source`)."""
+    provenance = read_meta(checkpoint).get("provenance", {})
+    if not isinstance(provenance, dict):
+        return None
+    name = provenance.get("source_model") or provenance.get("source")
+    return source_model(name, checkpoint) if isinstance(name, str) else None
+
+
+def training_windows(cfg, tokenizer, data_dir):
+    """The recovery's token windows, read and tokenized now: an unreadable dataset (a hub name
+    while offline, a damaged file) fails before any evaluation."""
+    return data_lib.load_windows(
+        tokenizer, cfg.dataset, seqlen=cfg.seqlen, train_windows=cfg.steps * cfg.batch_size,
+        heldout_windows=cfg.eval_batches * cfg.micro_batch, data_dir=data_dir)
+
+
 def recover(model, cfg, *, tokenizer, teacher=None, data_dir=None, log_dir=None,
-            progress: bool = True, echo=print) -> dict[str, Any]:
+            progress: bool = True, echo=print, windows=None) -> dict[str, Any]:
     """Trains `model` in place; returns the report entry of the run."""
     echo(f"recovery  {cfg.kind}: {cfg.steps} steps x {cfg.batch_size} x {cfg.seqlen} tokens on "
          f"{cfg.dataset}, lr {cfg.lr:g}, {cfg.compute_dtype}, mesh {cfg.mesh.describe()}")
     t0 = time.perf_counter()
     result = train(model, cfg, tokenizer=tokenizer, teacher=teacher, data_dir=data_dir,
-                   log_dir=log_dir, progress=progress, echo=echo)
+                   log_dir=log_dir, progress=progress, echo=echo, windows=windows)
     entry = {"settings": cfg.to_dict(), **result.to_dict(), "wall_seconds": time.perf_counter() - t0}
     last_eval = result.evals[-1] if result.evals else {}
     if result.losses:
@@ -64,14 +88,29 @@ def recover(model, cfg, *, tokenizer, teacher=None, data_dir=None, log_dir=None,
     return entry
 
 
-def run_train(model_name: str, recipe, *, out=None, report_path=None, teacher: str | None = None,
-              train_dir=None, data_dir=None, progress: bool = True, echo=print) -> dict[str, Any]:
-    """`nnxprune train`: see the module docstring."""
+def _teacher_name(model_name: str, cfg, teacher: str | None) -> str | None:
+    if cfg.kind != "distill":
+        return None
+    name = teacher or cfg.distill.teacher or None
+    if name is None and is_checkpoint(Path(model_name)):
+        name = recorded_source(model_name)
+    if not name:
+        raise UserError("distillation needs a teacher: pass --teacher MODEL or set "
+                        "recovery.distill.teacher")
+    return name
+
+
+def _preflight(model_name: str, recipe, *, out, report_path, teacher, train_dir, data_dir,
+               overwrite: bool):
+    """Every check of `nnxprune train` that needs no weights; returns (data folder, teacher)."""
     cfg = recipe.recovery
     if cfg is None:
         raise UserError("the recipe has no [recovery] section")
     if out is None and report_path is None:
         raise UserError("nothing would be written: pass --out and/or --json")
+    files = [report_path, atomic.sibling(report_path, ".md")] if report_path is not None else []
+    atomic.check_outputs(folders=[out], files=files, overwrite=overwrite)
+    atomic.check_log_dir(train_dir or default_train_dir(out, report_path))
     data_dir = data_lib.resolve_data_dir(data_dir)
     data_lib.check_source(cfg.dataset, data_dir)
     if cfg.lora is not None and not cfg.lora.merge and out is not None:
@@ -79,15 +118,27 @@ def run_train(model_name: str, recipe, *, out=None, report_path=None, teacher: s
                         "checkpoints hold plain projections: set merge = true or drop --out")
     if recipe.eval is not None:
         data_lib.check_available(recipe.eval.dataset, recipe.eval.split, data_dir)
-    teacher_name = None
-    if cfg.kind == "distill":
-        teacher_name = teacher or cfg.distill.teacher or None
-        if teacher_name is None and is_checkpoint(Path(model_name)):
-            teacher_name = source_model(read_meta(model_name).get("provenance", {}).get("source"))
-        if not teacher_name:
-            raise UserError("distillation needs a teacher: pass --teacher MODEL or set "
-                            "recovery.distill.teacher")
+    teacher_name = _teacher_name(model_name, cfg, teacher)
+    student = peek_config(model_name)
+    if student is not None:  # shapes, mesh, LoRA targets and the teacher, before loading weights
+        if recipe.eval is not None and recipe.eval.seqlen > student.max_position_embeddings:
+            raise UserError(f"eval.seqlen {recipe.eval.seqlen} is beyond the model's context of "
+                            f"{student.max_position_embeddings} tokens")
+        cfg.check(student)
+        teacher_config = peek_config(teacher_name) if teacher_name else None
+        if teacher_config is not None:
+            cfg.check_teacher(student, teacher_config)
+    return data_dir, teacher_name
 
+
+def run_train(model_name: str, recipe, *, out=None, report_path=None, teacher: str | None = None,
+              train_dir=None, data_dir=None, progress: bool = True, echo=print,
+              overwrite: bool = False) -> dict[str, Any]:
+    """`nnxprune train`: see the module docstring."""
+    cfg = recipe.recovery
+    data_dir, teacher_name = _preflight(model_name, recipe, out=out, report_path=report_path,
+                                        teacher=teacher, train_dir=train_dir, data_dir=data_dir,
+                                        overwrite=overwrite)
     t0 = time.perf_counter()
     loaded = load_model(model_name)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -95,8 +146,10 @@ def run_train(model_name: str, recipe, *, out=None, report_path=None, teacher: s
     teacher_model = None
     if teacher_name:
         teacher_model = load_model(teacher_name, with_tokenizer=False).model
+        cfg.check_teacher(model.config, teacher_model.config)
         echo(f"teacher   {teacher_name}: {teacher_model.config.num_layers} layers, "
              f"{count_params(teacher_model) / 1e6:.1f}M parameters")
+    windows = training_windows(cfg, tokenizer, data_dir)  # before the first evaluation
     report: dict[str, Any] = {
         "command": "train", "model": model_name, "source": loaded.source, "teacher": teacher_name,
         "recipe": {"name": recipe.name, "path": recipe.path, "settings": recipe.to_dict()},
@@ -112,7 +165,8 @@ def run_train(model_name: str, recipe, *, out=None, report_path=None, teacher: s
         echo(f"before    ppl {report['before']['ppl']:.4f}")
     log_dir = Path(train_dir) if train_dir else default_train_dir(out, report_path)
     report["recovery"] = recover(model, cfg, tokenizer=tokenizer, teacher=teacher_model,
-                                 data_dir=data_dir, log_dir=log_dir, progress=progress, echo=echo)
+                                 data_dir=data_dir, log_dir=log_dir, progress=progress, echo=echo,
+                                 windows=windows)
     del teacher_model
     report["after"] = {"params": count_params(model), "sparsity": measured_sparsity(model)["overall"]}
     if recipe.eval is not None:
@@ -121,15 +175,17 @@ def run_train(model_name: str, recipe, *, out=None, report_path=None, teacher: s
         echo(f"after     ppl {report['after']['ppl']:.4f}")
     if out is not None:
         save_checkpoint(model, out, tokenizer=tokenizer,
-                        provenance={"source": loaded.source, "recovery": cfg.to_dict(),
-                                    "recipe_path": recipe.path})
+                        provenance={"source": loaded.source, "source_model": (
+                            recorded_source(loaded.path) if loaded.kind == "checkpoint" else None)
+                            or source_label(loaded),
+                                    "recovery": cfg.to_dict(), "recipe_path": recipe.path})
         report["checkpoint"] = str(out)
         echo(f"wrote     {out}")
     report["seconds"]["total"] = time.perf_counter() - t0
     if report_path is not None:
         atomic.write_json(report_path, report)
-        atomic.write_text(Path(report_path).with_suffix(".md"), markdown(report))
-        echo(f"wrote     {report_path} (and .md)")
+        atomic.write_text(atomic.sibling(report_path, ".md"), markdown(report))
+        echo(f"wrote     {report_path} (and {atomic.sibling(report_path, '.md')})")
     echo(markdown(report))
     return report
 

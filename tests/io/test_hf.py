@@ -101,8 +101,11 @@ def test_export_after_layer_deletion(tmp_path):
 def test_export_overwrites_existing_folder(tmp_path):
     first, second = build(seed=0), build(seed=1)
     export_hf(first, tmp_path / "hf")
+    export_hf(first, tmp_path / "hf")  # its own output: replaced without asking
     (tmp_path / "hf" / "stale.txt").write_text("old")
-    export_hf(second, tmp_path / "hf")
+    with pytest.raises(UserError, match="not a folder nnxprune wrote"):  # changed by the user
+        export_hf(second, tmp_path / "hf")
+    export_hf(second, tmp_path / "hf", overwrite=True)
     assert not (tmp_path / "hf" / "stale.txt").exists()
     np.testing.assert_array_equal(logits(load_hf_folder(tmp_path / "hf")), logits(second))
 
