@@ -31,18 +31,15 @@ _MODEL_HELP = ("a model card name (see `nnxprune models`), a Hugging Face folder
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def _dtype(name: str):
+def _load(args, *, with_tokenizer: bool = True):
     import jax.numpy as jnp
 
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
-
-
-def _load(args, *, with_tokenizer: bool = True):
     from nnxprune.io.load import load_model
+    from nnxprune.measure import count_params
 
     t0 = time.perf_counter()
-    loaded = load_model(args.model, param_dtype=_dtype(args.dtype), with_tokenizer=with_tokenizer)
-    from nnxprune.measure import count_params
+    loaded = load_model(args.model, param_dtype=getattr(jnp, args.dtype),  # float32 | bfloat16
+                        with_tokenizer=with_tokenizer)
 
     cfg = loaded.model.config
     print(f"model     {loaded.source} ({loaded.kind}): {cfg.num_layers} layers, hidden "
@@ -103,6 +100,7 @@ def cmd_export(args) -> int:
     from nnxprune.io import atomic
     from nnxprune.io.checkpoint import save_checkpoint
     from nnxprune.io.hf import export_hf
+    from nnxprune.io.load import source_label
 
     out = args.hf or args.checkpoint or args.out
     if out is None:
@@ -113,25 +111,18 @@ def cmd_export(args) -> int:
     if fmt == "hf":
         written = export_hf(loaded.model, out, tokenizer=loaded.tokenizer, overwrite=args.overwrite)
     else:
-        from nnxprune.io.load import source_label
-
+        provenance = {"source": loaded.source, "source_model": source_label(loaded)}
         written = save_checkpoint(loaded.model, out, tokenizer=loaded.tokenizer,
-                                  provenance={"source": loaded.source,
-                                              "source_model": source_label(loaded)},
-                                  overwrite=args.overwrite)
+                                  provenance=provenance, overwrite=args.overwrite)
     print(f"wrote     {written} ({fmt})")
     return 0
 
 
 def _distributed(args) -> None:
-    """`--distributed`: join the multi-process JAX runtime (coordinator, process count and id
-    come from the cluster environment: SLURM, Open MPI, TPU pod slices, or JAX_COORDINATOR_*)."""
     if getattr(args, "distributed", False):
-        import jax
+        from nnxprune.recovery.sharding import initialize_distributed
 
-        jax.distributed.initialize()
-        print(f"jax       process {jax.process_index()} of {jax.process_count()}, "
-              f"{jax.device_count()} devices ({jax.local_device_count()} local)", flush=True)
+        initialize_distributed()
 
 
 def cmd_prune(args) -> int:
@@ -214,32 +205,19 @@ def cmd_importance(args) -> int:
     from nnxprune.inspect.importance import calibration_for, check_scores, write_importance
     from nnxprune.io import atomic
 
-    scores = check_scores(args.score)
-    calibration = calibration_for(args.set or [])
+    scores, calibration = check_scores(args.score), calibration_for(args.set or [])
     data_dir = data_lib.resolve_data_dir(args.data_dir)
-    for path in (args.json, args.png):
-        atomic.check_writable(path)
-    loaded = _load(args)
-    write_importance(loaded, scores, calibration, data_dir=data_dir, json_path=args.json,
+    atomic.check_outputs(files=[args.json, args.png], overwrite=args.overwrite)
+    write_importance(_load(args), scores, calibration, data_dir=data_dir, json_path=args.json,
                      png_path=args.png, batch_size=args.batch_size, progress=not args.no_progress,
                      name=args.model)
     return 0
 
 
 def cmd_models(args) -> int:
-    import tomllib
+    from nnxprune.io.load import describe_cards
 
-    from nnxprune.io.load import cards_dir, list_cards
-
-    cards = list_cards()
-    if not cards:
-        raise UserError(f"no model cards in {cards_dir()}")
-    width = max(map(len, cards))
-    for name, path in cards.items():
-        card = tomllib.loads(path.read_text())
-        src = card.get("source", {})
-        where = src.get("repo") or f"{src.get('package')}: {src.get('file')}"
-        print(f"{name:<{width}}  [{src.get('kind')}] {where}\n{'':<{width}}  {card.get('description', '')}")
+    print(describe_cards())
     return 0
 
 
@@ -427,9 +405,9 @@ def _add_importance(sub) -> None:
     p.add_argument("--set", action="append", metavar="calibration.KEY=VALUE",
                    help="calibration settings (default c4, nsamples 32, seqlen 1024, seed 0)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
-    p.add_argument("--data-dir", default=None, help="folder with the calibration data "
-                                                    "(default: $NNXPRUNE_DATA_DIR, else the hub)")
+    p.add_argument("--data-dir", default=None, help="calibration data folder ($NNXPRUNE_DATA_DIR)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_overwrite(p)
     p.set_defaults(func=cmd_importance)
 
 

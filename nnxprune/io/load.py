@@ -67,6 +67,25 @@ def list_cards() -> dict[str, Path]:
     return {p.stem: p for p in sorted(folder.glob("*.toml"))} if folder.is_dir() else {}
 
 
+def describe_cards() -> str:
+    """Every model card, two lines each (name, kind and source; description), for `nnxprune
+    models`."""
+    import tomllib
+
+    cards = list_cards()
+    if not cards:
+        raise UserError(f"no model cards in {cards_dir()}")
+    width = max(map(len, cards))
+    lines = []
+    for name, path in cards.items():
+        card = tomllib.loads(path.read_text())
+        src = card.get("source", {})
+        where = src.get("repo") or f"{src.get('package')}: {src.get('file')}"
+        lines.append(f"{name:<{width}}  [{src.get('kind')}] {where}\n{'':<{width}}  "
+                     f"{card.get('description', '')}")
+    return "\n".join(lines)
+
+
 def read_card(name: str) -> ModelCard:
     cards = list_cards()
     if name not in cards:

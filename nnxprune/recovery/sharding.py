@@ -160,3 +160,11 @@ def describe_specs(state, specs: Mapping[tuple, P]) -> dict[str, str]:
         path = path_of(kp)
         out[".".join(map(str, path))] = str(_lookup(path, np.shape(leaf), specs))
     return out
+
+
+def initialize_distributed(echo=print) -> None:
+    """Joins the multi-process JAX runtime (`--distributed`): the coordinator, process count and
+    id come from the cluster environment (SLURM, Open MPI, TPU pod slices, or JAX_COORDINATOR_*)."""
+    jax.distributed.initialize()
+    echo(f"jax       process {jax.process_index()} of {jax.process_count()}, "
+         f"{jax.device_count()} devices ({jax.local_device_count()} local)")
