@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -212,7 +214,8 @@ def run(args, torch) -> dict:
     student = perturbed_copy(dense)
     ours = nnxprune_step(student, dense, cfg)
     theirs, theirs_info = torch_step(student, dense, cfg, torch)
-    del student
+    del student  # both sides hold their own copies
+    gc.collect()
     bt = args.batch * args.seqlen
     d, v = dense.embed_tokens.embedding.shape[1], dense.embed_tokens.embedding.shape[0]
     shapes = {"2048x2048x2048": (2048, 2048, 2048), f"{bt}x{d}x{v} (output head)": (bt, d, v)}
@@ -338,6 +341,7 @@ def main(argv=None) -> int:
     rec = run(args, torch)
     report = summarize(args, rec, threads)
     report["wall_seconds"] = time.perf_counter() - t0
+    report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     write_results(args.out, report, markdown(report), quiet=False)
     return 0
 
