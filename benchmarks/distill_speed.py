@@ -256,7 +256,7 @@ def summarize(args, rec, threads) -> dict:
         "data": rec["source"], "batch": args.batch, "seqlen": args.seqlen,
         "tokens_per_step": tokens, "warmup_steps": w, "timed_steps": args.steps,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_model(), "machine": machine_info() | {"loadavg_end": list(os.getloadavg())},
+        "cpu": cpu_model(), "machine": threads.pop("machine") | {"loadavg_end": list(os.getloadavg())},
         "threads": threads, "versions": rec["info"], "recovery": RECOVERY,
         "nnxprune": {"median_step_seconds": ours, "tokens_per_second": tokens / ours,
                      "floor_ratio": ours / floor, "step_seconds": rec["nnxprune"],
@@ -309,6 +309,16 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+NOTES = "<!-- notes: kept when the benchmark rewrites this file -->"
+
+
+def kept_notes(md: Path) -> str:
+    """The hand-written findings below the `NOTES` marker of an existing Markdown file."""
+    if md.is_file() and NOTES in (text := md.read_text()):
+        return "\n" + NOTES + text.split(NOTES, 1)[1]
+    return ""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -332,7 +342,7 @@ def main(argv=None) -> int:
 
     cpus = len(os.sched_getaffinity(0))
     torch.set_num_threads(cpus)  # XLA's CPU client runs one thread per available core
-    threads = {"jax_cpus": cpus, "torch_num_threads": torch.get_num_threads(),
+    threads = {"machine": machine_info(), "jax_cpus": cpus, "torch_num_threads": torch.get_num_threads(),
                "torch_num_interop_threads": torch.get_num_interop_threads(),
                "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
@@ -342,7 +352,7 @@ def main(argv=None) -> int:
     report = summarize(args, rec, threads)
     report["wall_seconds"] = time.perf_counter() - t0
     report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    write_results(args.out, report, markdown(report), quiet=False)
+    write_results(args.out, report, markdown(report) + kept_notes(Path(args.out).with_suffix(".md")))
     return 0
 
 
