@@ -18,6 +18,7 @@ Losses are computed in float32 whatever the compute dtype.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -38,7 +39,40 @@ jax.tree_util.register_dataclass(ModelOutput, data_fields=["logits", "hidden"], 
 def forward(model, tokens: jax.Array, hidden_layers: tuple[int, ...] = ()) -> ModelOutput:
     """Logits of `tokens [B, T]` and the outputs of the decoder layers in `hidden_layers`."""
     out = model.run_layers(model.embed_tokens(tokens), default_positions(tokens), keep=hidden_layers)
-    return ModelOutput(logits=model.logits(model.norm(out.x)), hidden=out.hidden)
+    return ModelOutput(logits=_logits(model, model.norm(out.x)), hidden=out.hidden)
+
+
+def _logits(model, h: jax.Array) -> jax.Array:
+    """`model.logits(h)`; a tied head (`h @ E.T`) goes through `_matmul_nt`, whose backward is
+    cheaper on CPU."""
+    if model.lm_head is not None:
+        return model.logits(h)
+    embedding = model.embed_tokens.effective_embedding()
+    return _matmul_nt(h.astype(embedding.dtype), embedding)
+
+
+@jax.custom_vjp
+def _matmul_nt(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`x [..., D] @ w.T` for `w [V, D]`. Its backward computes the weight gradient as
+    `(x^T @ g)^T` instead of autodiff's `g^T @ x`: XLA on CPU then writes the `[D, V]` product
+    in `w`'s layout instead of first copying the `[tokens, V]` cotangent into a transposed
+    `[V, tokens]` array (a pass over the largest array of the step; measured in
+    benchmarks/results/distill_speed.md). The values are the same matmul, summed in another
+    order."""
+    return jnp.dot(x, w.T)
+
+
+def _matmul_nt_fwd(x, w):
+    return jnp.dot(x, w.T), (x, w)
+
+
+def _matmul_nt_bwd(residuals, g):
+    x, w = residuals
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    return jnp.dot(g, w).astype(x.dtype), jnp.dot(x2.T, g2).T.astype(w.dtype)
+
+
+_matmul_nt.defvjp(_matmul_nt_fwd, _matmul_nt_bwd)
 
 
 def next_token_ce(logits: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -51,12 +85,45 @@ def next_token_ce(logits: jax.Array, tokens: jax.Array) -> jax.Array:
 
 
 def forward_kl(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:
-    """Mean over tokens of KL(p_teacher || p_student) at `temperature`, times temperature^2."""
-    t = temperature
-    s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, axis=-1)
-    q = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / t, axis=-1)
-    kl = jnp.sum(jnp.exp(q) * (q - s), axis=-1)
-    return jnp.mean(kl) * (t * t)
+    """Mean over tokens of KL(p_teacher || p_student) at `temperature`, times temperature^2.
+
+    Float32 whatever the logits' dtype. The gradient reaches the student's logits only (the
+    teacher is a constant) and is written by hand: `(softmax(s / T) - p_teacher) * T / N` over
+    the N tokens, one fused pass over `[B, T, V]` from the saved logits and the two per-token
+    log-normalisers; autodiff of the log-softmaxes would keep and re-read more `[B, T, V]`
+    arrays (and save the teacher's probabilities besides its logits)."""
+    return _forward_kl(student_logits, jax.lax.stop_gradient(teacher_logits), float(temperature))
+
+
+def _kl_parts(student_logits, teacher_logits, t):
+    s = student_logits.astype(jnp.float32) / t
+    q = teacher_logits.astype(jnp.float32) / t
+    lse_s = jax.nn.logsumexp(s, axis=-1, keepdims=True)
+    lse_q = jax.nn.logsumexp(q, axis=-1, keepdims=True)
+    kl = jnp.sum(jnp.exp(q - lse_q) * ((q - lse_q) - (s - lse_s)), axis=-1)
+    return jnp.mean(kl) * (t * t), (lse_s, lse_q)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _forward_kl(student_logits, teacher_logits, t):
+    return _kl_parts(student_logits, teacher_logits, t)[0]
+
+
+def _forward_kl_fwd(student_logits, teacher_logits, t):
+    loss, lse = _kl_parts(student_logits, teacher_logits, t)
+    return loss, (student_logits, teacher_logits, lse)
+
+
+def _forward_kl_bwd(t, residuals, g):
+    student_logits, teacher_logits, (lse_s, lse_q) = residuals
+    n = student_logits.size // student_logits.shape[-1]
+    p_s = jnp.exp(student_logits.astype(jnp.float32) / t - lse_s)
+    p_q = jnp.exp(teacher_logits.astype(jnp.float32) / t - lse_q)
+    grad = ((p_s - p_q) * (g * t / n)).astype(student_logits.dtype)
+    return grad, jnp.zeros_like(teacher_logits)
+
+
+_forward_kl.defvjp(_forward_kl_fwd, _forward_kl_bwd)
 
 
 class LossStrategy:

@@ -167,9 +167,13 @@ def build_steps(parts: _Parts, opt_gdef, strategy: LossStrategy, teacher_gdef, *
             acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, grads)
             return acc, (loss, metrics)
 
-        zeros = jax.tree.map(jnp.zeros_like, trainable)
-        grads, (losses, metrics) = jax.lax.scan(micro, zeros, (batch, jnp.arange(grad_accum)))
-        grads = jax.tree.map(lambda g: g / grad_accum, grads)
+        if grad_accum == 1:  # no loop: a scan of one would add a zeroed accumulator and a copy
+            keys = _dropout_keys(parts.keys, seed, step)
+            (losses, metrics), grads = grad_fn(trainable, keys, const, teacher_state, batch[0])
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, trainable)
+            grads, (losses, metrics) = jax.lax.scan(micro, zeros, (batch, jnp.arange(grad_accum)))
+            grads = jax.tree.map(lambda g: g / grad_accum, grads)
         model = nnx.merge(parts.train_gdef, trainable, parts.keys, const)
         opt = nnx.merge(opt_gdef, opt_state)
         opt.update(model, grads)
@@ -260,6 +264,8 @@ def _session(model, teacher, strategy: LossStrategy, cfg: RecoveryConfig, wrt, m
     opt_sh = sh.state_shardings(opt_state, specs, mesh)
     trainable = _place(parts.trainable, tr_sh, copy=True)  # donated to the step
     opt_state = _place(opt_state, opt_sh, copy=True)
+    const = _place(parts.const, const_sh)
+    parts.trainable = parts.const = None  # the steps keep only the placed copies alive
     parts.keys = _place(parts.keys, sh.state_shardings(parts.keys, {}, mesh))
     teacher_gdef, teacher_state, teacher_sh = None, None, None
     if strategy.needs_teacher:
@@ -280,7 +286,7 @@ def _session(model, teacher, strategy: LossStrategy, cfg: RecoveryConfig, wrt, m
                        out_shardings=rep)
     return _Session(state={"trainable": trainable, "opt": opt_state},
                     shardings={"trainable": tr_sh, "opt": opt_sh},
-                    const=_place(parts.const, const_sh), teacher_state=teacher_state,
+                    const=const, teacher_state=teacher_state,
                     train_jit=train_jit, eval_jit=eval_jit, batch_sh=batch_sh,
                     eval_batch_sh=eval_batch_sh)
 
