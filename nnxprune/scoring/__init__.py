@@ -4,7 +4,7 @@
 scores on import (`weight_norm`; `wanda`). `get_score(name)` finds one.
 """
 
-from nnxprune.scoring import activation, weight  # noqa: F401  (registers the scores)
+from nnxprune.scoring import activation, taylor, weight  # noqa: F401  (registers the scores)
 from nnxprune.scoring.base import SCORES, Score, Stats, get_score, lowest, reduce_members, register_score
 
 __all__ = ["SCORES", "Score", "Stats", "get_score", "lowest", "reduce_members", "register_score"]
