@@ -1,6 +1,7 @@
 """Transforms: `model -> model` steps, registered by kind, composed by `Pipeline`."""
 
 from nnxprune.transforms.base import REGISTRY, Context, Pipeline, Transform, from_dict, register
+from nnxprune.transforms.coupled import LLMPruner  # noqa: F401  (registers llm_pruner)
 from nnxprune.transforms.magnitude import Magnitude
 from nnxprune.transforms.owl import OWL
 from nnxprune.transforms.sparsegpt import SparseGPT
