@@ -140,7 +140,7 @@ def _param_count(cfg) -> int:
     return sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
 
 
-@pytest.mark.parametrize("name", ["element1", "element2", "vector", "mix", "l2", "random"])
+@pytest.mark.parametrize("name", ["element1", "element2", "vector", "mix", "l2", "random", "element1-lora"])
 def test_recipes_remove_about_a_fifth_of_smollm2(name):
     from pathlib import Path
 
