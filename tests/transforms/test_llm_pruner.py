@@ -156,3 +156,12 @@ def test_recipes_remove_about_a_fifth_of_smollm2(name):
     assert before_n - after_n == 26_998_272  # 20.07%
     assert after.layers[3] == cfg.layers[3] and after.layers[28] == cfg.layers[28]
     assert (after.layers[4].num_heads, after.layers[4].intermediate_size) == (6, 1013)
+
+
+def test_structured_transforms_rank_by_taylor_through_its_gradient_pass():
+    from nnxprune.transforms import ShrinkMLP
+
+    (a, tokens), (b, _) = model_and_tokens(num_layers=3), model_and_tokens(num_layers=3)
+    ShrinkMLP(fraction=0.5, layers=(1,), score="taylor")(a, ctx(tokens))
+    LLMPruner(ratio=0.5, attention_start=0, attention_end=0, mlp_start=1, mlp_end=2)(b, ctx(tokens))
+    np.testing.assert_array_equal(a.layers[1].mlp.down_proj.kernel[...], b.layers[1].mlp.down_proj.kernel[...])
