@@ -131,12 +131,15 @@ def markdown(report: dict) -> str:
                   f"{dense['flops_per_token'] / r['flops_per_token']:.2f}x |")
     d = report["distillation"]
     imp = report["importance_cost"]
+    dense_note = dense.get("ppl_source", "measured in this run")
     md += ["", f"Distillation: {d['steps']} steps x {d['batch_size']} x {d['seqlen']} tokens "
            f"({d['tokens']:,} student tokens) of C4 validation, forward KL T=1 from the dense model, "
            f"no CE, AdamW lr {d['lr']:g}.",
            f"Speed: evaluation forward ({report['protocol_text']}), {report['speed']['tokens']:,} "
            f"tokens per round, {report['speed']['rounds']} rounds interleaved, medians; FLOP ratio = "
            "dense forward matmul FLOPs / the model's.",
+           f"Dense perplexity: {dense_note}.",
+           "Importance cost: not measured in this run." if imp is None else
            f"Importance (block influence + activation, one calibration pass over {imp['tokens']:,} "
            f"tokens): {imp['importance_seconds']:.1f} s against {imp['forward_seconds']:.1f} s for "
            f"the evaluation forward of the same tokens ({imp['ratio']:.2f}x).",
@@ -153,16 +156,25 @@ def main() -> None:
     parser.add_argument("--no-distill", action="store_true")
     parser.add_argument("--speed-windows", type=int, default=8)
     parser.add_argument("--speed-rounds", type=int, default=5)
+    parser.add_argument("--no-importance-cost", action="store_true",
+                        help="skip timing the importance pass against the evaluation forward")
+    parser.add_argument("--dense-from-sparsity", action="store_true",
+                        help="quote the dense perplexity from results/sparsity.json (same model "
+                             "and protocol) instead of scoring it here")
     args = parser.parse_args()
     t_start = time.perf_counter()
 
     from nnxprune.evaluate.perplexity import score_windows
+    from nnxprune.io import atomic
     from nnxprune.measure import count_params
 
-    setup = prepare_pruning(args)
+    if args.dense_from_sparsity:
+        from recovery import prepare_without_dense
+
+        setup = prepare_without_dense(args)
+    else:
+        setup = prepare_pruning(args)
     dense_model = setup.loaded.model
-    imp = importance_cost(setup, args.batch_size)
-    print(f"importance pass {imp['importance_seconds']:.1f} s vs forward {imp['forward_seconds']:.1f} s", flush=True)
 
     def row(name, model, ppl):
         cfg = model.config
@@ -170,7 +182,8 @@ def main() -> None:
                 "hidden": cfg.hidden_size, "ppl": ppl, "ppl_after": None,
                 "flops_per_token": forward_flops(cfg, args.eval_seqlen)}
 
-    rows = [row("dense", dense_model, setup.dense_row["ppl"])]
+    rows = [row("dense", dense_model, setup.dense_row["ppl"])
+            | {"ppl_source": setup.dense_row.get("ppl_source") or "measured in this run"}]
     models = {"dense": dense_model}
     distill_info = {}
     for name in args.recipes:
@@ -191,10 +204,16 @@ def main() -> None:
             print(f"  {recipe_name}: ppl {after.ppl:.3f} after {res.steps} steps", flush=True)
         rows.append(r)
         models[name] = model
+        atomic.write_json(Path(args.out).with_suffix(".partial.json"), {"rows": rows})
     speed = time_forwards(models, setup.windows[:args.speed_windows], setup.protocol,
                           args.speed_rounds)
     for r in rows:
         r["tokens_per_s"] = speed[r["recipe"]]
+    imp = None
+    if not args.no_importance_cost:
+        imp = importance_cost(setup, args.batch_size)
+        print(f"importance pass {imp['importance_seconds']:.1f} s vs forward "
+              f"{imp['forward_seconds']:.1f} s", flush=True)
     report = pruning_report("structured", args, setup, rows=rows, importance_cost=imp,
                             distillation=distill_info or {"steps": 0, "tokens": 0, "batch_size": 0,
                                                           "seqlen": 0, "lr": 0.0},

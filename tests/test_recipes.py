@@ -95,7 +95,7 @@ def test_weight_norm_keeps_the_largest_neurons():
     ({"kind": "drop_layers", "layers": [0, 1, 2, 3]}, "cannot drop all 4 layers"),
     ({"kind": "remove_query_heads", "per_kv_group": 3}, "3 query heads per KV group"),
     ({"kind": "remove_kv_groups", "count": 2}, "2 KV heads"),
-    ({"kind": "shrink_mlp", "fraction": 0.1, "score": "taylor"}, "unknown score 'taylor'"),
+    ({"kind": "shrink_mlp", "fraction": 0.1, "score": "fisher"}, "unknown score 'fisher'"),
     ({"kind": "drop_layers"}, "missing required key"),
     ({"kind": "wanda", "pattern": 2}, "expected a string"),
     ({"kind": "wanda", "pattern": "4:2"}, "0 < N < M"),

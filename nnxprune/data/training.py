@@ -11,6 +11,14 @@ many documents are tokenized as the run needs.
 `[grad_accum, batch_size / grad_accum, seqlen]` and returns a grain iterator whose
 `get_state()` / `set_state()` resume it exactly.
 
+Instruction data (`instruction_windows`, LLM-Pruner's LoRA stage, `post_training.py`): a JSONL
+file of `instruction` / `input` / `output` records, each formatted with the Alpaca template
+(`LLMPruner/utils/prompter.py`), tokenized with EOS appended, cut at `seqlen` and padded with EOS:
+one record per window, not packed. Tokens that are no target of the loss (the prompt, as
+`train_on_inputs = False`, and the padding) are stored as `-(id + 1)`: the window keeps one int32
+array (iterators, sharding and checkpoints unchanged); `recovery.losses` reads the id back for
+the input and drops the position from the cross-entropy.
+
 Example:
     >>> windows = load_windows(tokenizer, "c4", seqlen=512, train_windows=1600, heldout_windows=16)
     >>> it = train_iterator(windows.train, batch_size=8, grad_accum=1, seed=0)
@@ -110,3 +118,83 @@ def heldout_batches(windows: np.ndarray, batch_size: int, batches: int) -> list[
     """The first `batches` full held-out batches `[batch_size, seqlen]`, in order."""
     n = min(batches, len(windows) // batch_size)
     return [np.asarray(windows[i * batch_size:(i + 1) * batch_size], np.int32) for i in range(n)]
+
+
+# -- instruction data (Alpaca template, prompt masked) ------------------------------------------
+ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
+                "further context. Write a response that appropriately completes the request.\n\n"
+                "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that "
+                   "appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
+                   "### Response:\n")
+
+
+def not_target(ids: np.ndarray) -> np.ndarray:
+    """Marks token ids as inputs that are no target of the loss: `-(id + 1)`."""
+    return -np.asarray(ids, np.int32) - 1
+
+
+def read_instructions(path) -> list[dict]:
+    """The records of a JSONL file; UserError naming the first line that is not an object with
+    string `instruction` and `output` (and, if present, string `input`)."""
+    import json
+    from pathlib import Path
+
+    records = []
+    with open(Path(path), encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {n}: not JSON ({e.msg})") from None
+            bad = [k for k in ("instruction", "output") if not isinstance(rec, dict)
+                   or not isinstance(rec.get(k), str)]
+            if isinstance(rec, dict) and not isinstance(rec.get("input", ""), str):
+                bad.append("input")
+            if bad:
+                raise UserError(f"{path} line {n}: an instruction record needs string "
+                                f"'instruction' and 'output' (optional 'input'); bad or missing: "
+                                f"{', '.join(bad)}")
+            records.append(rec)
+    if not records:
+        raise UserError(f"{path} holds no instruction records")
+    return records
+
+
+def alpaca_prompt(record: dict) -> str:
+    """The Alpaca prompt of a record (the template without input when `input` is empty)."""
+    if record.get("input"):
+        return ALPACA_INPUT.format(instruction=record["instruction"], input=record["input"])
+    return ALPACA_NO_INPUT.format(instruction=record["instruction"])
+
+
+def instruction_window(tokenizer: Any, record: dict, seqlen: int) -> np.ndarray:
+    """One record as a window of `seqlen` ids, prompt and padding marked `not_target`."""
+    eos = int(tokenizer.eos_token_id)
+    prompt = alpaca_prompt(record)
+    full = encode(tokenizer, prompt + record["output"])[:seqlen]
+    if len(full) < seqlen and (len(full) == 0 or full[-1] != eos):
+        full = np.append(full, eos).astype(np.int32)
+    n_prompt = min(len(encode(tokenizer, prompt)), len(full))
+    window = np.full(seqlen, not_target([eos])[0], np.int32)
+    window[:n_prompt] = not_target(full[:n_prompt])
+    window[n_prompt:len(full)] = full[n_prompt:]
+    return window
+
+
+def instruction_windows(tokenizer: Any, path, *, seqlen: int, train_windows: int,
+                        heldout_windows: int) -> TokenWindows:
+    """The first `heldout_windows` records held out, the next (up to `train_windows`) for
+    training; one window per record (module docstring)."""
+    records = read_instructions(path)
+    if len(records) <= heldout_windows:
+        raise UserError(f"{path} has {len(records)} records: none left for training after "
+                        f"{heldout_windows} held-out windows")
+    rows = [instruction_window(tokenizer, r, seqlen)
+            for r in records[:heldout_windows + train_windows]]
+    empty = np.zeros((0, seqlen), np.int32)
+    return TokenWindows(train=np.stack(rows[heldout_windows:]),
+                        heldout=np.stack(rows[:heldout_windows]) if heldout_windows else empty,
+                        source=str(path), documents=len(rows))

@@ -5,7 +5,11 @@ the sequential driver over the dense model (collectors are shared) and returns p
 
 - `block_influence`: ShortGPT's BI of every layer (`num_layers` floats);
 - `activation` (Minitron): `mlp` (per layer, one float per MLP neuron), `heads` (per layer, one
-  float per query head) and `hidden` (one float per hidden channel).
+  float per query head) and `hidden` (one float per hidden channel);
+- `taylor` (LLM-Pruner): `taylor_mlp` and `taylor_kv` (element1, per layer one float per MLP
+  neuron / KV group), every other variant under `taylor_{mlp,kv}_<variant>`, and `loss` (the
+  calibration loss of the gradient pass), from one forward and backward
+  (`scoring.taylor.taylor_importance`).
 
 `plot_importance(report)` draws them (the BI profile across layers; per-layer head and neuron
 importance; the sorted hidden-channel importance) as PNG bytes. `nnxprune importance` writes both.
@@ -28,7 +32,7 @@ from nnxprune.errors import UserError
 from nnxprune.graph import find_group
 from nnxprune.scoring import get_score
 
-REPORTED = ("block_influence", "activation")  # scores this report knows how to lay out
+REPORTED = ("block_influence", "activation", "taylor")  # scores this report lays out
 
 
 def _floats(values) -> list[float]:
@@ -46,9 +50,14 @@ def importance(model, tokens: np.ndarray, scores: Sequence[str], *, batch_size: 
         raise ValueError(f"no importance layout for {unknown}; known: {', '.join(REPORTED)}")
     collectors = tuple(c for name in dict.fromkeys(scores) for c in get_score(name).collectors())
     t0 = time.perf_counter()
-    stats = collect_statistics(model, tokens, collectors, batch_size=batch_size,
-                               progress=progress, desc="importance")
     out: dict[str, Any] = {}
+    if "taylor" in scores:
+        from nnxprune.scoring.taylor import taylor_importance
+
+        out.update(taylor_importance(model, tokens))
+        out.pop("seconds")
+    stats = collect_statistics(model, tokens, collectors, batch_size=batch_size,
+                               progress=progress, desc="importance") if collectors else {}
     n = len(model.layers)
     if "block_influence" in scores:
         bi = get_score("block_influence")
@@ -65,8 +74,9 @@ def importance(model, tokens: np.ndarray, scores: Sequence[str], *, batch_size: 
 
 def _ragged(rows: list[list[float]]) -> np.ndarray:
     """Rows of different lengths (per-layer widths after surgery) padded with NaN."""
-    width = max(len(r) for r in rows)
-    return np.asarray([r + [np.nan] * (width - len(r)) for r in rows])
+    rows = [list(r or []) for r in rows]  # None: a layer without that group
+    width = max(1, max(len(r) for r in rows))
+    return np.asarray([r + [np.nan] * (width - len(r)) for r in rows], dtype=float)
 
 
 def plot_importance(report: dict[str, Any], title: str = "") -> bytes:
@@ -74,7 +84,8 @@ def plot_importance(report: dict[str, Any], title: str = "") -> bytes:
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
 
-    panels = [k for k in ("block_influence", "heads", "mlp", "hidden") if k in report]
+    panels = [k for k in ("block_influence", "heads", "mlp", "hidden", "taylor_kv", "taylor_mlp")
+              if k in report]
     if not panels:
         raise ValueError("nothing to plot: the report holds no scores")
     fig = Figure(figsize=(9, 2.8 * len(panels)), layout="constrained")
@@ -95,8 +106,9 @@ def plot_importance(report: dict[str, Any], title: str = "") -> bytes:
             image = ax.imshow(values.T, aspect="auto", origin="lower", interpolation="nearest",
                               cmap="viridis", norm=norm)
             fig.colorbar(image, ax=ax)
-            what = "query head" if key == "heads" else "MLP neuron"
-            ax.set(xlabel="layer", ylabel=what, title=f"{what} importance (activation, log color)")
+            what = {"heads": "query head", "taylor_kv": "KV group"}.get(key, "MLP neuron")
+            signal = "Taylor element1" if key.startswith("taylor") else "activation"
+            ax.set(xlabel="layer", ylabel=what, title=f"{what} importance ({signal}, log color)")
     if title:
         fig.suptitle(title)
     buf = io.BytesIO()
@@ -115,9 +127,9 @@ def check_scores(names: Sequence[str]) -> list[str]:
     return names
 
 
-def calibration_for(overrides: Sequence[str]):
-    """The command's calibration: c4 32 x 1024 seed 0 unless `calibration.KEY=VALUE` overrides
-    say otherwise (no other section)."""
+def calibration_for(overrides: Sequence[str], scores: Sequence[str] = ()):
+    """The command's calibration: c4 32 x 1024 seed 0 (10 x 64, LLM-Pruner's, when `taylor` is
+    the only score) unless `calibration.KEY=VALUE` overrides say otherwise (no other section)."""
     import dataclasses
 
     from nnxprune.recipes import Calibration, apply_overrides
@@ -125,7 +137,8 @@ def calibration_for(overrides: Sequence[str]):
     for item in overrides:
         if not item.startswith("calibration."):
             raise UserError(f"--set {item}: importance takes only calibration.KEY=VALUE overrides")
-    section = apply_overrides({"calibration": {"dataset": "c4", "nsamples": 32, "seqlen": 1024,
+    n, t = (10, 64) if list(scores) == ["taylor"] else (32, 1024)
+    section = apply_overrides({"calibration": {"dataset": "c4", "nsamples": n, "seqlen": t,
                                                "seed": 0}}, overrides)["calibration"]
     known = {f.name for f in dataclasses.fields(Calibration)}
     bad = sorted(set(section) - known)
@@ -156,6 +169,8 @@ def write_importance(loaded, scores, calibration, *, data_dir=None, json_path=No
                           "calibration": calibration.dataset, "nsamples": calibration.nsamples,
                           "seqlen": calibration.seqlen, "seed": calibration.seed,
                           "calibration_source": str(drawn.source), "seconds": seconds}
+    if "loss" in report:
+        report["protocol"]["loss"] = report.pop("loss")
     print(f"importance {', '.join(scores)}: one calibration pass over {calibration.nsamples} x "
           f"{calibration.seqlen} tokens in {seconds:.1f} s")
     if "block_influence" in report:

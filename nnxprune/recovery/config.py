@@ -3,6 +3,8 @@
     [recovery]
     kind = "distill"            # "distill" | "lora" | "pretrain"
     dataset = "c4"              # c4, wikitext2 or a .txt / .jsonl / .parquet file
+    prompt_template = ""        # "alpaca": dataset is a JSONL of instruction / input / output
+                                # records, one per window, prompt masked from the loss
     steps = 200                 # optimizer steps
     batch_size = 8              # sequences per optimizer step (all devices, all micro-batches)
     grad_accum = 1              # micro-batches per step (batch_size / grad_accum per forward)
@@ -64,6 +66,7 @@ from nnxprune.errors import UserError
 from nnxprune.graph.targets import layer_projection_names, select_projections
 
 KINDS = ("distill", "lora", "pretrain")
+PROMPT_TEMPLATES = ("", "alpaca")
 DTYPES = ("float32", "bfloat16")
 DATASETS = ("c4", "wikitext2")
 
@@ -207,6 +210,7 @@ class RecoveryConfig:
 
     kind: str
     dataset: str = "c4"
+    prompt_template: str = ""
     steps: int = 100
     batch_size: int = 8
     grad_accum: int = 1
@@ -234,6 +238,13 @@ class RecoveryConfig:
         if self.dataset not in DATASETS and not Path(self.dataset).suffix:
             raise UserError("recovery.dataset: " + _nearest(self.dataset, DATASETS, "dataset")
                             + " (or a file path)")
+        if self.prompt_template not in PROMPT_TEMPLATES:
+            raise UserError("recovery.prompt_template: " + _nearest(
+                str(self.prompt_template), [t for t in PROMPT_TEMPLATES if t], "template")
+                + " (or \"\" for plain text)")
+        if self.prompt_template and Path(self.dataset).suffix.lower() != ".jsonl":
+            raise UserError(f"recovery.prompt_template = {self.prompt_template!r} reads a .jsonl "
+                            f"file of instruction records; recovery.dataset is {self.dataset!r}")
         for name, minimum in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("seqlen", 2),
                               ("warmup_steps", 0), ("seed", 0), ("eval_every", 0),
                               ("eval_batches", 0), ("checkpoint_every", 0),
@@ -308,6 +319,10 @@ class RecoveryConfig:
                             f"{config.max_position_embeddings} tokens")
         if self.lora is not None:
             self.lora.select(layer_projection_names(config.num_layers))
+        if self.prompt_template and Path(self.dataset).is_file():
+            from nnxprune.data.training import read_instructions
+
+            read_instructions(self.dataset)  # every record checked before any work
         if self.distill is not None:
             for i in self.distill.hidden_layers:
                 if i >= config.num_layers:

@@ -38,6 +38,7 @@ jax.tree_util.register_dataclass(ModelOutput, data_fields=["logits", "hidden"], 
 
 def forward(model, tokens: jax.Array, hidden_layers: tuple[int, ...] = ()) -> ModelOutput:
     """Logits of `tokens [B, T]` and the outputs of the decoder layers in `hidden_layers`."""
+    tokens = input_ids(tokens)
     out = model.run_layers(model.embed_tokens(tokens), default_positions(tokens), keep=hidden_layers)
     return ModelOutput(logits=_logits(model, model.norm(out.x)), hidden=out.hidden)
 
@@ -75,13 +76,20 @@ def _matmul_nt_bwd(residuals, g):
 _matmul_nt.defvjp(_matmul_nt_fwd, _matmul_nt_bwd)
 
 
+def input_ids(tokens: jax.Array) -> jax.Array:
+    """Token ids with the no-target marks (`-(id + 1)`, `data.training.not_target`) undone."""
+    return jnp.where(tokens < 0, -tokens - 1, tokens)
+
+
 def next_token_ce(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    """Mean cross-entropy of predicting `tokens[:, 1:]` from `logits[:, :-1]`."""
+    """Mean cross-entropy of predicting `tokens[:, 1:]` from `logits[:, :-1]`, over the targets
+    not marked (prompt and padding of instruction windows are marked negative)."""
     logits = logits[:, :-1].astype(jnp.float32)
     targets = tokens[:, 1:]
+    weight = (targets >= 0).astype(jnp.float32)
     logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.mean(logz - picked)
+    picked = jnp.take_along_axis(logits, input_ids(targets)[..., None], axis=-1)[..., 0]
+    return jnp.sum((logz - picked) * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
 def forward_kl(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:

@@ -39,6 +39,7 @@ import optax
 from flax import nnx
 
 from nnxprune import data as data_lib
+from nnxprune.data.training import instruction_windows
 from nnxprune.errors import UserError
 from nnxprune.recovery import lora as lora_lib
 from nnxprune.recovery import sharding as sh
@@ -209,6 +210,12 @@ def _check_teacher(strategy: LossStrategy, model, teacher) -> None:
 
 
 def _windows(cfg: RecoveryConfig, windows, tokenizer, data_dir) -> data_lib.TokenWindows:
+    if windows is None and cfg.prompt_template:
+        if tokenizer is None:
+            raise UserError("recovery needs a tokenizer (or pre-tokenized windows)")
+        windows = instruction_windows(tokenizer, cfg.dataset, seqlen=cfg.seqlen,
+                                      train_windows=cfg.steps * cfg.batch_size,
+                                      heldout_windows=cfg.eval_batches * cfg.micro_batch)
     if windows is None:
         if tokenizer is None:
             raise UserError("recovery needs a tokenizer (or pre-tokenized windows)")

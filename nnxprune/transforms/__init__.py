@@ -1,6 +1,7 @@
 """Transforms: `model -> model` steps, registered by kind, composed by `Pipeline`."""
 
 from nnxprune.transforms.base import REGISTRY, Context, Pipeline, Transform, from_dict, register
+from nnxprune.transforms.coupled import LLMPruner
 from nnxprune.transforms.depth import Depth
 from nnxprune.transforms.magnitude import Magnitude
 from nnxprune.transforms.owl import OWL
@@ -11,7 +12,7 @@ from nnxprune.transforms.surgery import (DropLayers, FoldMasks, RemoveKVGroups, 
 from nnxprune.transforms.wanda import Wanda
 from nnxprune.transforms.width import Width
 
-__all__ = ["OWL", "REGISTRY", "Context", "Depth", "DropLayers", "FoldMasks", "Magnitude", "Pipeline",
+__all__ = ["OWL", "REGISTRY", "Context", "Depth", "DropLayers", "FoldMasks", "LLMPruner", "Magnitude", "Pipeline",
            "SparseGPT", "SparseLLM", "Wanda", "RemoveKVGroups",
            "RemoveQueryHeads", "ShrinkHidden", "ShrinkMLP", "Transform", "Width", "from_dict",
            "register"]

@@ -54,13 +54,16 @@ class Scored(Transform):
 
     def statistics(self, model, ctx: Context) -> Stats | None:
         """The score's statistics over the dense model (None for a calibration-free score)."""
-        collectors = get_score(self.score).collectors()
-        if not collectors:
+        score = get_score(self.score)
+        collectors, gather = score.collectors(), getattr(score, "gather", None)
+        if not collectors and gather is None:
             return None
         tokens = ctx.calibration_tokens()
         if tokens is None:
             raise UserError(f"score {self.score!r} needs calibration data: add a [calibration] "
                             "section")
+        if gather is not None:  # a score read from gradients (scoring.taylor), not collectors
+            return gather(model, tokens)
         return collect_statistics(model, tokens, collectors, batch_size=self.batch_size,
                                   progress=ctx.progress, desc=f"{self.kind} ({self.score})")
 

@@ -62,3 +62,26 @@ def test_plot_handles_ragged_widths():
     assert plot_importance(report)[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="nothing to plot"):
         plot_importance({"protocol": {}})
+
+
+@needs_data
+def test_importance_taylor_writes_every_variant_and_the_loss(capsys, tiny_folder, tmp_path):  # noqa: F811
+    out = tmp_path / "taylor.json"
+    code, _, err = run(capsys, "importance", tiny_folder, "--score", "taylor", "--json", out,
+                       "--set", "calibration.nsamples=3", "--set", "calibration.seqlen=32",
+                       "--no-progress")
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    for kind in ("mlp", "kv"):
+        assert [len(r) for r in report[f"taylor_{kind}"]] == ([64, 64] if kind == "mlp" else [2, 2])
+        for variant in ("vector", "element2", "mix"):
+            assert len(report[f"taylor_{kind}_{variant}"]) == 2
+    assert report["protocol"]["nsamples"] == 3 and report["protocol"]["loss"] > 0
+    assert "block_influence" not in report
+
+
+def test_taylor_alone_defaults_to_llm_pruner_calibration():
+    from nnxprune.inspect.importance import calibration_for
+
+    assert (calibration_for([], ["taylor"]).nsamples, calibration_for([], ["taylor"]).seqlen) == (10, 64)
+    assert calibration_for([], ["taylor", "activation"]).seqlen == 1024
