@@ -121,10 +121,14 @@ def init_aux(X, gate, up):
     return z, s, jax.nn.silu(s) * z
 
 
-def _p_closed_form(Y, Wd, a, beta, gamma):
+def _p_closed_form(Y, Wd, a, beta, gamma, with_output=False):
+    """p, and with `with_output` also `p Wd`, from `a Wd + (Y - a Wd) (M Wd)`: a `[T, d] x [d, d]`
+    product instead of a second `[T, f] x [f, d]` one."""
     K = (gamma / beta) * jnp.eye(Wd.shape[1], dtype=_f32) + _tdot(Wd, Wd)
     M = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(K), True), Wd.T)  # K^-1 Wd^T [d, f]
-    return a + _dot(Y - _dot(a, Wd), M)
+    aw = _dot(a, Wd)
+    p = a + _dot(Y - aw, M)
+    return (p, aw + _dot(Y - aw, _dot(M, Wd))) if with_output else p
 
 
 @jax.jit
@@ -187,10 +191,10 @@ def _round(X, Y, gate, up, down, z, s, p, alpha, beta, gamma, s_lr, *, s_steps, 
     before = _terms(mg, mu, _dot(p, Wd), Y, z, s, p, alpha, beta, gamma)["total"]
     if not update:
         return z, s, p, recon, before, None
-    p = _p_closed_form(Y, Wd, jax.nn.silu(s) * z, beta, gamma)
+    p, pd = _p_closed_form(Y, Wd, jax.nn.silu(s) * z, beta, gamma, with_output=True)
     z = _z_closed_form(mu, s, p, alpha, gamma)
     s = _s_steps(mg, z, p, s, alpha, gamma, s_lr, s_steps)
-    return z, s, p, recon, before, _terms(mg, mu, _dot(p, Wd), Y, z, s, p, alpha, beta, gamma)
+    return z, s, p, recon, before, _terms(mg, mu, pd, Y, z, s, p, alpha, beta, gamma)
 
 
 @jax.jit
