@@ -1,24 +1,32 @@
-"""SparseGPT vs SparseLLM on SmolLM2-135M at 70/80/90% and 3:4, all layers and the first half.
+"""SparseGPT vs SparseLLM on SmolLM2-135M: 4 rounds (the reference's schedule), 8, and keep-best.
 
-One run, one machine: dense and every method x pattern x scope with the same calibration draw
-(C4, 32 x 1024, seed 0) and the same protocol (WikiText-2, seqlen 1024, first 32 windows).
+One run, one machine: dense and every method x variant x pattern x scope with the same
+calibration draw (C4, 32 x 1024, seed 0) and the same protocol (WikiText-2, seqlen 1024, first 32
+windows). SparseLLM variants (`--variants`):
+- `4`: the reference `llama_sparsellm`'s schedule as the recipes run it: 4 rounds, 1 round in the
+  second and the last two layers (`layer_iterations = [[1, 1], [-2, 1], [-1, 1]]`);
+- `8`: 8 rounds in every layer (the reference's earlier setting);
+- `best`: the `4` schedule with `keep_best` (our departure: per layer, the round with the lowest
+  true MLP error on the calibration batch; round 1 is SparseGPT).
 "half" prunes the first 50% of the decoder layers and leaves the rest dense (the setting of the
-SparseLLM paper's tables): SparseLLM through `fraction = 0.5`, SparseGPT through a `targets` regex
-over the same layers. For each row: perplexity, measured sparsity (over all layers), seconds,
-peak memory while pruning, and for SparseLLM the MLP reconstruction error relative to the dense
-MLP output on the calibration data, averaged over the pruned layers, after round 1 (which is
-SparseGPT on the same inputs) and after the last round.
+SparseLLM paper's tables). For each row: perplexity, measured sparsity (over all layers), prune
+seconds, peak memory, and for SparseLLM the MLP reconstruction error relative to the dense MLP
+output on the calibration data, averaged over the pruned layers, after round 1 (SparseGPT on the
+same inputs) and for the kept round, and the mean seconds per round. The SparseLLM variants of a
+sparsity run right after its SparseGPT row; the `8` rows come last (the longest).
 
-    python benchmarks/sparsellm.py                      # the whole table (hours on 2 CPU cores)
-    python benchmarks/sparsellm.py --patterns 0.7 --scopes all --nsamples 8 --seqlen 512 \\
+    python benchmarks/sparsellm.py                      # 70/80/90%, all layers (hours on 2 cores)
+    python benchmarks/sparsellm.py --patterns 0.7 --variants 4 --nsamples 8 --seqlen 512 \
         --eval-windows 4 --out /tmp/sparsellm-quick.json                        # a quick look
 
-Writes benchmarks/results/sparsellm.json and sparsellm.md (or next to --out).
+Writes benchmarks/results/sparsellm.json (`rows`: method, rounds (4, 8 or "best"; absent for
+SparseGPT), sparsity, scope, ppl, prune_s, ...) and sparsellm.md (or next to --out).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -29,13 +37,19 @@ from common import (add_pruning_args, prepare_pruning, prune_and_score,  # noqa:
                     pruning_report, write_results)
 
 
-def spec_for(method: str, pattern: str, scope: str, num_layers: int, args) -> dict:
+REFERENCE_SCHEDULE = [[1, 1], [-2, 1], [-1, 1]]  # llama_sparsellm: 1 round in layers 1, 30, 31 of 32
+VARIANTS = {"4": {"iterations": 4, "layer_iterations": REFERENCE_SCHEDULE},
+            "8": {"iterations": 8},
+            "best": {"iterations": 4, "layer_iterations": REFERENCE_SCHEDULE, "keep_best": True}}
+
+
+def spec_for(method: str, variant: str | None, pattern: str, scope: str, num_layers: int, args) -> dict:
     from nnxprune.transforms.sparsellm import first_layers
 
     spec = {"kind": method, "batch_size": args.batch_size,
             **({"pattern": pattern} if ":" in pattern else {"sparsity": float(pattern)})}
     if method == "sparsellm":
-        spec["iterations"] = args.iterations
+        spec.update(VARIANTS[variant])
         if scope == "half":
             spec["fraction"] = 0.5
     elif scope == "half":
@@ -44,16 +58,32 @@ def spec_for(method: str, pattern: str, scope: str, num_layers: int, args) -> di
     return spec
 
 
+def _jobs(args) -> list[tuple[str, str | None, str, str]]:
+    """(method, variant, pattern, scope): per scope and pattern SparseGPT then the SparseLLM
+    variants, except `8`, whose rows come after all others."""
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"--variants: unknown {v!r} (known: {', '.join(VARIANTS)})")
+    first, last = [], []
+    for scope in args.scopes.split(","):
+        for pattern in args.patterns.split(","):
+            first.append(("sparsegpt", None, pattern, scope))
+            for v in variants:
+                (last if v == "8" else first).append(("sparsellm", v, pattern, scope))
+    return first + last
+
+
 def _resumed_rows(args, setup) -> dict:
-    """Rows of an earlier run at `args.out` with the same model, draw, protocol and rounds, by
-    (method, pattern, scope); an earlier run of other settings is an error, not a silent mix."""
+    """Rows of an earlier run at `args.out` with the same model, draw, protocol and variants, by
+    (method, variant, pattern, scope); an earlier run of other settings is an error, not a silent mix."""
     import json
 
     path = Path(args.out)
     if not path.exists():
         return {}
     old = json.loads(path.read_text())
-    same = (old.get("model") == args.model and old.get("sparsellm_iterations") == args.iterations
+    same = (old.get("model") == args.model and old.get("variants") == VARIANTS
             and old.get("protocol") == setup.protocol.to_dict()
             and all(old["calibration"].get(k) == getattr(args, k) for k in ("nsamples", "seqlen", "seed")))
     if not same:
@@ -61,76 +91,100 @@ def _resumed_rows(args, setup) -> dict:
     return {tuple(r["key"]): r for r in old["rows"] if "key" in r}
 
 
+def _label(r) -> str:
+    return r["method"] if r["method"] == "sparsegpt" else f"sparsellm, {r['rounds']}" + (
+        " rounds" if r["rounds"] != "best" else " (keep-best, 4-round schedule)")
+
+
 def _write(args, setup, num_layers, rows, quiet=False) -> None:
     from nnxprune.transforms.sparsellm import first_layers
 
-    report = pruning_report("sparsellm", args, setup, sparsellm_iterations=args.iterations, rows=rows)
-    md = ["| method | pattern | layers | perplexity | sparsity (all layers) | prune s | peak memory | "
-          "MLP rel. error round 1 -> kept | layers worse than round 1 | objective last / first |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+    report = pruning_report("sparsellm", args, setup, variants=VARIANTS, dense=setup.dense_row,
+                            rows=rows)
+    d = setup.dense_row
+    md = ["| method | pattern | layers | perplexity | sparsity (all layers) | prune s | s per round | "
+          "peak memory | MLP rel. error round 1 -> kept | layers worse than round 1 | "
+          "objective last / first |",
+          "|---|---|---|---|---|---|---|---|---|---|---|",
+          f"| dense | - | - | {d['ppl']:.2f} | {d['sparsity']:.2%} | | | | | | |"]
     for r in rows:
-        if r["method"] == "dense":
-            md.append(f"| dense | - | - | {r['ppl']:.2f} | {r['sparsity']:.2%} | | | | | |")
-            continue
-        err = worse = ratio = ""
-        if "mlp_relative_error_last" in r:
+        err = worse = ratio = per_round = ""
+        if r["method"] == "sparsellm":
             err = f"{r['mlp_relative_error_round1']:.4f} -> {r['mlp_relative_error_last']:.4f}"
             layers = r["layers"].values()
             worse = (f"{sum(v['rounds'][v['kept_round']]['relative'] > v['rounds'][0]['relative'] for v in layers)}"
                      f" of {len(layers)}")
-            ratio = f"{np.mean([v['rounds'][-1]['after'] / v['rounds'][0]['before'] for v in layers]):.3f}"
-        md.append(f"| {r['method']} | {r['pattern']} | {r['scope']} | {r['ppl']:.2f} | "
-                  f"{r['sparsity']:.2%} | {r['prune_seconds']:.1f} | "
+            ratio = f"{np.mean([v['rounds'][-1]['before'] / v['rounds'][0]['before'] for v in layers]):.3f}"
+            per_round = f"{r['seconds_per_round']:.2f}"
+        md.append(f"| {_label(r)} | {r['pattern']} | {r['scope']} | {r['ppl']:.2f} | "
+                  f"{r['measured_sparsity']:.2%} | {r['prune_s']:.1f} | {per_round} | "
                   f"{r['peak_memory_bytes'] / 2**30:.2f} GiB | {err} | {worse} | {ratio} |")
-    md += ["", f"{args.model} ({setup.loaded.source}); calibration c4 {args.nsamples} x {args.seqlen}, "
-               f"seed {args.seed}; {setup.protocol.describe()}. SparseLLM: alpha = beta = gamma = 5, "
-               f"{args.iterations} rounds; 'half' = the first {first_layers(num_layers, 0.5)} "
-               f"of {num_layers} layers, the rest dense. 'Objective' is the relaxed SparseLLM objective "
-               f"(all four terms) after the last round over before the first, averaged over the "
-               f"pruned layers; the MLP error is the true one, ||Y - MLP_pruned(X)||^2 / ||Y||^2."]
+    md += ["", f"{args.model} ({setup.loaded.source}) on {report['machine']['cpu']}; calibration c4 "
+               f"{args.nsamples} x {args.seqlen}, seed {args.seed}; {setup.protocol.describe()}. "
+               f"One process, rows one after the other (load averages per row in the JSON: other "
+               f"jobs shared this machine). SparseLLM: alpha = beta = gamma = 5; '4' = 4 rounds, 1 in "
+               f"the second and the last two layers (the reference llama_sparsellm's schedule), "
+               f"'8' = 8 rounds everywhere, 'keep-best' = the 4-round schedule keeping per layer the "
+               f"round with the lowest true MLP error on the calibration batch (our departure; round "
+               f"1 is SparseGPT); 'half' = the first {first_layers(num_layers, 0.5)} of {num_layers} "
+               f"layers, the rest dense. 's per round' is the mean seconds of one SparseLLM round "
+               f"(SparseGPT of gate, up and down included). 'Objective' is the relaxed SparseLLM "
+               f"objective (all four terms) with the last round's pruned weights over that with "
+               f"round 1's, averaged over the pruned layers; the MLP error is the true one, "
+               f"||Y - MLP_pruned(X)||^2 / ||Y||^2."]
     write_results(args.out, report, "\n".join(md) + "\n", quiet=quiet)
+
+
+def _row(setup, method, variant, pattern, scope, num_layers, args) -> dict:
+    spec = spec_for(method, variant, pattern, scope, num_layers, args)
+    row, entry = prune_and_score(setup, spec)
+    row.update(scope=scope, spec=spec, key=[method, variant, pattern, scope], prune_s=row["prune_seconds"],
+               measured_sparsity=row["sparsity"], timings=entry.get("timings", {}),
+               loadavg=list(os.getloadavg()))
+    n, m = map(int, pattern.split(":")) if ":" in pattern else (0, 0)
+    row["sparsity"] = n / m if m else float(pattern)  # the asked one; measured_sparsity beside it
+    if method == "sparsellm":
+        row["rounds"] = int(variant) if variant.isdigit() else variant
+        layers = entry["layers"]
+        row["mlp_relative_error_round1"] = float(np.mean(
+            [r["rounds"][0]["relative"] for r in layers.values()]))
+        row["mlp_relative_error_last"] = float(np.mean(
+            [r["rounds"][r["kept_round"]]["relative"] for r in layers.values()]))
+        row["seconds_per_round"] = float(np.mean(
+            [x["seconds"] for r in layers.values() for x in r["rounds"]]))
+        row["layers"] = {str(k): v for k, v in layers.items()}
+    return row
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="sparsegpt,sparsellm")
-    p.add_argument("--patterns", default="0.7,0.8,0.9,3:4", help="unstructured sparsities and N:M patterns")
-    p.add_argument("--scopes", default="all,half", help="all layers and/or the first half")
-    p.add_argument("--iterations", type=int, default=8, help="SparseLLM rounds (reference: 8)")
+    p.add_argument("--patterns", default="0.7,0.8,0.9", help="unstructured sparsities and N:M patterns")
+    p.add_argument("--scopes", default="all", help="all layers and/or the first half (all,half)")
+    p.add_argument("--variants", default="4,best,8", help="SparseLLM variants: 4, 8, best")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows an earlier run of the same settings wrote to --out")
     add_pruning_args(p, "sparsellm.json")
     args = p.parse_args(argv)
 
+    jobs = _jobs(args)
     setup = prepare_pruning(args)
     num_layers = setup.loaded.model.config.num_layers
-    rows = [{**setup.dense_row, "scope": "-"}]
+    rows = []
     done = _resumed_rows(args, setup) if args.resume else {}
-    for scope in args.scopes.split(","):
-        for pattern in args.patterns.split(","):
-            for method in args.methods.split(","):
-                spec = spec_for(method, pattern, scope, num_layers, args)
-                if (method, pattern, scope) in done:
-                    rows.append(done[method, pattern, scope])
-                    print(f"{method:9s} {pattern:>4s} {scope:4s}  (from {args.out})", flush=True)
-                    continue
-                row, entry = prune_and_score(setup, spec)
-                row.update(scope=scope, spec=spec, key=[method, pattern, scope],
-                           timings=entry.get("timings", {}))
-                if method == "sparsellm":
-                    layers = entry["layers"]
-                    row["mlp_relative_error_round1"] = float(np.mean(
-                        [r["rounds"][0]["relative"] for r in layers.values()]))
-                    row["mlp_relative_error_last"] = float(np.mean(
-                        [r["rounds"][r["kept_round"]]["relative"] for r in layers.values()]))
-                    row["layers"] = {str(k): v for k, v in layers.items()}
-                rows.append(row)
-                extra = (f"  MLP rel. error {row['mlp_relative_error_round1']:.4f} -> "
-                         f"{row['mlp_relative_error_last']:.4f}" if method == "sparsellm" else "")
-                print(f"{method:9s} {row['pattern']:>4s} {scope:4s}  ppl {row['ppl']:10.3f}  sparsity "
-                      f"{row['sparsity']:.4f}  {row['prune_seconds']:7.1f} s  peak "
-                      f"{row['peak_memory_bytes'] / 2**30:.2f} GiB{extra}", flush=True)
-                _write(args, setup, num_layers, rows, quiet=True)  # a cut-off run keeps its rows
+    for method, variant, pattern, scope in jobs:
+        if (method, variant, pattern, scope) in done:
+            rows.append(done[method, variant, pattern, scope])
+            print(f"{method:9s} {variant or '-':4s} {pattern:>4s} {scope:4s}  (from {args.out})", flush=True)
+            continue
+        row = _row(setup, method, variant, pattern, scope, num_layers, args)
+        rows.append(row)
+        extra = (f"  MLP rel. error {row['mlp_relative_error_round1']:.4f} -> "
+                 f"{row['mlp_relative_error_last']:.4f}  {row['seconds_per_round']:.2f} s/round"
+                 if method == "sparsellm" else "")
+        print(f"{method:9s} {variant or '-':4s} {row['pattern']:>4s} {scope:4s}  ppl {row['ppl']:10.3f}  "
+              f"sparsity {row['measured_sparsity']:.4f}  {row['prune_s']:7.1f} s  peak "
+              f"{row['peak_memory_bytes'] / 2**30:.2f} GiB  load {row['loadavg'][0]:.1f}{extra}", flush=True)
+        _write(args, setup, num_layers, rows, quiet=True)  # a cut-off run keeps its rows
     _write(args, setup, num_layers, rows)
     return 0
 

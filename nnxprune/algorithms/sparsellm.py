@@ -34,12 +34,15 @@ Then `iterations` rounds (`sparsellm_mlp`) of:
 5. `s`: `s_steps` gradient steps of size `s_lr` on `alpha ||s - X Wg||^2 + gamma ||p - silu(s)
    z||^2` (`update_s`).
 
-The weights the layer keeps are those of the last round's step 2 (steps 3-5 of the last round only
-serve the report, as in the reference, which also runs them).
+The weights the layer keeps are those of the last round's step 2. The reference also runs steps
+3-5 of the last round, whose results nothing reads; we skip them (the last round's report has no
+objective `after`).
 
-Defaults are the reference's for Llama: `alpha = beta = gamma = 5.0`, 8 rounds (`opt_epochs`),
-2 steps of `s` with learning rate 0.01 (`s_update_epochs`, `s_learning_rate`), SparseGPT with
-`blocksize = 128` and `percdamp = 0.01`.
+Defaults are the reference's for Llama: `alpha = beta = gamma = 5.0`, 4 rounds (`opt_epochs` of
+`llama_sparsellm` since the commit "initial fix for llama model", cd10130; 8 before it; the
+reference runs 1 round in layers 1, 30 and 31 of its 32-layer target, which the transform's
+`layer_iterations` can reproduce), 2 steps of `s` with learning rate 0.01 (`s_update_epochs`,
+`s_learning_rate`), SparseGPT with `blocksize = 128` and `percdamp = 0.01`.
 
 Where we follow the code rather than the paper, or differ from both, on purpose:
 - The paper writes the weight step as a pruning-constrained least squares; the code (and we)
@@ -60,9 +63,10 @@ Where we follow the code rather than the paper, or differ from both, on purpose:
 - The code keeps `z, s, p` in float16 and its SparseGPT calls grow the up/gate Hessian's damping
   every round (it damps `self.H` in place); we keep the auxiliary variables in float32 and damp
   the same fixed Hessian each round.
-- `keep_best=True` (off by default, the reference keeps the last round) keeps the round whose
-  pruned weights reconstruct `Y` best; round 1 is exactly SparseGPT, so the result is then never
-  worse than SparseGPT on the calibration data.
+- `keep_best=True` is our departure from the paper and the code (off by default: both keep the
+  last round): it keeps the round whose pruned weights reconstruct `Y` best (the true MLP error
+  `||Y - MLP_pruned(X)||^2` on the calibration batch); round 1 is exactly SparseGPT, so per
+  layer the result is never worse than SparseGPT on the calibration data.
 
 Memory: `z, s, p` are `[T, f]` float32 each (T = calibration tokens), plus `X, Y [T, d]`; the
 jitted updates hold a few more `[T, f]` temporaries, about 6-7 `T x f` floats at the peak (e.g.
@@ -117,10 +121,14 @@ def init_aux(X, gate, up):
     return z, s, jax.nn.silu(s) * z
 
 
-def _p_closed_form(Y, Wd, a, beta, gamma):
+def _p_closed_form(Y, Wd, a, beta, gamma, with_output=False):
+    """p, and with `with_output` also `p Wd`, from `a Wd + (Y - a Wd) (M Wd)`: a `[T, d] x [d, d]`
+    product instead of a second `[T, f] x [f, d]` one."""
     K = (gamma / beta) * jnp.eye(Wd.shape[1], dtype=_f32) + _tdot(Wd, Wd)
     M = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(K), True), Wd.T)  # K^-1 Wd^T [d, f]
-    return a + _dot(Y - _dot(a, Wd), M)
+    aw = _dot(a, Wd)
+    p = a + _dot(Y - aw, M)
+    return (p, aw + _dot(Y - aw, _dot(M, Wd))) if with_output else p
 
 
 @jax.jit
@@ -171,19 +179,22 @@ def _terms(mg, mu, pd, Y, z, s, p, alpha, beta, gamma):
     return terms
 
 
-@functools.partial(jax.jit, static_argnames=("s_steps",))
-def _round(X, Y, gate, up, down, z, s, p, alpha, beta, gamma, s_lr, *, s_steps):
+@functools.partial(jax.jit, static_argnames=("s_steps", "update"))
+def _round(X, Y, gate, up, down, z, s, p, alpha, beta, gamma, s_lr, *, s_steps, update=True):
     """One round's work after the weights are pruned, in one program that computes `X Wg` and
-    `X Wu` once: the pruned MLP's reconstruction error, the objective before, the updates of p,
-    z and s (`update_p`, `update_z`, `update_s`), and the objective's terms after them."""
+    `X Wu` once: the pruned MLP's reconstruction error, the objective before, and (`update`) the
+    updates of p, z and s (`update_p`, `update_z`, `update_s`) and the objective's terms after
+    them; without `update` the terms are None and z, s, p come back unchanged."""
     X, Y, Wd = X.astype(_f32), Y.astype(_f32), down.astype(_f32)
     mg, mu = _dot(X, gate.astype(_f32)), _dot(X, up.astype(_f32))
     recon = jnp.sum((Y - _dot(jax.nn.silu(mg) * mu, Wd)) ** 2)
     before = _terms(mg, mu, _dot(p, Wd), Y, z, s, p, alpha, beta, gamma)["total"]
-    p = _p_closed_form(Y, Wd, jax.nn.silu(s) * z, beta, gamma)
+    if not update:
+        return z, s, p, recon, before, None
+    p, pd = _p_closed_form(Y, Wd, jax.nn.silu(s) * z, beta, gamma, with_output=True)
     z = _z_closed_form(mu, s, p, alpha, gamma)
     s = _s_steps(mg, z, p, s, alpha, gamma, s_lr, s_steps)
-    return z, s, p, recon, before, _terms(mg, mu, _dot(p, Wd), Y, z, s, p, alpha, beta, gamma)
+    return z, s, p, recon, before, _terms(mg, mu, pd, Y, z, s, p, alpha, beta, gamma)
 
 
 @jax.jit
@@ -261,7 +272,7 @@ def _checked_inputs(X, Y, gate, up, down, xtx, where: str, *, iterations, s_step
 
 def sparsellm_mlp(X, Y, gate, up, down, xtx, nsamples: int, *, sparsity: float | None = None,
                   n: int = 0, m: int = 0, alpha: float = 5.0, beta: float = 5.0, gamma: float = 5.0,
-                  iterations: int = 8, s_steps: int = 2, s_lr: float = 0.01, blocksize: int = 128,
+                  iterations: int = 4, s_steps: int = 2, s_lr: float = 0.01, blocksize: int = 128,
                   percdamp: float = 0.01, refit_damp: float = 0.01, keep_best: bool = False,
                   h_down=None, where: str = "mlp", log=None):
     """Prunes one SwiGLU MLP with SparseLLM (module docstring).
@@ -275,7 +286,8 @@ def sparsellm_mlp(X, Y, gate, up, down, xtx, nsamples: int, *, sparsity: float |
     Returns `(gate, up, down, keeps, info)`: float32 kernels zero where the boolean `keeps`
     (`{"gate", "up", "down"}`) are False, and `info` with `history` (per round: the pruned MLP's
     `reconstruction` error `||Y - MLP(X)||^2`, `relative` (divided by `||Y||^2`), the objective
-    `L` `before` and `after` the auxiliary updates, SparseGPT `retries`, `seconds`), `best_round`
+    `L` `before` and `after` the auxiliary updates (`after` is None in the last round, which skips
+    them), SparseGPT `retries`, `seconds`), `best_round`
     and `y_norm`. Non-finite values anywhere raise a ValueError naming `where`.
     `log(round_info)`, when given, is called after every round.
     """
@@ -308,18 +320,20 @@ def sparsellm_mlp(X, Y, gate, up, down, xtx, nsamples: int, *, sparsity: float |
         gate, keep_g, info_g = prune(gate, h_x, "gate_proj", rnd, f_x)
         up, keep_u, info_u = prune(up, h_x, "up_proj", rnd, f_x)
         down, keep_d, info_d = prune(down, h_p, "down_proj", rnd)
+        last = rnd == iterations - 1  # its p, z, s updates would serve nothing: skipped
         z, s, p, recon, before, terms = _round(X, Y, gate, up, down, z, s, p, alpha, beta, gamma,
-                                               s_lr, s_steps=s_steps)
+                                               s_lr, s_steps=s_steps, update=not last)
         recon, before = float(recon), float(before)
-        terms = {k: float(v) for k, v in terms.items()}
+        terms = None if terms is None else {k: float(v) for k, v in terms.items()}
         if not (math.isfinite(recon) and math.isfinite(before)
-                and all(math.isfinite(v) for v in terms.values())):
+                and all(math.isfinite(v) for v in (terms or {}).values())):
             raise ValueError(f"SparseLLM: {where}, round {rnd}: the objective became non-finite "
-                            f"(reconstruction {recon}, objective {terms['total']}); stopping. Try "
+                            f"(reconstruction {recon}, objective {before}); stopping. Try "
                             "smaller s_lr or larger refit_damp")
         entry = {"round": rnd, "reconstruction": recon,
                  "relative": recon / y_norm if y_norm > 0 else 0.0,
-                 "before": before, "after": terms["total"], "terms": terms,
+                 "before": before, "after": None if terms is None else terms["total"],
+                 "terms": terms,
                  "retries": {k: i["retries"] for k, i in (("gate", info_g), ("up", info_u),
                                                            ("down", info_d)) if i["retries"]},
                  "seconds": time.perf_counter() - t0}

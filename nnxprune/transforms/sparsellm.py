@@ -17,7 +17,12 @@ same tensors from forward hooks of the same unpruned forward):
 3. gate, up and down are pruned jointly by `sparsellm_mlp` against `X` and `Y`.
 
 `fraction` prunes only the first `round(fraction * num_layers)` layers (half rounded up), the
-setting of the paper's tables at 0.5; the other layers stay dense. `targets` / `ignore` select
+setting of the paper's tables at 0.5; the other layers stay dense. `iterations` rounds per layer
+(4, the reference's `llama_sparsellm`; 8 its earlier setting), `layer_iterations` overrides it per
+layer as `[layer, rounds]` pairs, a negative layer counting from the end: the reference runs one
+round in layers 1, 30 and 31 of its 32-layer LLaMA, the second and the last two, which
+`layer_iterations = [[1, 1], [-2, 1], [-1, 1]]` reproduces on any depth (the recipes). `keep_best`
+(our departure, off by default) keeps per layer the round with the lowest true MLP error. `targets` / `ignore` select
 projections as for SparseGPT, except that a layer's gate, up and down go together (all or none).
 
 Memory: `z, s, p` are `tokens x intermediate` float32 each for the layer being solved (module
@@ -79,8 +84,10 @@ def first_layers(num_layers: int, fraction: float) -> int:
 class SparseLLM(Sparsify):
     """SparseGPT on attention, SparseLLM (auxiliary variables, alternating updates) on each MLP.
 
-    Defaults are the reference code's for Llama: alpha = beta = gamma = 5, 8 rounds, 2 steps of
+    Defaults are the reference code's for Llama: alpha = beta = gamma = 5, 4 rounds, 2 steps of
     size 0.01 for s, SparseGPT blocks of 128 with 1% damping; all layers (`fraction = 1`).
+    `layer_iterations`: `[layer, rounds]` pairs overriding `iterations` (negative layers count
+    from the end).
     """
 
     needs_calibration: ClassVar[bool] = True
@@ -88,7 +95,8 @@ class SparseLLM(Sparsify):
     alpha: float = 5.0
     beta: float = 5.0
     gamma: float = 5.0
-    iterations: int = 8
+    iterations: int = 4
+    layer_iterations: tuple[tuple[int, int], ...] = ()
     s_steps: int = 2
     s_lr: float = 0.01
     refit_damp: float = 0.01
@@ -103,6 +111,28 @@ class SparseLLM(Sparsify):
         limit = first_layers(config.num_layers, self.fraction) if config.num_layers else 0
         return [(i, name) for i, name in super().selected(config) if i < limit]
 
+    def rounds(self, layer: int, num_layers: int) -> int:
+        """SparseLLM rounds in decoder layer `layer` (`layer_iterations`, else `iterations`)."""
+        for where, rounds in self.layer_iterations:
+            if where % num_layers == layer:
+                return rounds
+        return self.iterations
+
+    def _check_layer_iterations(self, num_layers: int) -> None:
+        seen = set()
+        for pair in self.layer_iterations:
+            if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in pair):
+                raise UserError(f"layer_iterations: expected [layer, rounds] integer pairs, got {pair!r}")
+            where, rounds = pair
+            if num_layers and not -num_layers <= where < num_layers:
+                raise UserError(f"layer_iterations: layer {where} is outside the model's "
+                                f"{num_layers} layers")
+            if rounds < 1:
+                raise UserError(f"layer_iterations: rounds must be >= 1, got {rounds} for layer {where}")
+            if num_layers and where % num_layers in seen:
+                raise UserError(f"layer_iterations: layer {where} is given twice")
+            seen.add(where % num_layers if num_layers else where)
+
     def check(self, config: LlamaConfig) -> LlamaConfig:
         for name in ("alpha", "beta", "gamma", "s_lr"):
             value = getattr(self, name)
@@ -112,6 +142,7 @@ class SparseLLM(Sparsify):
             raise UserError(f"refit_damp must be a finite number >= 0, got {self.refit_damp}")
         if self.iterations < 1:
             raise UserError(f"iterations must be >= 1, got {self.iterations}")
+        self._check_layer_iterations(config.num_layers)
         if self.s_steps < 0:
             raise UserError(f"s_steps must be >= 0, got {self.s_steps}")
         if not 0 < self.fraction <= 1:
@@ -166,7 +197,8 @@ class SparseLLM(Sparsify):
             timings["attention"] += time.perf_counter() - t0
             if X is not None:
                 t0 = time.perf_counter()
-                self._mlp(i, layer, calib, X, Y, prune_kw, result)
+                self._mlp(i, layer, calib, X, Y, prune_kw, result,
+                          self.rounds(i, model.config.num_layers))
                 timings["mlp_solve"] += time.perf_counter() - t0
 
         t_start = time.perf_counter()
@@ -184,7 +216,7 @@ class SparseLLM(Sparsify):
                layers=result["layers"], mlp_layers=mlp_layers,
                num_pruned_layers=first_layers(model.config.num_layers, self.fraction),
                hyperparameters={k: getattr(self, k) for k in (
-                   "alpha", "beta", "gamma", "iterations", "s_steps", "s_lr", "refit_damp",
+                   "alpha", "beta", "gamma", "iterations", "layer_iterations", "s_steps", "s_lr", "refit_damp",
                    "keep_best", "fraction", "blocksize", "percdamp")})
         return model
 
@@ -215,7 +247,7 @@ class SparseLLM(Sparsify):
                 result["retries"][full] = {"retries": int(info["retries"]),
                                            "damping": float(info["damping"])}
 
-    def _mlp(self, i, layer, calib, X, Y, prune_kw, result) -> None:
+    def _mlp(self, i, layer, calib, X, Y, prune_kw, result, iterations: int) -> None:
         """gate, up and down of layer `i` pruned jointly against the dense `X`, `Y`."""
         t0 = time.perf_counter()
         lins = {name: node(layer, name) for name in MLP_NAMES}
@@ -227,7 +259,8 @@ class SparseLLM(Sparsify):
                     X, Y, lins["mlp.gate_proj"].effective_kernel(),
                     lins["mlp.up_proj"].effective_kernel(), lins["mlp.down_proj"].effective_kernel(),
                     xtx["mlp.up_proj"], calib.sequences, alpha=self.alpha, beta=self.beta,
-                    gamma=self.gamma, iterations=self.iterations, s_steps=self.s_steps,
+                    gamma=self.gamma, iterations=iterations,
+                    s_steps=self.s_steps,
                     s_lr=self.s_lr, refit_damp=self.refit_damp, keep_best=self.keep_best,
                     h_down=hessian(xtx["mlp.down_proj"], calib.sequences), where=f"layers.{i}.mlp",
                     log=rounds.append, **prune_kw)

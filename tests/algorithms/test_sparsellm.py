@@ -142,10 +142,16 @@ def test_nm_masks_are_exact(pattern):
 def test_objective_and_reconstruction_fall_across_rounds(sparsity):
     _, (*_, info) = run(sparsity, iterations=6)
     h = info["history"]
-    after = [r["after"] for r in h]
+    after = [r["after"] for r in h[:-1]]
     assert all(b < a for a, b in zip(after, after[1:]))  # the relaxed objective, round after round
-    assert all(r["after"] < r["before"] for r in h)  # the auxiliary updates lower it in every round
+    assert all(r["after"] < r["before"] for r in h[:-1])  # the auxiliary updates lower it
+    assert h[-1]["after"] is None and h[-1]["terms"] is None  # the last round skips them
     assert h[-1]["reconstruction"] < h[0]["reconstruction"]  # better than round 1 (= SparseGPT)
+
+
+def test_default_is_the_reference_four_rounds():
+    _, (*_, info) = run(0.5)
+    assert len(info["history"]) == 4 and info["best_round"] == 3
 
 
 def test_one_round_is_sparsegpt_and_keep_best_never_loses_to_it():

@@ -1,0 +1,62 @@
+"""The pruning benchmarks' bookkeeping (benchmarks/sparsity.py, benchmarks/sparsellm.py): which
+rows run in which order, the specs they build, and the comparisons their tables print."""
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import sparsellm as bench_sllm  # noqa: E402
+import sparsity as bench_sparsity  # noqa: E402
+
+from nnxprune.models.llama import LlamaConfig  # noqa: E402
+from nnxprune.transforms import from_dict  # noqa: E402
+
+CFG = LlamaConfig.uniform(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9,
+                          num_kv_heads=3, intermediate_size=1536)
+
+
+def test_sparsity_rows_and_specs():
+    args = SimpleNamespace(rows="wanda@0.5,owl-wanda@0.7", methods="", patterns="")
+    assert bench_sparsity._jobs(args) == [("wanda", "0.5"), ("owl-wanda", "0.7")]
+    args = SimpleNamespace(rows="", methods="magnitude,wanda", patterns="0.5,2:4")
+    assert len(bench_sparsity._jobs(args)) == 4
+    owl = bench_sparsity._spec("owl-wanda", "0.7", 8)
+    assert owl == {"kind": "owl", "method": "wanda", "batch_size": 8, "sparsity": 0.7}
+    assert bench_sparsity._spec("magnitude", "2:4", 8) == {"kind": "magnitude", "pattern": "2:4"}
+    for spec in (owl, bench_sparsity._spec("wanda", "4:8", 8)):
+        from_dict(spec).check(CFG)
+
+
+def test_sparsity_comparisons():
+    rows = [{"implementation": "nnxprune", "method": "wanda", "pattern": "50%", "ppl": 53.0, "prune_s": 100.0},
+            {"implementation": "torch", "method": "wanda", "pattern": "50%", "ppl": 53.5, "prune_s": 160.0},
+            {"implementation": "nnxprune", "method": "wanda", "pattern": "70%", "ppl": 1000.0, "prune_s": 90.0},
+            {"implementation": "nnxprune", "method": "owl-wanda", "pattern": "70%", "ppl": 900.0,
+             "prune_s": 180.0}]
+    out = {c["kind"]: c for c in bench_sparsity.comparisons(rows)}
+    assert out["torch_vs_nnxprune"]["speedup"] == pytest.approx(1.6)
+    assert out["torch_vs_nnxprune"]["ppl_relative_difference"] == pytest.approx(53 / 53.5 - 1)
+    assert out["owl_vs_uniform"]["ppl_relative_difference"] == pytest.approx(-0.1)
+    assert out["owl_vs_uniform"]["time_ratio"] == pytest.approx(2.0)
+
+
+def test_sparsellm_jobs_put_eight_rounds_last_and_specs_check():
+    args = SimpleNamespace(variants="4,best,8", scopes="all", patterns="0.7,0.8", batch_size=8)
+    jobs = bench_sllm._jobs(args)
+    assert jobs == [("sparsegpt", None, "0.7", "all"), ("sparsellm", "4", "0.7", "all"),
+                    ("sparsellm", "best", "0.7", "all"), ("sparsegpt", None, "0.8", "all"),
+                    ("sparsellm", "4", "0.8", "all"), ("sparsellm", "best", "0.8", "all"),
+                    ("sparsellm", "8", "0.7", "all"), ("sparsellm", "8", "0.8", "all")]
+    for method, variant, pattern, scope in jobs:
+        t = from_dict(bench_sllm.spec_for(method, variant, pattern, scope, 30, args))
+        t.check(CFG)
+        if variant in ("4", "best"):
+            assert [t.rounds(i, 30) for i in (0, 1, 28, 29)] == [4, 1, 1, 1]
+            assert t.keep_best == (variant == "best")
+        elif variant == "8":
+            assert t.rounds(1, 30) == 8 and not t.keep_best
+    with pytest.raises(SystemExit, match="unknown"):
+        bench_sllm._jobs(SimpleNamespace(variants="16", scopes="all", patterns="0.7"))
