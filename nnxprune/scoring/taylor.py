@@ -49,6 +49,7 @@ from nnxprune.errors import UserError
 from nnxprune.graph import KINDS, find_group
 from nnxprune.scoring.base import (Score, Stats, get_score, layer_of, member_array,
                                    other_axes_sum, register_score)
+from nnxprune.scoring.weight import WeightNorm
 
 VARIANTS = ("element1", "vector", "element2", "mix")
 SCORE_OF_VARIANT = {"element1": "taylor", "vector": "taylor_vector",
@@ -142,17 +143,17 @@ class TaylorMix(_Taylor):
 
 @register_score
 @dataclasses.dataclass(frozen=True)
-class L2(Score):
-    """LLM-Pruner's L2 baseline: per member the sum of a channel's squared weights, members
-    averaged (`MagnitudeImportance(p=2)`, `group_reduction = "mean"`). Norm scales take part
-    as in the reference (they do only in hidden-channel groups)."""
+class L2(WeightNorm):
+    """LLM-Pruner's L2 baseline: per member the sum of a channel's squared weights (as
+    `weight_norm`, without its square root), members averaged (`MagnitudeImportance(p=2)`,
+    `group_reduction = "mean"`). Norm scales take part as in the reference (they do only in
+    hidden-channel groups)."""
 
     name: ClassVar[str] = "l2"
     reduction: ClassVar[str] = "mean"
 
-    def member(self, model, member, stats):
-        return other_axes_sum(jnp.square(member_array(model, member).astype(jnp.float32)),
-                              member.axis)
+    def finish(self, values):
+        return values
 
 
 @register_score
