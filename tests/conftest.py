@@ -4,6 +4,8 @@ The default init (normal, std 0.02) gives near-zero logits, so parity checks aga
 weak; `randomize` redraws every parameter at a larger scale so logits are O(1-10).
 """
 
+import os
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,6 +13,10 @@ from flax import nnx
 
 
 def pytest_configure(config):
+    # A relative data directory (CI passes ../shared/data) is relative to where pytest started;
+    # tests that change directory must still find it.
+    if os.environ.get("NNXPRUNE_DATA_DIR"):
+        os.environ["NNXPRUNE_DATA_DIR"] = os.path.abspath(os.environ["NNXPRUNE_DATA_DIR"])
     config.addinivalue_line(
         "markers", "real: uses the real SmolLM2-135M model (slower; skipped when it is not installed)")
 
