@@ -1,8 +1,10 @@
 """OWL (Yin et al., "Outlier Weighed Layerwise Sparsity", arXiv 2310.05175; code luuyin/OWL): a
 first dense pass measures each layer's outlier ratio (the share of its Wanda scores above M times
 their mean, over all its projections together; `algorithms.owl`), the ratios become one sparsity
-per layer around the target (mean = target, range target +- lambda), and Wanda or Magnitude
-prunes each layer at its own sparsity, through their `layer_sparsity` field.
+per layer around the target (mean = target, range target +- lambda), and Wanda, Magnitude or
+SparseGPT prunes each layer at its own sparsity, through their `layer_sparsity` field (the OWL
+code has the same three: `prune_wanda_outlier`, `prune_mag_outlier`, `prune_sparsegpt_outlier`;
+the outlier ratios are the Wanda scores' in every case).
 
 The outlier pass runs the sequential driver over the dense model without pruning, as the OWL
 code's `check_outlier_mean` does (a calibration pass of its own, so OWL-Wanda costs about two
@@ -27,6 +29,7 @@ from nnxprune.models.llama import LlamaConfig
 from nnxprune.scoring.activation import wanda
 from nnxprune.transforms.base import Context, register
 from nnxprune.transforms.magnitude import Magnitude
+from nnxprune.transforms.sparsegpt import SparseGPT, check_solver
 from nnxprune.transforms.sparsify import Sparsify, by_layer, calibration_tokens, node
 from nnxprune.transforms.wanda import Wanda
 
@@ -34,7 +37,8 @@ from nnxprune.transforms.wanda import Wanda
 @register("owl")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OWL(Sparsify):
-    """Outlier-weighed layerwise sparsity feeding Wanda (default) or Magnitude."""
+    """Outlier-weighed layerwise sparsity feeding Wanda (default), Magnitude or SparseGPT
+    (`blocksize` and `percdamp` are SparseGPT's)."""
 
     needs_calibration: ClassVar[bool] = True
 
@@ -42,17 +46,23 @@ class OWL(Sparsify):
     outlier_m: float = 5.0
     lam: float = 0.08
     batch_size: int = 8
+    blocksize: int = 128
+    percdamp: float = 0.01
     kind: ClassVar[str]
 
+    METHODS: ClassVar[tuple[str, ...]] = ("wanda", "magnitude", "sparsegpt")
+
     def check(self, config: LlamaConfig) -> LlamaConfig:
-        if self.method not in ("wanda", "magnitude"):
-            raise UserError(f"owl.method must be 'wanda' or 'magnitude', got {self.method!r}")
+        if self.method not in self.METHODS:
+            raise UserError(f"owl.method must be one of {', '.join(self.METHODS)}, got {self.method!r}")
         if self.pattern is not None:
             raise UserError("OWL allocates unstructured sparsity per layer; 'pattern' is not supported")
         if self.layer_sparsity is not None:
             raise UserError("OWL computes layer_sparsity itself; give 'sparsity' (the mean)")
         if self.outlier_m <= 0:
             raise UserError(f"outlier_m must be > 0, got {self.outlier_m}")
+        if self.method == "sparsegpt":
+            check_solver(self.blocksize, self.percdamp, None)
         config = super().check(config)
         if not 0 <= self.lam <= min(self.sparsity, 1 - self.sparsity):
             raise UserError(f"lam must be in [0, {min(self.sparsity, 1 - self.sparsity):.4g}] so every "
@@ -85,4 +95,7 @@ class OWL(Sparsify):
                       layer_sparsity=tuple(per_layer))
         if self.method == "wanda":
             return Wanda(batch_size=self.batch_size, **kwargs)(model, ctx)
+        if self.method == "sparsegpt":
+            return SparseGPT(batch_size=self.batch_size, blocksize=self.blocksize,
+                             percdamp=self.percdamp, **kwargs)(model, ctx)
         return Magnitude(**kwargs)(model, ctx)

@@ -177,13 +177,23 @@ def test_owl_allocation():
     np.testing.assert_allclose(owl_allocation([2.0, 2.0], 0.5, 0.08), [0.5, 0.5])
 
 
-def test_owl_prunes_each_layer_at_its_allocation():
-    model, ctx = run(OWL(sparsity=0.6, lam=0.05))
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_owl_prunes_each_layer_at_its_allocation(method):
+    model, ctx = run(OWL(sparsity=0.6, lam=0.05, method=method))
     owl = next(t for t in ctx.report["transforms"] if t["kind"] == "owl")
+    assert len(set(owl["layer_sparsity"])) > 1
     for i, target in enumerate(owl["layer_sparsity"]):
         keep = np.asarray(lin(model, i, "mlp.up_proj").mask[...])
-        assert (~keep).sum(axis=0).max() == int(32 * target)
+        if method == "wanda":  # Wanda compares weights per output row
+            assert (~keep).sum(axis=0).max() == int(32 * target)
+        else:  # SparseGPT prunes the share of each column block
+            assert (~keep).mean() == pytest.approx(target, abs=1 / 32)
     assert np.mean(owl["layer_sparsity"]) == pytest.approx(0.6)
+
+
+def test_owl_rejects_an_unknown_method():
+    with pytest.raises(UserError, match="one of wanda, magnitude, sparsegpt"):
+        OWL(sparsity=0.5, method="sparsellm").check(build().config)
 
 
 # -- validation before work ------------------------------------------------------------------------
