@@ -11,7 +11,8 @@ to end of pruning), seconds of calibration forwards and of scoring/solving, peak
 pruning, the load average. The calibration floor is the FLOPs of the two forward passes per layer
 over the calibration tokens divided by this machine's JAX matmul rate (measured here).
 
-    python benchmarks/sparsity.py --rows wanda@0.5,sparsegpt@0.5,wanda@0.7,owl-wanda@0.7
+    python benchmarks/sparsity.py --rows wanda@0.5,sparsegpt@0.5,wanda@0.7,owl-wanda@0.7,\
+        sparsegpt@0.7,owl-sparsegpt@0.7 --torch wanda@0.5,sparsegpt@0.5
     python benchmarks/sparsity.py                  # magnitude, wanda, sparsegpt x 50%, 2:4, 4:8
     python benchmarks/sparsity.py --rows wanda@2:4 --nsamples 2 --seqlen 128 --eval-windows 2 \
         --out /tmp/sparsity-smoke.json                                           # a quick look
@@ -137,7 +138,8 @@ def main(argv=None) -> int:
     p.add_argument("--patterns", default="0.5,2:4,4:8", help="unstructured sparsities and N:M patterns")
     p.add_argument("--rows", default="", help="method@pattern,... instead of methods x patterns")
     p.add_argument("--torch", default="wanda,sparsegpt",
-                   help="methods that get a torch baseline row beside nnxprune's ('' for none)")
+                   help="methods (or method@pattern rows) that get a torch baseline row beside "
+                        "nnxprune's ('' for none)")
     add_pruning_args(p, "sparsity.json")
     args = p.parse_args(argv)
 
@@ -151,7 +153,8 @@ def main(argv=None) -> int:
     bound = working_set_bytes(setup.loaded.model.config, args.nsamples, args.seqlen, args.batch_size)
     baselines = set(filter(None, args.torch.split(",")))
     for k, (method, pattern) in enumerate(_jobs(args)):
-        order = ["nnxprune", "torch"] if method in baselines else ["nnxprune"]
+        torch_too = method in baselines or f"{method}@{pattern}" in baselines
+        order = ["nnxprune", "torch"] if torch_too else ["nnxprune"]
         for impl in (order[::-1] if k % 2 else order):  # alternate who goes first
             rates.append(matmul_rate())
             row = (torch_row(setup, method, pattern) if impl == "torch"
