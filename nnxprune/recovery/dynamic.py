@@ -8,9 +8,11 @@ the domain weights then move toward the domains furthest above their reference l
     a = softmax(log w + eta * (l - l_ref))          # eta = 1
     w = (1 - c) * a + c / K                          # c = 1e-4 (DoReMi's smoothing), K domains
 
-This is the reference callback's `update_type = "doremi"`, which does not clip the excess loss;
-the paper's Algorithm 1 writes `max(l - l_ref, 0)` and no smoothing. We follow the code;
-`update_weights(..., clip=True)` gives the paper's clipped excess. The reference evaluates
+This is the reference callback's `update_type = "doremi"` (`update_proportion`), which clips
+nothing: a domain below its reference gets a negative excess. The paper's Algorithm 1, as we read
+it (not re-checked against the PDF here), clips the excess at zero, `max(l - l_ref, 0)`, and
+renormalizes without the smoothing term. We follow the code; `update_weights(..., clip=True)`
+gives the clipped excess. The reference evaluates
 first (`eval_first = true`) and updates after every evaluation, the first included; so do we.
 
 Initial weights: the recipe's `weight` per domain, normalized (the reference passes the

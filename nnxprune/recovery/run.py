@@ -220,6 +220,23 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"{rec['steps']} steps, training loss {rec['first_loss']:.4f} -> "
                       f"{rec['final_loss']:.4f}, {rec['tokens_per_second']:,.0f} tokens/s, mesh "
                       f"{rec['mesh']}."]
+    if rec.get("domains"):
+        lines += ["", *domain_table(rec["domains"])]
     if report.get("eval_protocol_text"):
         lines.append(f"Protocol: {report['eval_protocol_text']}.")
     return "\n".join(lines) + "\n"
+
+
+def domain_table(domains: dict[str, Any]) -> list[str]:
+    """Markdown rows of a domain run: each domain's reference, first and last held-out loss and
+    its first and last weight."""
+    first, last = domains["history"][0], domains["history"][-1]
+    lines = [f"| domain | reference loss | held-out loss (step {first['step']} -> {last['step']}) "
+             f"| weight | examples drawn |", "|---|---|---|---|---|"]
+    for n in domains["names"]:
+        lines.append(f"| {n} | {domains['reference_losses'][n]:.4f} ({domains['reference_from'][n]}) "
+                     f"| {first['losses'][n]:.4f} -> {last['losses'][n]:.4f} | "
+                     f"{domains['initial_weights'][n]:.3f} -> {last['weights'][n]:.3f} | "
+                     f"{domains['draws'][n]} |")
+    mode = "dynamic batch loading" if domains["dynamic"] else "fixed weights"
+    return lines + ["", f"Domains with {mode}; mean excess loss {last['mean_excess']:.4f}."]

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import test_cli
 from recovery_common import SEQLEN, VOCAB, config, tiny_model, windows
 
 from nnxprune.data import TokenWindows
@@ -13,6 +14,8 @@ from nnxprune.errors import UserError
 from nnxprune.recipes import load_recipe
 from nnxprune.recovery import RecoveryConfig, continued_pretraining, train
 from nnxprune.recovery.dynamic import SMOOTHING, DomainSampler, update_weights
+
+tiny_folder = test_cli.tiny_folder  # the tiny model + tokenizer fixture of the CLI tests
 
 
 def test_update_moves_toward_the_larger_excess_and_sums_to_one():
@@ -170,3 +173,48 @@ def test_continued_pretraining_with_a_reference_model(tmp_path):
     assert d["reference_losses"]["easy"] != pytest.approx(d["history"][0]["losses"]["easy"])
     with pytest.raises(UserError, match="needs \\[recovery.domains.NAME\\]"):
         continued_pretraining(tiny_model(), config(), None)
+
+
+def test_resume_in_domain_mode_equals_uninterrupted(tmp_path):
+    run_cfg = dict(steps=6, batch_size=8, eval_every=2, eval_batches=1, checkpoint_every=2,
+                   domains=DOMAINS)
+    full = train(tiny_model(), config(**run_cfg), windows=domain_windows(), progress=False,
+                 log_dir=tmp_path / "full")
+    first = train(tiny_model(), config(**run_cfg), windows=domain_windows(), progress=False,
+                  log_dir=tmp_path / "cut", stop_after=3)
+    second = train(tiny_model(), config(**run_cfg), windows=domain_windows(), progress=False,
+                   log_dir=tmp_path / "cut")  # resumes from step 2: weights, draws, references
+    assert second.resumed_from == 2
+    np.testing.assert_array_equal(first.losses[:2] + second.losses, full.losses)
+    assert second.domains["history"] == full.domains["history"]
+    assert second.domains["draws"] == full.domains["draws"]
+
+
+def test_train_command_with_domains(capsys, tiny_folder, tmp_path):
+    cli = test_cli.run
+
+    (tmp_path / "a.txt").write_text("The tower is 324 metres tall and made of iron.\n" * 80)
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": f"zq xv {i} " * 40}) + "\n"
+                                              for i in range(10)))
+    body = ('[recovery]\nkind = "pretrain"\nsteps = 4\nbatch_size = 2\nseqlen = 16\n'
+            'warmup_steps = 1\neval_every = 2\neval_batches = 1\n'
+            f'[recovery.domains.tower]\nsource = "{tmp_path / "a.txt"}"\n'
+            f'[recovery.domains.noise]\nsource = "{tmp_path / "b.jsonl"}"\nweight = 3\n')
+    (tmp_path / "r.toml").write_text(body)
+    report = tmp_path / "rep.json"
+    code, stdout, err = cli(capsys, "train", tiny_folder, "--recipe", tmp_path / "r.toml",
+                            "--json", report, "--no-progress")
+    assert code == 0, err
+    rec = json.loads(report.read_text())["recovery"]
+    assert rec["domains"]["names"] == ["tower", "noise"] and rec["domains"]["dynamic"] is True
+    assert rec["domains"]["initial_weights"] == {"tower": 0.25, "noise": 0.75}
+    assert [h["step"] for h in rec["domains"]["history"]] == [0, 2, 4]
+    assert "| tower |" in report.with_suffix(".md").read_text()
+    assert (tmp_path / "rep.train" / "domain_weights.png").is_file()
+    assert "2 domains (dynamic weights)" in stdout
+    bad = body.replace(str(tmp_path / "b.jsonl"), str(tmp_path / "missing.jsonl"))
+    (tmp_path / "bad.toml").write_text(bad)
+    code, _, err = cli(capsys, "train", tiny_folder, "--recipe", tmp_path / "bad.toml", "--json",
+                       tmp_path / "bad.json", "--no-progress")
+    test_cli.assert_user_error(code, err, "recovery.domains.noise: ", "missing.jsonl not found")
+    assert not (tmp_path / "bad.json").exists()
