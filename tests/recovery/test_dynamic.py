@@ -3,13 +3,16 @@ domain furthest above its reference, summing to 1, smoothed), the sampler's doma
 the `[recovery.domains]` config, and tiny end-to-end runs in dynamic and fixed mode."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import test_cli
-from recovery_common import SEQLEN, VOCAB, config, tiny_model, windows
+from recovery_common import (DOMAIN_MESH_RUN, DOMAINS, config, domain_windows, tiny_model)
 
-from nnxprune.data import TokenWindows
 from nnxprune.errors import UserError
 from nnxprune.recipes import load_recipe
 from nnxprune.recovery import RecoveryConfig, continued_pretraining, train
@@ -78,7 +81,6 @@ def test_sampler_follows_the_weights_deterministically_and_resumes():
     assert set(sampler.next_batch()[1].tolist()) == {2}
 
 
-DOMAINS = {"easy": {"source": "c4", "weight": 1.0}, "hard": {"source": "c4", "weight": 1.0}}
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -110,16 +112,6 @@ def test_recipe_tables(tmp_path):
     assert cfg.domains["news"].weight == 2.0 and cfg.domains["rest"].reference_loss == 2.5
     assert cfg.to_dict()["domains"]["news"]["category"] == "news"
     assert RecoveryConfig.from_dict(cfg.to_dict()) == cfg
-
-
-def domain_windows():
-    """"easy": the learnable cycle of the recovery tests; "hard": uniform random tokens, whose
-    loss cannot fall below log(VOCAB)."""
-    rng = np.random.default_rng(1)
-    noise = TokenWindows(train=rng.integers(0, VOCAB, (64, SEQLEN)).astype(np.int32),
-                         heldout=rng.integers(0, VOCAB, (8, SEQLEN)).astype(np.int32),
-                         source="noise")
-    return {"easy": windows(), "hard": noise}
 
 
 def run(tmp_path, **overrides):
@@ -218,3 +210,25 @@ def test_train_command_with_domains(capsys, tiny_folder, tmp_path):
                        tmp_path / "bad.json", "--no-progress")
     test_cli.assert_user_error(code, err, "recovery.domains.noise: ", "missing.jsonl not found")
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_eight_devices_give_the_one_device_run():
+    """The same domain run on 1 device and on a (data 2, fsdp 2, tensor 2) mesh of 8 simulated
+    CPU devices in a subprocess: the same losses, per-domain held-out losses and weights."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
+    script = Path(__file__).resolve().parent / "dynamic_multi_device_run.py"
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    single = train(tiny_model(), config(**DOMAIN_MESH_RUN), windows=domain_windows(),
+                   progress=False)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    multi = json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT ")))
+    assert multi["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    np.testing.assert_allclose(multi["losses"], single.losses, rtol=2e-5)
+    for h1, h8 in zip(single.domains["history"], multi["domains"]["history"], strict=True):
+        for key in ("losses", "weights"):
+            np.testing.assert_allclose([h8[key][n] for n in h1[key]], list(h1[key].values()),
+                                       rtol=2e-5)
+    assert multi["domains"]["draws"] == single.domains["draws"]
