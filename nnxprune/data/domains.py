@@ -257,6 +257,8 @@ def check_domains(specs: dict[str, DomainSpec], data_dir=None) -> None:
                 continue
             if resolved.kind == "c4" and not spec.filtered:
                 sources.check_source("c4", data_dir)
+            if resolved.kind == "wikitext2":  # its train split comes from the hub only
+                sources._require_hub("wikitext2/train", "use a local file or c4 instead")
             path = _local_parquet(spec, resolved, data_dir) if spec.filtered else None
             if spec.filtered and path is None:
                 sources._require_hub("the C4 shard", "pass --data-dir or set "

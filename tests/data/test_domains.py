@@ -152,3 +152,11 @@ def test_hub_sources_go_through_the_hub_loader(monkeypatch):
                                                     category="news"))
     assert calls == [(("owner/set", "cfg"), {"split": "validation"})]
     assert [docs[i] for i in range(len(docs))] == ["t1", "t6"] and source.startswith("hf:owner/set")
+
+
+def test_wikitext2_train_needs_the_hub(monkeypatch):
+    monkeypatch.setattr(sources, "_hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(sources, "_hub_offline", lambda: False)
+    with pytest.raises(UserError, match="recovery.domains.w: cannot reach the Hugging Face hub "
+                                        "to load wikitext2/train"):
+        check_domains({"w": DomainSpec(source="wikitext2")}, None)
