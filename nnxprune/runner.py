@@ -30,6 +30,7 @@ from nnxprune.io.checkpoint import save_checkpoint
 from nnxprune.io.load import load_model, peek_config, source_label
 from nnxprune.measure import PeakMemory, count_params, measured_sparsity, source_hash
 from nnxprune.recipes import Recipe
+from nnxprune.recovery.run import check_data as check_recovery_data
 from nnxprune.recovery.run import default_train_dir, recover, training_windows
 from nnxprune.transforms import Context
 
@@ -150,7 +151,7 @@ def _preflight(recipe: Recipe, name: str | None, out, report_path, data_dir, *, 
 
         lmeval.task_manager(recipe.lm_eval["tasks"], recipe.lm_eval.get("include_path"))
     if recipe.recovery is not None:
-        data_lib.check_source(recipe.recovery.dataset, data_dir)
+        check_recovery_data(recipe.recovery, data_dir)
         lora = recipe.recovery.lora
         if lora is not None and not lora.merge and out is not None:
             raise UserError("recovery.lora.merge = false keeps the adapters outside the kernels, "

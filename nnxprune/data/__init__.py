@@ -5,6 +5,8 @@
 - `calibration`: the Wanda / SparseGPT reference calibration sampler, draw for draw.
 - `stream`: an evaluation split as one token stream, cut into perplexity windows.
 - `training`: documents packed into training / held-out windows and a resumable grain iterator.
+- `domains`: named data domains (files, the C4 slice filtered by URL, hub datasets), each packed
+  into its own windows, for continued pretraining with dynamic batch loading.
 - `tokens`: tokenizing to int32 ids.
 
 Example:

@@ -221,26 +221,38 @@ def file_documents(path: Path) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return parquet_text(path)
-    try:
-        with open(path, encoding="utf-8") as f:  # universal newlines: \r\n and \r end lines too
-            lines = f.read().split("\n")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
     if suffix == ".txt":
-        return [line for line in lines if line.strip()]
+        return [line for line in _text_lines(path) if line.strip()]
     docs = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+    for number, row in jsonl_records(path):
         text = row.get("text") if isinstance(row, dict) else None
         if not isinstance(text, str):
             raise UserError(f"{path}:{number}: expected an object with a string field 'text'")
         docs.append(text)
     return docs
+
+
+def _text_lines(path: Path) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:  # universal newlines: \r\n and \r end lines too
+            return f.read().split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def jsonl_records(path) -> list[tuple[int, Any]]:
+    """`(line number, value)` of every non-blank line of a JSONL file: the one JSONL reader of
+    documents and instruction records. UserError naming the file and line of the first line that
+    is not JSON."""
+    records = []
+    for number, line in enumerate(_text_lines(Path(path)), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((number, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+    return records
 
 
 def parquet_text(path: Path) -> list[str]:

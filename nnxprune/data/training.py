@@ -137,27 +137,17 @@ def not_target(ids: np.ndarray) -> np.ndarray:
 def read_instructions(path) -> list[dict]:
     """The records of a JSONL file; UserError naming the first line that is not an object with
     string `instruction` and `output` (and, if present, string `input`)."""
-    import json
-    from pathlib import Path
-
     records = []
-    with open(Path(path), encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {n}: not JSON ({e.msg})") from None
-            bad = [k for k in ("instruction", "output") if not isinstance(rec, dict)
-                   or not isinstance(rec.get(k), str)]
-            if isinstance(rec, dict) and not isinstance(rec.get("input", ""), str):
-                bad.append("input")
-            if bad:
-                raise UserError(f"{path} line {n}: an instruction record needs string "
-                                f"'instruction' and 'output' (optional 'input'); bad or missing: "
-                                f"{', '.join(bad)}")
-            records.append(rec)
+    for n, rec in sources.jsonl_records(path):
+        bad = [k for k in ("instruction", "output") if not isinstance(rec, dict)
+               or not isinstance(rec.get(k), str)]
+        if isinstance(rec, dict) and not isinstance(rec.get("input", ""), str):
+            bad.append("input")
+        if bad:
+            raise UserError(f"{path} line {n}: an instruction record needs string "
+                            f"'instruction' and 'output' (optional 'input'); bad or missing: "
+                            f"{', '.join(bad)}")
+        records.append(rec)
     if not records:
         raise UserError(f"{path} holds no instruction records")
     return records

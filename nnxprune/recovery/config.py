@@ -20,6 +20,14 @@
     eval_batches = 2            # held-out batches of batch_size windows
     checkpoint_every = 0        # Orbax checkpoints for resume every N steps (0 = off)
     keep_checkpoints = 2        # keep the last N
+    dynamic = true              # with [recovery.domains]: dynamic batch loading (false = fixed
+                                # weights); the weights update at every held-out evaluation
+
+    [recovery.domains.NAME]     # domains (Sheared LLaMA; nnxprune.data.domains, recovery.dynamic):
+    source = "c4"               # c4, wikitext2, hf:OWNER/NAME or a file; `dataset` is then unused
+    category = "news"           # optional URL filters: a site category and / or url = 'REGEX'
+    weight = 1.0                # initial weight (normalized over the domains)
+    reference_loss = 2.9        # default: the starting model's held-out loss on the domain
 
     [recovery.distill]          # kind = "distill" only (Minitron, arXiv 2407.14679)
     temperature = 1.0
@@ -62,6 +70,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from nnxprune.data.domains import DomainSpec, parse_domains
 from nnxprune.errors import UserError
 from nnxprune.graph.targets import layer_projection_names, select_projections
 
@@ -229,6 +238,8 @@ class RecoveryConfig:
     distill: DistillConfig | None = None
     lora: LoRAConfig | None = None
     mesh: MeshConfig = MeshConfig()
+    domains: dict[str, DomainSpec] | None = None
+    dynamic: bool | None = None  # None: true with domains
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -269,6 +280,23 @@ class RecoveryConfig:
                             f"{self.kind!r})")
         if self.lora is not None and self.kind != "lora":
             raise UserError(f"[recovery.lora] only applies to kind = 'lora' (kind is {self.kind!r})")
+        self._check_domains()
+
+    def _check_domains(self) -> None:
+        if self.dynamic is not None and not isinstance(self.dynamic, bool):
+            raise UserError(f"recovery.dynamic must be true or false, got {self.dynamic!r}")
+        if self.domains is None:
+            if self.dynamic is not None:
+                raise UserError("recovery.dynamic needs [recovery.domains.NAME] tables")
+            return
+        object.__setattr__(self, "domains", parse_domains(self.domains))
+        if self.dynamic is None:
+            object.__setattr__(self, "dynamic", True)
+        if self.prompt_template:
+            raise UserError("recovery.prompt_template does not apply to [recovery.domains]")
+        if self.eval_every < 1 or self.eval_batches < 1:
+            raise UserError("[recovery.domains] needs eval_every >= 1 and eval_batches >= 1: the "
+                            "domains' held-out losses are measured every eval_every steps")
 
     @classmethod
     def from_dict(cls, section: dict[str, Any]) -> "RecoveryConfig":

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from nnxprune import data as data_lib
+from nnxprune.data.domains import check_domains, load_domain_windows
 from nnxprune.errors import UserError
 from nnxprune.evaluate.perplexity import evaluate_perplexity
 from nnxprune.io import atomic
@@ -61,9 +62,23 @@ def recorded_source(checkpoint: str | Path) -> str | None:
     return source_model(name, checkpoint) if isinstance(name, str) else None
 
 
+def check_data(cfg, data_dir) -> None:
+    """Fails fast (UserError) when the recovery's data could not be read (`cfg.dataset`, or every
+    domain of `cfg.domains`). Tokenizes nothing."""
+    if cfg.domains:
+        check_domains(cfg.domains, data_dir)
+    else:
+        data_lib.check_source(cfg.dataset, data_dir)
+
+
 def training_windows(cfg, tokenizer, data_dir):
-    """The recovery's token windows, read and tokenized now: an unreadable dataset (a hub name
-    while offline, a damaged file) fails before any evaluation."""
+    """The recovery's token windows (with `cfg.domains`, `{domain: TokenWindows}`), read and
+    tokenized now: an unreadable dataset (a hub name while offline, a damaged file) fails before
+    any evaluation."""
+    if cfg.domains:
+        return load_domain_windows(
+            cfg.domains, tokenizer, seqlen=cfg.seqlen, train_windows=cfg.steps * cfg.batch_size,
+            heldout_windows=cfg.eval_batches * cfg.micro_batch, data_dir=data_dir)
     return data_lib.load_windows(
         tokenizer, cfg.dataset, seqlen=cfg.seqlen, train_windows=cfg.steps * cfg.batch_size,
         heldout_windows=cfg.eval_batches * cfg.micro_batch, data_dir=data_dir)
@@ -72,8 +87,10 @@ def training_windows(cfg, tokenizer, data_dir):
 def recover(model, cfg, *, tokenizer, teacher=None, data_dir=None, log_dir=None,
             progress: bool = True, echo=print, windows=None) -> dict[str, Any]:
     """Trains `model` in place; returns the report entry of the run."""
+    data = (f"{len(cfg.domains)} domains ({'dynamic' if cfg.dynamic else 'fixed'} weights)"
+            if cfg.domains else cfg.dataset)
     echo(f"recovery  {cfg.kind}: {cfg.steps} steps x {cfg.batch_size} x {cfg.seqlen} tokens on "
-         f"{cfg.dataset}, lr {cfg.lr:g}, {cfg.compute_dtype}, mesh {cfg.mesh.describe()}")
+         f"{data}, lr {cfg.lr:g}, {cfg.compute_dtype}, mesh {cfg.mesh.describe()}")
     t0 = time.perf_counter()
     result = train(model, cfg, tokenizer=tokenizer, teacher=teacher, data_dir=data_dir,
                    log_dir=log_dir, progress=progress, echo=echo, windows=windows)
@@ -112,7 +129,7 @@ def _preflight(model_name: str, recipe, *, out, report_path, teacher, train_dir,
     atomic.check_outputs(folders=[out], files=files, overwrite=overwrite)
     atomic.check_log_dir(train_dir or default_train_dir(out, report_path))
     data_dir = data_lib.resolve_data_dir(data_dir)
-    data_lib.check_source(cfg.dataset, data_dir)
+    check_data(cfg, data_dir)
     if cfg.lora is not None and not cfg.lora.merge and out is not None:
         raise UserError("recovery.lora.merge = false keeps the adapters outside the kernels, but "
                         "checkpoints hold plain projections: set merge = true or drop --out")
@@ -203,6 +220,23 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"{rec['steps']} steps, training loss {rec['first_loss']:.4f} -> "
                       f"{rec['final_loss']:.4f}, {rec['tokens_per_second']:,.0f} tokens/s, mesh "
                       f"{rec['mesh']}."]
+    if rec.get("domains"):
+        lines += ["", *domain_table(rec["domains"])]
     if report.get("eval_protocol_text"):
         lines.append(f"Protocol: {report['eval_protocol_text']}.")
     return "\n".join(lines) + "\n"
+
+
+def domain_table(domains: dict[str, Any]) -> list[str]:
+    """Markdown rows of a domain run: each domain's reference, first and last held-out loss and
+    its first and last weight."""
+    first, last = domains["history"][0], domains["history"][-1]
+    lines = [f"| domain | reference loss | held-out loss (step {first['step']} -> {last['step']}) "
+             f"| weight | examples drawn |", "|---|---|---|---|---|"]
+    for n in domains["names"]:
+        lines.append(f"| {n} | {domains['reference_losses'][n]:.4f} ({domains['reference_from'][n]}) "
+                     f"| {first['losses'][n]:.4f} -> {last['losses'][n]:.4f} | "
+                     f"{domains['initial_weights'][n]:.3f} -> {last['weights'][n]:.3f} | "
+                     f"{domains['draws'][n]} |")
+    mode = "dynamic batch loading" if domains["dynamic"] else "fixed weights"
+    return lines + ["", f"Domains with {mode}; mean excess loss {last['mean_excess']:.4f}."]

@@ -44,6 +44,7 @@ from nnxprune.errors import UserError
 from nnxprune.recovery import lora as lora_lib
 from nnxprune.recovery import sharding as sh
 from nnxprune.recovery.config import RecoveryConfig
+from nnxprune.recovery.dynamic import DomainLoader
 from nnxprune.recovery.logdir import LogDir
 from nnxprune.recovery.losses import LossStrategy, forward, next_token_ce, strategy_for
 
@@ -67,6 +68,7 @@ class TrainResult:
     lora_merged: int = 0
     metrics_path: str | None = None
     plot_path: str | None = None
+    domains: dict[str, Any] | None = None  # dynamic batch loading: `DomainLoader.report()`
     # where the final arrays live: {"params" | "optimizer": {path: PartitionSpec text}} (not in
     # reports: hundreds of entries)
     placement: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict, repr=False)
@@ -317,7 +319,9 @@ def _loop(session: _Session, cfg: RecoveryConfig, iterator, heldout, logs: LogDi
 
     def evaluate(step: int) -> None:
         if heldout:
-            row = {"step": step, "split": "heldout", **session.evaluate(heldout)}
+            row = {"step": step, "split": "heldout", **(
+                heldout.evaluate(session.evaluate, step) if isinstance(heldout, DomainLoader)
+                else session.evaluate(heldout))}
             logs.log(row)
             done.evals.append(row)
 
@@ -357,7 +361,8 @@ def train(model, cfg: RecoveryConfig, *, tokenizer=None, windows: data_lib.Token
           stop_after: int | None = None, echo=None) -> TrainResult:
     """Trains `model` in place with `cfg`; returns a `TrainResult`.
 
-    `windows` (packed token windows) default to `cfg.dataset` tokenized with `tokenizer`.
+    `windows` (packed token windows) default to `cfg.dataset` tokenized with `tokenizer`; with
+    `cfg.domains`, `{domain: TokenWindows}` defaulting to the domains' sources (`recovery.dynamic`).
     `teacher` is the frozen model a distillation learns from. `log_dir` receives metrics.jsonl,
     loss.png and, with `checkpoint_every`, Orbax checkpoints; a run finding checkpoints there
     resumes from the latest. `stop_after` ends the loop early (as an interruption would) without
@@ -368,10 +373,13 @@ def train(model, cfg: RecoveryConfig, *, tokenizer=None, windows: data_lib.Token
     strategy = strategy_for(cfg)
     _check_teacher(strategy, model, teacher)
     mesh = sh.make_mesh(sizes)
-    windows = _windows(cfg, windows, tokenizer, data_dir)
-    iterator = data_lib.train_iterator(windows.train, batch_size=cfg.batch_size,
-                                       grad_accum=cfg.grad_accum, seed=cfg.seed)
-    heldout = data_lib.heldout_batches(windows.heldout, cfg.micro_batch, cfg.eval_batches)
+    if cfg.domains:  # dynamic batch loading: the loader is the iterator and the held-out set
+        iterator = heldout = DomainLoader.build(cfg, windows, tokenizer, data_dir)
+    else:
+        windows = _windows(cfg, windows, tokenizer, data_dir)
+        iterator = data_lib.train_iterator(windows.train, batch_size=cfg.batch_size,
+                                           grad_accum=cfg.grad_accum, seed=cfg.seed)
+        heldout = data_lib.heldout_batches(windows.heldout, cfg.micro_batch, cfg.eval_batches)
     lora_paths: list[str] = []
     if cfg.kind == "lora":
         lora_paths = lora_lib.add_lora(model, cfg.lora, seed=cfg.seed)
@@ -402,7 +410,9 @@ def train(model, cfg: RecoveryConfig, *, tokenizer=None, windows: data_lib.Token
         seconds=done.seconds + done.compile_seconds, compile_seconds=done.compile_seconds,
         tokens_per_second=(timed_steps * tokens_per_step / done.seconds) if done.seconds > 0
         else float("nan"),
-        mesh=sizes, strategy=strategy.describe(), data=windows.describe(),
+        mesh=sizes, strategy=strategy.describe(),
+        data=(heldout if cfg.domains else windows).describe(),
+        domains=heldout.finish(logs.path) if cfg.domains else None,
         resumed_from=start if restored is not None else None, lora_paths=lora_paths,
         lora_merged=merged, metrics_path=str(logs.metrics) if logs.metrics else None,
         plot_path=str(logs.plot) if logs.plot and logs.plot.exists() else None, placement=placement)

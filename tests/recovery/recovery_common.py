@@ -43,6 +43,21 @@ def windows(n_train: int = 64, n_heldout: int = 8, seed: int = 0) -> TokenWindow
     return TokenWindows(train=cut(n_train, 0), heldout=cut(n_heldout, 48), source="synthetic")
 
 
+def domain_windows() -> dict[str, TokenWindows]:
+    """Two domains for dynamic batch loading: "easy", the learnable cycle above, and "hard",
+    uniform random tokens, whose loss cannot fall below log(VOCAB)."""
+    rng = np.random.default_rng(1)
+    noise = TokenWindows(train=rng.integers(0, VOCAB, (64, SEQLEN)).astype(np.int32),
+                         heldout=rng.integers(0, VOCAB, (8, SEQLEN)).astype(np.int32),
+                         source="noise")
+    return {"easy": windows(), "hard": noise}
+
+
+DOMAINS = {"easy": {"source": "c4", "weight": 1.0}, "hard": {"source": "c4", "weight": 1.0}}
+DOMAIN_MESH_RUN = {"steps": 4, "batch_size": 8, "grad_accum": 2, "eval_every": 2,
+                   "eval_batches": 1, "domains": DOMAINS}
+
+
 def config(**overrides) -> RecoveryConfig:
     base = {"kind": "pretrain", "steps": 20, "batch_size": 8, "grad_accum": 1, "seqlen": SEQLEN,
             "lr": 3e-3, "warmup_steps": 2, "eval_every": 0, "eval_batches": 0}
