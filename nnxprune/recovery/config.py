@@ -62,7 +62,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from nnxprune.errors import UserError
+from nnxprune.errors import UserError, nearest
 from nnxprune.graph.targets import layer_projection_names, select_projections
 
 KINDS = ("distill", "lora", "pretrain")
@@ -72,8 +72,6 @@ DATASETS = ("c4", "wikitext2")
 
 
 def _nearest(name: str, options, what: str) -> str:
-    from nnxprune.transforms.base import nearest
-
     return nearest(name, options, what)
 
 
