@@ -22,6 +22,7 @@ Writes `benchmarks/results/sheared.json` (keys `target_params`, `final_params`,
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -65,6 +66,7 @@ def prune_stage(model, tokenizer, step, *, data_dir, eval_windows, protocol,
     stage_seconds = time.perf_counter() - t0
     after = score_windows(model, eval_windows, protocol, progress=False)
     shape = model.config.layers[0]
+    step_s = [h["seconds"] for h in result.history[1:]]  # the first step compiles
     out = {
         "source_params": source_params,
         "target_params": record["target_params"],
@@ -83,6 +85,9 @@ def prune_stage(model, tokenizer, step, *, data_dir, eval_windows, protocol,
         "prune_tokens": result.tokens, "prune_seconds": stage_seconds,
         "prune_compile_seconds": result.compile_seconds,
         "prune_tokens_per_second": result.tokens_per_second,
+        "prune_median_step_seconds": float(np.median(step_s)) if step_s else None,
+        "prune_median_tokens_per_second": cfg.batch_size * cfg.seqlen / float(np.median(step_s))
+        if step_s else None,
         "prune_data": {"dataset": step.dataset, "source": windows.source,
                        "train_windows": int(len(windows.train))},
         "prune_settings": step.to_dict(),
@@ -104,8 +109,14 @@ def plain_trainer_speed(model, tokenizer, step, *, data_dir, steps: int) -> dict
     windows = data_lib.load_windows(tokenizer, step.dataset, seqlen=cfg.seqlen,
                                     train_windows=steps * cfg.batch_size, heldout_windows=0,
                                     data_dir=data_dir)
-    result = train(nnx.clone(model), rc, windows=windows, progress=False)
+    with tempfile.TemporaryDirectory() as logs:
+        result = train(nnx.clone(model), rc, windows=windows, progress=False, log_dir=logs)
+        rows = [json.loads(r) for r in (Path(logs) / "metrics.jsonl").read_text().splitlines()]
+    elapsed = [r["elapsed"] for r in rows if r.get("split") == "train"]
+    step_s = np.diff(elapsed)  # steps 2.. (the first compiles)
     return {"steps": steps, "tokens_per_second": result.tokens_per_second,
+            "median_step_seconds": float(np.median(step_s)),
+            "median_tokens_per_second": cfg.batch_size * cfg.seqlen / float(np.median(step_s)),
             "compile_seconds": result.compile_seconds}
 
 
@@ -188,9 +199,13 @@ def markdown(report: dict) -> str:
         f"| pruning stage tokens/s | {report['prune_tokens_per_second']:.1f} "
         f"({report['prune_tokens']:,} tokens, {report['prune_seconds']:.0f} s) |",
     ]
-    if report.get("plain_trainer"):
-        lines.append(f"| plain recovery trainer tokens/s (same model, batch, seqlen) | "
-                     f"{report['plain_trainer']['tokens_per_second']:.1f} |")
+    lines.append(f"| pruning stage median step | {report['prune_median_step_seconds']:.2f} s "
+                 f"({report['prune_median_tokens_per_second']:.1f} tokens/s) |")
+    for i, plain in enumerate(report.get("plain_trainer") or []):
+        when = "before" if i == 0 else "after"
+        lines.append(f"| plain recovery trainer ({when} the stage; dense model, same batch and "
+                     f"seqlen) median step | {plain['median_step_seconds']:.2f} s "
+                     f"({plain['median_tokens_per_second']:.1f} tokens/s) |")
     if report.get("hf_parity"):
         lines.append(f"| HF export, transformers max abs logit diff | "
                      f"{report['hf_parity']['max_abs_logit_diff']:.2e} |")
@@ -212,6 +227,8 @@ def main() -> None:
 
     import datetime
 
+    from flax import nnx
+
     from nnxprune import data as data_lib
     from nnxprune.evaluate.perplexity import score_windows
     from nnxprune.evaluate.protocol import protocol_for
@@ -226,11 +243,15 @@ def main() -> None:
     windows = data_lib.windows(data_lib.token_stream(protocol, loaded.tokenizer, data_dir), protocol)
     dense = score_windows(loaded.model, windows, protocol, progress=False)
     print(f"dense ppl {dense.ppl:.3f}", flush=True)
-    plain = plain_trainer_speed(loaded.model, loaded.tokenizer, step, data_dir=data_dir,
-                                steps=args.trainer_steps) if args.trainer_steps else None
-    print(f"plain trainer {plain}", flush=True)
+    dense_model = nnx.clone(loaded.model) if args.trainer_steps else None
+    plain = [plain_trainer_speed(dense_model, loaded.tokenizer, step, data_dir=data_dir,
+                                 steps=args.trainer_steps)] if args.trainer_steps else []
     model, stage = prune_stage(loaded.model, loaded.tokenizer, step, data_dir=data_dir,
                                eval_windows=windows, protocol=protocol, progress=True)
+    if args.trainer_steps:  # again after the stage: the machine's load drifts during the run
+        plain.append(plain_trainer_speed(dense_model, loaded.tokenizer, step, data_dir=data_dir,
+                                         steps=args.trainer_steps))
+    print(f"plain trainer {plain}", flush=True)
     print(f"pruned: {stage['final_params']:,} params (target {stage['target_params']:,}), ppl "
           f"{stage['ppl_after_pruning']:.3f}", flush=True)
     parity = hf_parity(model, loaded.tokenizer)

@@ -234,7 +234,7 @@ def train_masks(model, l0: L0Module, cfg: ShearConfig, train_windows: np.ndarray
         compile_s, seconds = (dt, seconds) if step == 0 else (compile_s, seconds + dt)
         if not np.isfinite(stats["loss"]):
             raise FloatingPointError(f"sheared loss is not finite at step {step + 1}: {stats}")
-        history.append({"step": step + 1, **stats})
+        history.append({"step": step + 1, **stats, "seconds": dt})
         if on_step is not None:
             on_step(step + 1, stats)
         bar.update(1)
