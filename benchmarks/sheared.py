@@ -155,7 +155,7 @@ def hf_parity(model, tokenizer) -> dict:
             "logit_scale": float(np.max(np.abs(ours))), "tokens": TOKENS.shape[1]}
 
 
-def plot_params(history, target: int, source: int, path: Path) -> None:
+def plot_params(history, target: int, source: int, path: Path, final: int | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,6 +166,8 @@ def plot_params(history, target: int, source: int, path: Path) -> None:
     ax.plot(steps, [h["expected_params"] / 1e6 for h in history], label="expected (masks)")
     ax.axhline(target / 1e6, color="k", ls="--", lw=1, label="target")
     ax.axhline(source / 1e6, color="grey", ls=":", lw=1, label="source")
+    if final is not None:
+        ax.plot([steps[-1]], [final / 1e6], "o", color="C3", label="folded model")
     ax.set_xlabel("step")
     ax.set_ylabel("parameters (M)")
     ax.set_title("Sheared LLaMA pruning stage, SmolLM2-135M")
@@ -257,7 +259,8 @@ def main() -> None:
     parity = hf_parity(model, loaded.tokenizer)
     out = Path(args.out)
     plot = out.with_name(out.stem + "_params.png")
-    plot_params(stage["prune_history"], stage["target_params"], stage["source_params"], plot)
+    plot_params(stage["prune_history"], stage["target_params"], stage["source_params"], plot,
+                final=stage["final_params"])
     report = {
         "benchmark": "sheared", "model": args.model, "source": loaded.source,
         "recipe": str(RECIPE.name), "overrides": args.set,
