@@ -283,7 +283,7 @@ def _step(data: Any, where: str):
         value = getattr(step, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value < 1:
             raise UserError(f"{where} ({step.kind}).{name} must be a positive integer, got {value}")
-    for inner, sub in enumerate(getattr(step, "steps", ())):  # a nested pipeline
+    for inner, sub in enumerate(step.steps if isinstance(step, Pipeline) else ()):  # nested
         _step(sub.to_dict(), f"{where}.steps[{inner}]")
     return step
 

@@ -19,3 +19,13 @@ class ProjectionInput(nnx.Intermediate):
 
 class NormOutput(nnx.Intermediate):
     """The output of an `RMSNorm`, sown likewise (its `record_outputs` switch)."""
+
+
+class MaskLogit(nnx.Param):
+    """`log_alpha` of a learned hard-concrete mask (Sheared LLaMA). A parameter, so a
+    `wrt=nnx.Param` optimizer trains it, but its own type, so the optimizer can give it its
+    own learning rate (the reference trains masks at 1.0, weights at 1e-4)."""
+
+
+class LagrangeMultiplier(nnx.Param):
+    """A Lagrange multiplier of Sheared LLaMA's constraint, trained by gradient *ascent*."""

@@ -126,6 +126,8 @@ def test_bundled_recipes_parse_and_fit_smollm2_shapes():
     assert files
     for path in files:
         recipe = load_recipe(path)
+        if recipe.model and not recipe.model.startswith("smollm2"):
+            continue  # another model's shapes (sheared-llama2-2.7b: tests/recovery/test_sheared.py)
         recipe.check(cfg)
     demo = load_recipe(RECIPES / "surgery-demo.toml").check(cfg)
     assert demo.num_layers == 28

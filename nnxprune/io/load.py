@@ -42,6 +42,9 @@ class ModelCard:
     source: dict[str, Any]  # {"kind": "package", "package", "file", "install"} or {"kind": "hub", "repo"}
     defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
     path: Path | None = None
+    # the checkpoint's published config.json, when the card carries it (`[config]`): `--check`
+    # reads it without the hub
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -99,7 +102,8 @@ def read_card(name: str) -> ModelCard:
         raise UserError(f"model card {cards[name]}: not valid TOML ({e})") from None
     try:
         return ModelCard(name=data["name"], description=data.get("description", ""),
-                         source=data["source"], defaults=data.get("defaults", {}), path=cards[name])
+                         source=data["source"], defaults=data.get("defaults", {}), path=cards[name],
+                         config=data.get("config", {}))
     except KeyError as e:
         raise UserError(f"model card {cards[name]}: missing key {e}") from None
 
@@ -187,6 +191,11 @@ def peek_config(name_or_path: str | os.PathLike):
     path = Path(name_or_path)
     if not path.exists() and os.sep not in str(name_or_path):
         card = read_card(str(name_or_path))
+        if card.source.get("kind") == "hub" and card.config:
+            try:
+                return config_from_hf(card.config)
+            except (ValueError, TypeError, ZeroDivisionError) as e:
+                raise UserError(f"model card {card.path}: [config]: {e}") from None
         if card.source.get("kind") == "hub":
             try:
                 from huggingface_hub import hf_hub_download

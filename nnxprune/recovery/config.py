@@ -71,7 +71,7 @@ from pathlib import Path
 from typing import Any
 
 from nnxprune.data.domains import DomainSpec, parse_domains
-from nnxprune.errors import UserError
+from nnxprune.errors import UserError, nearest
 from nnxprune.graph.targets import layer_projection_names, select_projections
 
 KINDS = ("distill", "lora", "pretrain")
@@ -81,8 +81,6 @@ DATASETS = ("c4", "wikitext2")
 
 
 def _nearest(name: str, options, what: str) -> str:
-    from nnxprune.transforms.base import nearest
-
     return nearest(name, options, what)
 
 

@@ -5,6 +5,7 @@ from nnxprune.transforms.coupled import LLMPruner
 from nnxprune.transforms.depth import Depth
 from nnxprune.transforms.magnitude import Magnitude
 from nnxprune.transforms.owl import OWL
+from nnxprune.transforms.sheared import Sheared
 from nnxprune.transforms.sparsegpt import SparseGPT
 from nnxprune.transforms.sparsellm import SparseLLM
 from nnxprune.transforms.surgery import (DropLayers, FoldMasks, RemoveKVGroups, RemoveQueryHeads,
@@ -13,6 +14,7 @@ from nnxprune.transforms.wanda import Wanda
 from nnxprune.transforms.width import Width
 
 __all__ = ["OWL", "REGISTRY", "Context", "Depth", "DropLayers", "FoldMasks", "LLMPruner", "Magnitude", "Pipeline",
+           "Sheared",
            "SparseGPT", "SparseLLM", "Wanda", "RemoveKVGroups",
            "RemoveQueryHeads", "ShrinkHidden", "ShrinkMLP", "Transform", "Width", "from_dict",
            "register"]

@@ -14,12 +14,11 @@ weight is touched. `__call__(model, ctx)` then edits the model in place and retu
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from typing import Any, ClassVar, Mapping
 
-from nnxprune.errors import UserError
+from nnxprune.errors import UserError, nearest  # noqa: F401 - nearest is re-exported
 from nnxprune.models.llama import LlamaConfig
 
 REGISTRY: dict[str, type["Transform"]] = {}
@@ -65,12 +64,6 @@ def register(kind: str):
         return cls
 
     return wrap
-
-
-def nearest(name: str, options, what: str) -> str:
-    near = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    hint = f"did you mean {near[0]!r}? " if near else ""
-    return f"unknown {what} {name!r}; {hint}known: {', '.join(sorted(options))}"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
