@@ -1,4 +1,5 @@
-"""Sheared LLaMA on SmolLM2-135M: the pruning stage (learned masks toward a target, then the fold).
+"""Sheared LLaMA on SmolLM2-135M: the pruning stage (learned masks toward a target, then the fold)
+and continued pretraining with dynamic batch loading, against the same steps with fixed weights.
 
     OPENBLAS_NUM_THREADS=1 NNXPRUNE_DATA_DIR=../shared/data python benchmarks/sheared.py
 
@@ -12,11 +13,21 @@ shapes, WikiText-2 perplexity before and after (reduced protocol: seqlen 1024, t
 (`recovery.train`, kind pretrain, same model size, batch and seqlen, measured in the same run),
 and the HF export loaded by plain `transformers` with its logits compared to ours.
 
-A later stage (continued pretraining) is appended by calling `prune_stage`, then its own stage
-function on the returned model, and merging the dicts before `write_results`.
+Stage 2, continued pretraining (`pretrain_stage`): the folded model trains on three domains of
+the C4 validation slice split by URL site category (`nnxprune.data.domains`: news, forums,
+other), twice from the same start with the same steps, batch, seed and held-out windows: once
+with dynamic batch loading (`recovery.dynamic`: the domain weights move every `--eval-every`
+steps by the excess of each domain's held-out loss over its reference loss), once with the
+weights fixed. Initial weights: uniform over the domains (the paper starts from RedPajama's
+proportions; uniform keeps the small domains visible in a short run). Reference losses: the
+dense (unpruned) model's own held-out loss per domain, measured here (the paper predicts them
+from scaling laws). Recorded: WikiText-2 perplexity after each run, the mean excess loss over
+the domains at every evaluation, the domain weights over time (a plot) and tokens/s.
 
 Writes `benchmarks/results/sheared.json` (keys `target_params`, `final_params`,
-`ppl_after_pruning`, ...), `sheared.md` and `sheared_params.png`.
+`ppl_after_pruning`, `ppl_after_pretraining` (the dynamic run), `ppl_after_pretraining_fixed`,
+`final_mean_excess`, ...), `sheared.md`, `sheared_params.png` and `sheared_domains.png`, and the
+two runs' log folders under `benchmarks/results/sheared/`.
 """
 
 from __future__ import annotations
@@ -93,6 +104,110 @@ def prune_stage(model, tokenizer, step, *, data_dir, eval_windows, protocol,
         "prune_settings": step.to_dict(),
     }
     return model, out
+
+
+DOMAINS = ("news", "forums", "other")
+
+
+def pretrain_config(args, reference: dict[str, float], dynamic: bool):
+    """The continued-pretraining recipe section: C4 domains by site category, uniform weights."""
+    from nnxprune.recovery import RecoveryConfig
+
+    return RecoveryConfig.from_dict({
+        "kind": "pretrain", "steps": args.pretrain_steps, "batch_size": args.pretrain_batch,
+        "seqlen": args.pretrain_seqlen, "lr": args.pretrain_lr, "warmup_steps": 4,
+        "eval_every": args.eval_every, "eval_batches": args.eval_batches, "seed": 0,
+        "dynamic": dynamic,
+        "domains": {n: {"source": "c4", "category": n, "weight": 1.0,
+                        "reference_loss": reference[n]} for n in DOMAINS}})
+
+
+def domain_data(dense, tokenizer, args, data_dir):
+    """The domains' windows and the dense model's held-out loss on each (the reference)."""
+    from nnxprune import data as data_lib
+    from nnxprune.data.domains import load_domain_windows
+    from nnxprune.recovery.continued import domain_losses
+
+    probe = pretrain_config(args, dict.fromkeys(DOMAINS, 0.0), True)
+    windows = load_domain_windows(probe.domains, tokenizer, seqlen=args.pretrain_seqlen,
+                                  train_windows=args.pretrain_steps * args.pretrain_batch,
+                                  heldout_windows=args.eval_batches * args.pretrain_batch,
+                                  data_dir=data_dir)
+    heldout = {n: data_lib.heldout_batches(w.heldout, args.pretrain_batch, args.eval_batches)
+               for n, w in windows.items()}
+    return windows, heldout, domain_losses(dense, heldout)
+
+
+def pretrain_stage(model, tokenizer, args, *, windows, heldout, reference, data_dir,
+                   eval_windows, protocol, log_root: Path) -> tuple[object, dict]:
+    """Stage 2 on the folded `model`: a dynamic and a fixed-weight run from the same start.
+    Returns the dynamic run's model and the stage's dict."""
+    from flax import nnx
+
+    from nnxprune.evaluate.perplexity import score_windows
+    from nnxprune.recovery import continued_pretraining
+    from nnxprune.recovery.continued import domain_losses
+
+    start = domain_losses(model, heldout)
+    runs, models = {}, {}
+    for mode in ("dynamic", "fixed"):
+        trained = nnx.clone(model)
+        t0 = time.perf_counter()
+        result = continued_pretraining(trained, pretrain_config(args, reference, mode == "dynamic"),
+                                       tokenizer, data_dir, windows=windows,
+                                       log_dir=log_root / mode)
+        r = result.to_dict()
+        r["wall_seconds"] = time.perf_counter() - t0
+        r["ppl"] = score_windows(trained, eval_windows, protocol, progress=False).ppl
+        print(f"{mode}: mean excess {r['domains']['final_mean_excess']:.4f}, ppl {r['ppl']:.3f}, "
+              f"{r['tokens_per_second']:.0f} tokens/s, {r['wall_seconds']:.0f} s", flush=True)
+        runs[mode], models[mode] = r, trained
+    keep = ("losses", "domains", "tokens_per_second", "seconds", "compile_seconds", "wall_seconds",
+            "ppl")
+    out = {"ppl_after_pretraining": runs["dynamic"]["ppl"],
+           "ppl_after_pretraining_fixed": runs["fixed"]["ppl"],
+           "final_mean_excess": {m: r["domains"]["final_mean_excess"] for m, r in runs.items()},
+           "pretrain_domains": {n: {"reference_loss": reference[n], "start_loss": start[n],
+                                    **windows[n].describe()} for n in DOMAINS},
+           "pretrain_runs": {m: {k: r[k] for k in keep} for m, r in runs.items()},
+           "pretrain_settings": {k: getattr(args, k) for k in (
+               "pretrain_steps", "pretrain_batch", "pretrain_seqlen", "pretrain_lr", "eval_every",
+               "eval_batches")}}
+    return models["dynamic"], out
+
+
+def plot_domains(stage: dict, path: Path) -> None:
+    """Domain weights (dynamic run) and the mean excess loss of both runs over the steps."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nnxprune.io import atomic
+
+    dyn = stage["pretrain_runs"]["dynamic"]["domains"]["history"]
+    fix = stage["pretrain_runs"]["fixed"]["domains"]["history"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    steps = [h["step"] for h in dyn]
+    for n in DOMAINS:
+        a.plot(steps, [h["weights"][n] for h in dyn], marker="o", label=n)
+    a.set_xlabel("step")
+    a.set_ylabel("domain weight")
+    a.set_title("dynamic batch loading: weights")
+    a.legend()
+    b.plot(steps, [h["mean_excess"] for h in dyn], marker="o", label="dynamic")
+    b.plot([h["step"] for h in fix], [h["mean_excess"] for h in fix], marker="s", label="fixed")
+    b.set_xlabel("step")
+    b.set_ylabel("mean excess loss over domains")
+    b.set_title("held-out loss above the dense model's")
+    b.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic.write_bytes(path, buf.getvalue())
 
 
 def plain_trainer_speed(model, tokenizer, step, *, data_dir, steps: int) -> dict:
@@ -211,10 +326,35 @@ def markdown(report: dict) -> str:
     if report.get("hf_parity"):
         lines.append(f"| HF export, transformers max abs logit diff | "
                      f"{report['hf_parity']['max_abs_logit_diff']:.2e} |")
+    if "ppl_after_pretraining" in report:
+        runs, st = report["pretrain_runs"], report["pretrain_settings"]
+        ex = report["final_mean_excess"]
+        lines.append(f"| WikiText-2 ppl after continued pretraining, dynamic / fixed weights | "
+                     f"{report['ppl_after_pretraining']:.2f} / "
+                     f"{report['ppl_after_pretraining_fixed']:.2f} |")
+        lines.append(f"| mean excess loss over domains at the end, dynamic / fixed | "
+                     f"{ex['dynamic']:.4f} / {ex['fixed']:.4f} |")
+        lines.append(f"| continued pretraining tokens/s, dynamic / fixed | "
+                     f"{runs['dynamic']['tokens_per_second']:.1f} / "
+                     f"{runs['fixed']['tokens_per_second']:.1f} |")
+        final_w = runs["dynamic"]["domains"]["history"][-1]["weights"]
+        lines += ["", "| domain | reference (dense) loss | after pruning | dynamic: final | "
+                      "fixed: final | dynamic: final weight |", "|---|---|---|---|---|---|"]
+        for n, d in report["pretrain_domains"].items():
+            lines.append(f"| {n} | {d['reference_loss']:.4f} | {d['start_loss']:.4f} | "
+                         f"{runs['dynamic']['domains']['final_losses'][n]:.4f} | "
+                         f"{runs['fixed']['domains']['final_losses'][n]:.4f} | {final_w[n]:.3f} |")
+        lines += ["", f"Continued pretraining: {st['pretrain_steps']} steps x "
+                      f"{st['pretrain_batch']} x {st['pretrain_seqlen']} tokens, AdamW lr "
+                      f"{st['pretrain_lr']:g}, uniform initial weights, held-out "
+                      f"{st['eval_batches']} x {st['pretrain_batch']} windows per domain every "
+                      f"{st['eval_every']} steps; the reference loss is the dense model's."]
     gaps = ", ".join(f"{k} {v:+.2%}" for k, v in report["expected_size_gaps"].items())
     lines += ["", f"Expected sizes against the target at the last step: {gaps}.",
               f"Protocol: {report['protocol_text']}.",
-              f"Machine: {report['machine']['cpu']}, {report['machine']['affinity']} cores."]
+              f"Machine: {report['machine']['cpu']}, {report['machine']['affinity']} cores, load "
+              f"{report['machine']['loadavg_start'][0]:.1f} at the start; the whole benchmark "
+              f"took {report['total_seconds'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"
 
 
@@ -224,6 +364,12 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="recipe override, prune.0.steps=50")
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--trainer-steps", type=int, default=6)
+    parser.add_argument("--pretrain-steps", type=int, default=40, help="0: no stage 2")
+    parser.add_argument("--pretrain-batch", type=int, default=4)
+    parser.add_argument("--pretrain-seqlen", type=int, default=128)
+    parser.add_argument("--pretrain-lr", type=float, default=3e-4)
+    parser.add_argument("--eval-every", type=int, default=8)
+    parser.add_argument("--eval-batches", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "sheared.json"))
     args = parser.parse_args()
 
@@ -245,6 +391,10 @@ def main() -> None:
     windows = data_lib.windows(data_lib.token_stream(protocol, loaded.tokenizer, data_dir), protocol)
     dense = score_windows(loaded.model, windows, protocol, progress=False)
     print(f"dense ppl {dense.ppl:.3f}", flush=True)
+    if args.pretrain_steps:
+        domain_windows, heldout, reference = domain_data(loaded.model, loaded.tokenizer, args,
+                                                         data_dir)
+        print(f"dense reference losses {reference}", flush=True)
     dense_model = nnx.clone(loaded.model) if args.trainer_steps else None
     plain = [plain_trainer_speed(dense_model, loaded.tokenizer, step, data_dir=data_dir,
                                  steps=args.trainer_steps)] if args.trainer_steps else []
@@ -261,6 +411,13 @@ def main() -> None:
     plot = out.with_name(out.stem + "_params.png")
     plot_params(stage["prune_history"], stage["target_params"], stage["source_params"], plot,
                 final=stage["final_params"])
+    if args.pretrain_steps:
+        _, pretrain = pretrain_stage(model, loaded.tokenizer, args, windows=domain_windows,
+                                     heldout=heldout, reference=reference, data_dir=data_dir,
+                                     eval_windows=windows, protocol=protocol,
+                                     log_root=out.with_suffix(""))
+        stage.update(pretrain)
+        plot_domains(stage, out.with_name(out.stem + "_domains.png"))
     report = {
         "benchmark": "sheared", "model": args.model, "source": loaded.source,
         "recipe": str(RECIPE.name), "overrides": args.set,
