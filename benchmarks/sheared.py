@@ -178,18 +178,14 @@ def pretrain_stage(model, tokenizer, args, *, windows, heldout, reference, data_
 
 def plot_domains(stage: dict, path: Path) -> None:
     """Domain weights (dynamic run) and the mean excess loss of both runs over the steps."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from nnxprune.io import atomic
 
     dyn = stage["pretrain_runs"]["dynamic"]["domains"]["history"]
     fix = stage["pretrain_runs"]["fixed"]["domains"]["history"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    a, b = fig.subplots(1, 2)
     steps = [h["step"] for h in dyn]
     for n in DOMAINS:
         a.plot(steps, [h["weights"][n] for h in dyn], marker="o", label=n)
@@ -203,11 +199,7 @@ def plot_domains(stage: dict, path: Path) -> None:
     b.set_ylabel("mean excess loss over domains")
     b.set_title("held-out loss above the dense model's")
     b.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic.write_bytes(path, buf.getvalue())
+    atomic.write_figure(path, fig)
 
 
 def plain_trainer_speed(model, tokenizer, step, *, data_dir, steps: int) -> dict:
@@ -271,13 +263,13 @@ def hf_parity(model, tokenizer) -> dict:
 
 
 def plot_params(history, target: int, source: int, path: Path, final: int | None = None) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from nnxprune.io import atomic
 
     steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
     ax.plot(steps, [h["expected_params"] / 1e6 for h in history], label="expected (masks)")
     ax.axhline(target / 1e6, color="k", ls="--", lw=1, label="target")
     ax.axhline(source / 1e6, color="grey", ls=":", lw=1, label="source")
@@ -287,14 +279,7 @@ def plot_params(history, target: int, source: int, path: Path, final: int | None
     ax.set_ylabel("parameters (M)")
     ax.set_title("Sheared LLaMA pruning stage, SmolLM2-135M")
     ax.legend()
-    fig.tight_layout()
-    from nnxprune.io import atomic
-
-    import io
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic.write_bytes(path, buf.getvalue())
+    atomic.write_figure(path, fig)
 
 
 def markdown(report: dict) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -312,6 +313,15 @@ def write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = True)
 def write_text(path: str | os.PathLike, text: str, *, overwrite: bool = True) -> Path:
     """`write_bytes` of `text` encoded as UTF-8."""
     return write_bytes(path, text.encode("utf-8"), overwrite=overwrite)
+
+
+def write_figure(path: str | os.PathLike, fig: Any, *, dpi: int = 110,
+                 overwrite: bool = True) -> Path:
+    """`write_bytes` of a matplotlib figure rendered as PNG (build it as a bare
+    `matplotlib.figure.Figure`: no pyplot, no global backend switch)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return write_bytes(path, buf.getvalue(), overwrite=overwrite)
 
 
 def write_json(path: str | os.PathLike, obj: Any, *, overwrite: bool = True) -> Path:

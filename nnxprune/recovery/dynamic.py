@@ -41,7 +41,6 @@ Example:
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -249,13 +248,11 @@ class DomainLoader:
 
 def plot_history(report: dict[str, Any], png: Path) -> None:
     """Domain weights (left) and held-out excess losses (right) over the steps, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     steps = [h["step"] for h in report["history"]]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    a, b = fig.subplots(1, 2)
     for name in report["names"]:
         a.step(steps, [h["weights"][name] for h in report["history"]], where="post", label=name)
         b.plot(steps, [h["excess"][name] for h in report["history"]], "o-", label=name)
@@ -265,8 +262,4 @@ def plot_history(report: dict[str, Any], png: Path) -> None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic.write_bytes(png, buf.getvalue())
+    atomic.write_figure(png, fig)
