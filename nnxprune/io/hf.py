@@ -225,3 +225,24 @@ def export_hf(model: Llama, out_dir: str | os.PathLike, *, tokenizer=None,
         for name, write in (extra_files or {}).items():
             write(tmp / name)
     return out_dir
+
+
+def load_in_transformers(folder: str | os.PathLike):
+    """Our export as plain `transformers.LlamaForCausalLM` (float32, eval mode; needs torch).
+
+    transformers 5's `LlamaConfig` refuses a hidden size that is not a multiple of the head count
+    even with an explicit `head_dim` (Minitron width: 448 / 6), though its attention computes
+    with `head_dim`: such a config is built with a head count that passes the check, then given
+    the real one, and passed to `from_pretrained` (the weights are untouched)."""
+    import torch
+    from transformers import LlamaConfig as HFLlamaConfig
+    from transformers import LlamaForCausalLM
+
+    raw = json.loads((Path(folder) / "config.json").read_text())
+    heads, kv = raw["num_attention_heads"], raw["num_key_value_heads"]
+    if raw["hidden_size"] % heads:
+        config = HFLlamaConfig(**{**raw, "num_attention_heads": 1, "num_key_value_heads": 1})
+        config.num_attention_heads, config.num_key_value_heads = heads, kv
+    else:
+        config = HFLlamaConfig(**raw)
+    return LlamaForCausalLM.from_pretrained(folder, config=config, torch_dtype=torch.float32).eval()
