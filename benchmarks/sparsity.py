@@ -266,7 +266,8 @@ def markdown(args, setup, report) -> str:
                f"{floors['sparsegpt']:.1f} s with its X^T X). Peak memory is the process's resident "
                f"set while pruning; 'added' is that peak minus the resident set when pruning began "
                f"(bound {bound['total'] / 2**20:.0f} MiB, see working_set_bytes). Load average "
-               f"per row in the JSON (other jobs shared this machine)."]
+               f"per row in the JSON (highest {max(r['loadavg'][0] for r in rows):.2f}; the benchmark itself "
+               f"keeps about 2 on 2 cores)."]
     return "\n".join(md) + "\n"
 
 
