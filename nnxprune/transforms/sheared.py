@@ -75,11 +75,10 @@ class Sheared(Transform):
                            intermediate=self.intermediate, hidden=self.hidden)
 
     def training(self) -> ShearConfig:
-        return ShearConfig(steps=self.steps, batch_size=self.batch_size, grad_accum=self.grad_accum,
-                           seqlen=self.seqlen, lr=self.lr, mask_lr=self.mask_lr,
-                           lambda_lr=self.lambda_lr, warmup=self.warmup,
-                           target_warmup=self.target_warmup, min_lr_ratio=self.min_lr_ratio,
-                           seed=self.seed)
+        """The training settings: every `ShearConfig` field this transform also has (the recipe
+        keys), the others at their defaults."""
+        return ShearConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ShearConfig)
+                              if f.name in _FIELDS})
 
     def plan(self, config: LlamaConfig) -> ShearPlan:
         return self.target.resolve(config)
@@ -109,6 +108,9 @@ class Sheared(Transform):
         ctx.log(self.kind, dataset=self.dataset, source=windows.source,
                 train_windows=int(len(windows.train)), **record)
         return model
+
+
+_FIELDS = {f.name for f in dataclasses.fields(Sheared)}
 
 
 def prune_to_target(model, target: ShearTarget, cfg: ShearConfig, train_windows, *,
