@@ -38,6 +38,17 @@ The weights the layer keeps are those of the last round's step 2. The reference 
 3-5 of the last round, whose results nothing reads; we skip them (the last round's report has no
 objective `after`).
 
+Cost. A round is FLOP-bound in products over the T calibration tokens; per round they are, in
+units of `P = 2 T d f`: the refit's `X^T z`, `X^T s`, `p^T Y` (1 each) and `p^T p` (`f / d` in
+full, 3/4 of that computed: `gram`), then `X Wg`, `X Wu`, the pruned MLP's output (1 each), and
+the p update's `a Wd` and `(Y - a Wd) K^-1 Wd^T` (1 each). Steps 3-5 and the next round's refit
+statistics are one jitted program (`_round`), so the `[T, f]` variables are read while they are
+hot, and the objective before the updates takes its down term from those statistics instead of a
+product over T. Nothing is factorized twice: the refit's ridge solves go through SparseGPT's
+Cholesky factor of the same damped Gram matrix when the dampings agree (`ridge_solver`; both
+0.01 by default), so one factorization of `p^T p` per round serves the refit of down and its
+pruning, and one of `X^T X` per layer serves gate and up.
+
 Defaults are the reference's for Llama: `alpha = beta = gamma = 5.0`, 4 rounds (`opt_epochs` of
 `llama_sparsellm` since the commit "initial fix for llama model", cd10130; 8 before it; the
 reference runs 1 round in layers 1, 30 and 31 of its 32-layer target, which the transform's
@@ -89,7 +100,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from nnxprune.algorithms.sparsegpt import hessian, hessian_factor, sparsegpt_prune
+from nnxprune.algorithms.sparsegpt import (HessianFactor, hessian, hessian_factor,
+                                            sparsegpt_prune)
 
 __all__ = ["init_aux", "update_p", "update_z", "update_s", "refit", "objective_terms",
            "reconstruction_error", "damped_cholesky", "sparsellm_mlp"]
@@ -105,11 +117,6 @@ def _dot(a, b):
 def _tdot(a, b):
     """`a^T @ b` over the token axis (0)."""
     return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=_HI)
-
-
-def _dsilu(s):
-    sig = jax.nn.sigmoid(s)
-    return sig * (1 + s * (1 - sig))
 
 
 @jax.jit
@@ -148,19 +155,31 @@ def update_z(X, up, s, p, alpha, gamma):
     return _z_closed_form(_dot(X.astype(_f32), up.astype(_f32)), s, p, alpha, gamma)
 
 
-def _s_objective(s, n, z, p, alpha, gamma):
-    r = p - jax.nn.silu(s) * z
+def _s_objective(s, sig, n, z, p, alpha, gamma):
+    """Elementwise `alpha (s - n)^2 + gamma (p - silu(s) z)^2`, with `sig = sigmoid(s)`."""
+    r = p - s * sig * z
     return alpha * (s - n) ** 2 + gamma * r * r
 
 
 def _s_steps(n, z, p, s, alpha, gamma, lr, steps):
-    def step(_, s):
-        grad = 2 * alpha * (s - n) - 2 * gamma * (p - jax.nn.silu(s) * z) * z * _dsilu(s)
-        new = s - lr * grad
-        better = _s_objective(new, n, z, p, alpha, gamma) <= _s_objective(s, n, z, p, alpha, gamma)
-        return jnp.where(better, new, s)
+    """Each step's sigmoid and objective are carried into the next (one sigmoid per step)."""
 
-    return lax.fori_loop(0, steps, step, s)
+    def step(_, carry):
+        s, sig, obj = carry
+        dsilu = sig * (1 + s * (1 - sig))
+        grad = 2 * alpha * (s - n) - 2 * gamma * (p - s * sig * z) * z * dsilu
+        new = s - lr * grad
+        new_sig = jax.nn.sigmoid(new)
+        new_obj = _s_objective(new, new_sig, n, z, p, alpha, gamma)
+        better = new_obj <= obj
+        return (jnp.where(better, new, s), jnp.where(better, new_sig, sig),
+                jnp.where(better, new_obj, obj))
+
+    sig = jax.nn.sigmoid(s)
+    carry = (s, sig, _s_objective(s, sig, n, z, p, alpha, gamma))
+    for _ in range(steps):  # unrolled (steps is static and small): XLA fuses the steps into one pass
+        carry = step(None, carry)
+    return carry[0]
 
 
 @functools.partial(jax.jit, static_argnames=("steps",))
@@ -173,28 +192,114 @@ def update_s(X, gate, z, p, s, alpha, gamma, lr, *, steps):
 def _terms(mg, mu, pd, Y, z, s, p, alpha, beta, gamma):
     """The objective's terms from `mg = X Wg`, `mu = X Wu`, `pd = p Wd`."""
     terms = {"up": alpha * jnp.sum((z - mu) ** 2), "gate": alpha * jnp.sum((s - mg) ** 2),
-             "act": gamma * jnp.sum((p - jax.nn.silu(s) * z) ** 2),
-             "down": beta * jnp.sum((Y - pd) ** 2)}
+             "act": gamma * jnp.sum((p - jax.nn.silu(s) * z) ** 2)}
+    if pd is None:  # the caller has the down term another way
+        return terms
+    terms["down"] = beta * jnp.sum((Y - pd) ** 2)
     terms["total"] = terms["up"] + terms["gate"] + terms["act"] + terms["down"]
     return terms
 
 
-@functools.partial(jax.jit, static_argnames=("s_steps", "update"))
-def _round(X, Y, gate, up, down, z, s, p, alpha, beta, gamma, s_lr, *, s_steps, update=True):
-    """One round's work after the weights are pruned, in one program that computes `X Wg` and
-    `X Wu` once: the pruned MLP's reconstruction error, the objective before, and (`update`) the
-    updates of p, z and s (`update_p`, `update_z`, `update_s`) and the objective's terms after
-    them; without `update` the terms are None and z, s, p come back unchanged."""
+def gram(a, blocks: int = 2):
+    """`a^T a` over the token axis, computing only the blocks on and above the diagonal of a
+    `blocks x blocks` split of the features and mirroring the rest: `(blocks + 1) / (2 blocks)` of
+    the full product's FLOPs (3/4 at 2 blocks)."""
+    f = a.shape[1]
+    if blocks <= 1 or f < 2 * blocks:
+        return _tdot(a, a)
+    edges = [f * i // blocks for i in range(blocks + 1)]
+    parts = [a[:, lo:hi] for lo, hi in zip(edges, edges[1:])]
+    rows = []
+    for i in range(blocks):
+        rows.append([None] * blocks)
+        for j in range(i, blocks):
+            rows[i][j] = _tdot(parts[i], parts[j])
+    for i in range(blocks):
+        for j in range(i):
+            rows[i][j] = rows[j][i].T
+    return jnp.block(rows)
+
+
+GRAM_BLOCKS = 2  # p^T p in 2 x 2 blocks (3/4 of the FLOPs); see `gram`
+
+
+ROW_CHUNK = 1024  # tokens per step of `_round`'s scan
+
+
+def _row_chunk(tokens: int) -> int:
+    """The largest divisor of `tokens` not above `ROW_CHUNK` (all tokens when that is small)."""
+    c = max(k for k in range(1, min(tokens, ROW_CHUNK) + 1) if tokens % k == 0)
+    return c if c >= 64 else tokens
+
+
+@functools.partial(jax.jit, static_argnames=("s_steps", "update", "direct_before"))
+def _round(X, Y, gate, up, down, z, s, p, ptp, pty, y_norm, alpha, beta, gamma, s_lr, *, s_steps,
+           update=True, direct_before=False):
+    """One round's work after the weights are pruned, in one program: the pruned MLP's
+    reconstruction error, the objective before the auxiliary updates, and (`update`) the updates
+    of p, z and s (`update_p`, `update_z`, `update_s`), the objective's terms after them and the
+    next round's refit statistics `X^T z, X^T s, p^T p, p^T Y` of the updated variables; without
+    `update` the terms and statistics are None and z, s, p come back unchanged.
+
+    Everything is per token except the sums, so it runs as a scan over chunks of `_row_chunk`
+    tokens: the chunk's `X Wg`, `X Wu`, updates, error terms and statistics are computed while
+    its `[chunk, f]` arrays are in cache (the elementwise work of the updates, streamed over
+    whole `[T, f]` arrays, took about as long as the matmuls), and the sums are accumulated.
+
+    The objective's down term `beta ||Y - p Wd||^2` before the updates is read from the Gram
+    statistics of the current `p` (`ptp = p^T p`, `pty = p^T Y`, `y_norm = ||Y||^2`, from the
+    previous round) as `beta (y_norm - 2 <p^T Y, Wd> + <p^T p Wd, Wd>)`, an `[f, f] x [f, d]`
+    product instead of a `[T, f] x [f, d]` one; `direct_before` (the first round, which has no
+    statistics of its `p`) computes `p Wd` instead."""
     X, Y, Wd = X.astype(_f32), Y.astype(_f32), down.astype(_f32)
-    mg, mu = _dot(X, gate.astype(_f32)), _dot(X, up.astype(_f32))
-    recon = jnp.sum((Y - _dot(jax.nn.silu(mg) * mu, Wd)) ** 2)
-    before = _terms(mg, mu, _dot(p, Wd), Y, z, s, p, alpha, beta, gamma)["total"]
+    Wg, Wu = gate.astype(_f32), up.astype(_f32)
+    tokens, d = X.shape
+    f = Wg.shape[1]
+    c = _row_chunk(tokens)
+    if update:  # p's closed form: p = a + (Y - a Wd) M, p Wd = a Wd + (Y - a Wd) M Wd
+        K = (gamma / beta) * jnp.eye(d, dtype=_f32) + _tdot(Wd, Wd)
+        M = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(K), True), Wd.T)  # K^-1 Wd^T [d, f]
+        MW = _dot(M, Wd)
+
+    def chunk(rows):  # the chunk's sums and (with `update`) its new z, s, p
+        x, y, zc, sc, pc = rows
+        mg, mu = _dot(x, Wg), _dot(x, Wu)
+        sums = {"recon": jnp.sum((y - _dot(jax.nn.silu(mg) * mu, Wd)) ** 2)}
+        sig = jax.nn.sigmoid(sc)
+        a = sc * sig * zc  # silu(s) z
+        sums.update(up=alpha * jnp.sum((zc - mu) ** 2), gate=alpha * jnp.sum((sc - mg) ** 2),
+                    act=gamma * jnp.sum((pc - a) ** 2))
+        if direct_before:
+            sums["down"] = beta * jnp.sum((y - _dot(pc, Wd)) ** 2)
+        if not update:
+            return sums, None
+        aw = _dot(a, Wd)
+        r = y - aw
+        pn = a + _dot(r, M)
+        zn = _z_closed_form(mu, sc, pn, alpha, gamma)
+        sn = _s_steps(mg, zn, pn, sc, alpha, gamma, s_lr, s_steps)
+        after = _terms(mg, mu, aw + _dot(r, MW), y, zn, sn, pn, alpha, beta, gamma)
+        sums.update({f"after_{k}": v for k, v in after.items()})
+        sums.update(xtz=_tdot(x, zn), xts=_tdot(x, sn), ptp=gram(pn, GRAM_BLOCKS), pty=_tdot(pn, y))
+        return sums, (zn, sn, pn)
+
+    def step(acc, rows):
+        sums, outs = chunk(rows)
+        return jax.tree.map(jnp.add, acc, sums), outs
+
+    rows = tuple(v.reshape(tokens // c, c, v.shape[1]) for v in (X, Y, z, s, p))
+    shapes = jax.eval_shape(chunk, tuple(v[0] for v in rows))[0]
+    sums, outs = lax.scan(step, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes), rows)
+    if direct_before:
+        before = sums["up"] + sums["gate"] + sums["act"] + sums["down"]
+    else:
+        down_term = beta * (y_norm - 2 * jnp.sum(pty * Wd) + jnp.sum(_dot(ptp, Wd) * Wd))
+        before = sums["up"] + sums["gate"] + sums["act"] + down_term
     if not update:
-        return z, s, p, recon, before, None
-    p, pd = _p_closed_form(Y, Wd, jax.nn.silu(s) * z, beta, gamma, with_output=True)
-    z = _z_closed_form(mu, s, p, alpha, gamma)
-    s = _s_steps(mg, z, p, s, alpha, gamma, s_lr, s_steps)
-    return z, s, p, recon, before, _terms(mg, mu, pd, Y, z, s, p, alpha, beta, gamma)
+        return z, s, p, sums["recon"], before, None, None
+    z, s, p = (v.reshape(tokens, f) for v in outs)
+    terms = {k: sums[f"after_{k}"] for k in ("up", "gate", "act", "down", "total")}
+    return z, s, p, sums["recon"], before, terms, (sums["xtz"], sums["xts"], sums["ptp"], sums["pty"])
 
 
 @jax.jit
@@ -217,6 +322,35 @@ def refit(X, x_chol, Y, z, s, p, damp):
     ptp = _tdot(p, p)
     down = jax.scipy.linalg.cho_solve((damped_cholesky(ptp, damp), True), _tdot(p, Y.astype(_f32)))
     return gate, up, down, ptp
+
+
+@jax.jit
+def _factor_solve(upper, rhs, scale):
+    """`scale * U^T U rhs`: the solve through SparseGPT's factor (`U^T U = (H + damp I)^-1`)."""
+    return scale * _dot(upper.T, _dot(upper, rhs.astype(_f32)))
+
+
+@jax.jit
+def _cholesky_solve(lower, rhs):
+    return jax.scipy.linalg.cho_solve((lower, True), rhs.astype(_f32))
+
+
+def ridge_solver(gram_, factor: HessianFactor | None, nsamples: int, refit_damp: float):
+    """`rhs -> (gram + refit_damp * mean(diag gram) I)^-1 rhs`, the ridge solve of `refit`.
+
+    SparseGPT prunes with `H = 2 / nsamples * gram` damped by `percdamp * mean(diag H)`, i.e. the
+    same matrix times `2 / nsamples` when `percdamp == refit_damp` (both default to 0.01). Then
+    the solve goes through SparseGPT's factor of it (`factor`, which the pruning step needs
+    anyway): `(gram + l I)^-1 = 2 / nsamples * U^T U`, two matmuls and no factorization of its
+    own. Otherwise (other damping, dead inputs, a factorization that needed retries, no factor)
+    it factorizes the damped gram itself (`damped_cholesky`)."""
+    if (factor is not None and factor.retries == 0
+            and np.float32(factor.percdamp) == np.float32(refit_damp)
+            and not bool(jnp.any(factor.dead))):
+        scale = np.float32(2.0 / nsamples)
+        return lambda rhs: _factor_solve(factor.upper, rhs, scale)
+    lower = damped_cholesky(gram_, np.float32(refit_damp))
+    return lambda rhs: _cholesky_solve(lower, rhs)
 
 
 @jax.jit
@@ -309,20 +443,26 @@ def sparsellm_mlp(X, Y, gate, up, down, xtx, nsamples: int, *, sparsity: float |
     h_x = hessian(xtx, nsamples)
     f_x = hessian_factor(h_x, percdamp=percdamp)  # gate and up, every round: X does not change
     h_p = hessian(_tdot(p, p), nsamples) if h_down is None else jnp.asarray(h_down, _f32)
-    x_chol = damped_cholesky(xtx, refit_damp) if iterations > 1 else None
-    y_norm = float(jnp.sum(Y * Y))
-    history, best = [], None
+    x_solve = ridge_solver(xtx, f_x, nsamples, refit_damp) if iterations > 1 else None
+    y_norm = jnp.sum(Y * Y)
+    history, best, stats = [], None, None
     for rnd in range(iterations):
         t0 = time.perf_counter()
-        if rnd > 0:
-            gate, up, down, ptp = refit(X, x_chol, Y, z, s, p, refit_damp)
+        f_p = None
+        if rnd > 0:  # refit to the auxiliary variables, from the statistics the last round left
+            xtz, xts, ptp, pty = stats
             h_p = hessian(ptp, nsamples)
+            f_p = hessian_factor(h_p, percdamp=percdamp)  # shared with down's SparseGPT below
+            gate, up = x_solve(xts), x_solve(xtz)
+            down = ridge_solver(ptp, f_p, nsamples, refit_damp)(pty)
         gate, keep_g, info_g = prune(gate, h_x, "gate_proj", rnd, f_x)
         up, keep_u, info_u = prune(up, h_x, "up_proj", rnd, f_x)
-        down, keep_d, info_d = prune(down, h_p, "down_proj", rnd)
+        down, keep_d, info_d = prune(down, h_p, "down_proj", rnd, f_p)
         last = rnd == iterations - 1  # its p, z, s updates would serve nothing: skipped
-        z, s, p, recon, before, terms = _round(X, Y, gate, up, down, z, s, p, alpha, beta, gamma,
-                                               s_lr, s_steps=s_steps, update=not last)
+        ptp, pty = (stats[2], stats[3]) if stats is not None else (None, None)
+        z, s, p, recon, before, terms, stats = _round(
+            X, Y, gate, up, down, z, s, p, ptp, pty, y_norm, alpha, beta, gamma, s_lr,
+            s_steps=s_steps, update=not last, direct_before=rnd == 0)
         recon, before = float(recon), float(before)
         terms = None if terms is None else {k: float(v) for k, v in terms.items()}
         if not (math.isfinite(recon) and math.isfinite(before)
@@ -331,7 +471,7 @@ def sparsellm_mlp(X, Y, gate, up, down, xtx, nsamples: int, *, sparsity: float |
                             f"(reconstruction {recon}, objective {before}); stopping. Try "
                             "smaller s_lr or larger refit_damp")
         entry = {"round": rnd, "reconstruction": recon,
-                 "relative": recon / y_norm if y_norm > 0 else 0.0,
+                 "relative": recon / float(y_norm) if float(y_norm) > 0 else 0.0,
                  "before": before, "after": None if terms is None else terms["total"],
                  "terms": terms,
                  "retries": {k: i["retries"] for k, i in (("gate", info_g), ("up", info_u),
@@ -343,4 +483,5 @@ def sparsellm_mlp(X, Y, gate, up, down, xtx, nsamples: int, *, sparsity: float |
         if best is None or not keep_best or recon < best[0]:
             best = (recon, rnd, gate, up, down, {"gate": keep_g, "up": keep_u, "down": keep_d})
     _, best_round, gate, up, down, keeps = best
-    return gate, up, down, keeps, {"history": history, "best_round": best_round, "y_norm": y_norm}
+    return gate, up, down, keeps, {"history": history, "best_round": best_round,
+                                   "y_norm": float(y_norm)}

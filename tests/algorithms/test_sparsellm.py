@@ -183,3 +183,49 @@ def test_non_finite_inputs_stop_with_the_layer_named():
         S.sparsellm_mlp(X, Y, gate, up, down, X.T @ X, 4, sparsity=0.5, iterations=0)
     with pytest.raises(ValueError, match="gamma"):
         S.sparsellm_mlp(X, Y, gate, up, down, X.T @ X, 4, sparsity=0.5, gamma=float("nan"))
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3, 4])
+def test_gram_computes_the_full_symmetric_product(blocks):
+    a = np.random.default_rng(3).standard_normal((T, 37)).astype(np.float32)  # 37: uneven blocks
+    g = np.asarray(S.gram(jnp.asarray(a), blocks))
+    np.testing.assert_allclose(g, a.T @ a, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(g, g.T, rtol=1e-6, atol=1e-4)
+
+
+def test_ridge_solves_through_sparsegpt_factor_equal_their_own_cholesky():
+    from nnxprune.algorithms.sparsegpt import hessian, hessian_factor
+
+    X, Y, gate, up, down, z, s, p = problem()
+    p = np.asarray(p)
+    for gram_, rhs in ((X.T @ X, X.T @ np.asarray(z)), (p.T @ p, p.T @ Y)):
+        own = np.linalg.solve(gram_ + 0.01 * np.mean(np.diag(gram_)) * np.eye(len(gram_)), rhs)
+        factor = hessian_factor(hessian(gram_, 4), percdamp=0.01)
+        shared = np.asarray(S.ridge_solver(gram_, factor, 4, 0.01)(rhs))
+        np.testing.assert_allclose(shared, own, rtol=2e-3, atol=2e-4)
+        other = np.asarray(S.ridge_solver(gram_, factor, 4, 0.1)(rhs))  # other damping: own factor
+        ridge = np.linalg.solve(gram_ + 0.1 * np.mean(np.diag(gram_)) * np.eye(len(gram_)), rhs)
+        np.testing.assert_allclose(other, ridge, rtol=2e-3, atol=2e-4)
+    # the refit as `sparsellm_mlp` runs it equals `refit`
+    g, u, d, ptp = S.refit(X, S.damped_cholesky(X.T @ X, 0.01), Y, z, s, p, 0.01)
+    fx = hessian_factor(hessian(X.T @ X, 4))
+    fp = hessian_factor(hessian(ptp, 4))
+    np.testing.assert_allclose(np.asarray(S.ridge_solver(X.T @ X, fx, 4, 0.01)(X.T @ np.asarray(s))),
+                               np.asarray(g), rtol=2e-3, atol=2e-4)
+    np.testing.assert_allclose(np.asarray(S.ridge_solver(ptp, fp, 4, 0.01)(p.T @ Y)), np.asarray(d),
+                               rtol=2e-3, atol=2e-4)
+
+
+def test_objective_from_statistics_equals_the_direct_one():
+    X, Y, gate, up, down, z, s, p = problem()
+    p = np.asarray(p)
+    args = (X, Y, gate, up, down, z, s, p, p.T @ p, p.T @ Y, np.sum(Y * Y), A, B, G, 0.01)
+    direct = S._round(*args, s_steps=2, direct_before=True)
+    stats = S._round(*args, s_steps=2)
+    np.testing.assert_allclose(float(stats[4]), float(direct[4]), rtol=1e-4)
+    terms = S.objective_terms(X, Y, gate, up, down, z, s, p, A, B, G)
+    np.testing.assert_allclose(float(direct[4]), float(terms["total"]), rtol=1e-5)
+    # the statistics it hands the next round are those of the updated variables
+    z2, s2, p2 = (np.asarray(v) for v in direct[:3])
+    for got, want in zip(direct[6], (X.T @ z2, X.T @ s2, p2.T @ p2, p2.T @ Y)):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-2)
