@@ -5,7 +5,9 @@ The sequential driver's two programs per layer (`calibration.sequential`): the s
 timed alone: the seven projections as plain matmuls, the causal attention, and the rest (norms,
 RoPE, SiLU, residuals: the whole minus those two). The floor is each part's matmul FLOPs over this
 machine's matmul rate (`common.matmul_rate`, a `[1024, 576] x [576, 1536]` product). Parts are
-timed in turn (one repeat of each, then the next round), medians.
+timed in turn (one repeat of each, then the next round), medians. Each round also times the same
+product in torch (`torch.set_num_threads` = the cores XLA uses), the GEMM of the torch baseline
+in `sparsity.py`: the two rates say how far apart the two implementations' floors are.
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/calibration_parts.py --rounds 7
 
@@ -84,6 +86,22 @@ def parts(model, n: int, seqlen: int):
     }
 
 
+def torch_matmul_rate(m: int, k: int, n: int, repeats: int) -> float:
+    """Median GFLOP/s of an fp32 torch `[m,k] @ [k,n]` at as many threads as XLA's CPU pool."""
+    import torch
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                          else os.cpu_count())
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * m * k * n / median(times) / 1e9
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -99,9 +117,10 @@ def main(argv=None) -> int:
     for fn, _ in table.values():
         fn()  # compile
     times = {k: [] for k in table}
-    rate = []
+    rate, torch_rate = [], []
     for _ in range(args.rounds):
         rate.append(matmul_rate(3))
+        torch_rate.append(torch_matmul_rate(1024, 576, 1536, 5))
         for k, (fn, _) in table.items():
             t0 = time.perf_counter()
             fn()
@@ -119,10 +138,15 @@ def main(argv=None) -> int:
         print(f"| {r['part']} | {1e3 * r['seconds']:.1f} | {1e3 * r['floor_s']:.1f} | "
               f"{r['over_floor']:.2f}x |")
     print(f"| rest of the pruned forward (norms, RoPE, SiLU, residuals) | {1e3 * rest:.1f} | | |")
-    print(f"\nmatmul rate {gflops:.0f} GFLOP/s; layer 0, {args.n} x {args.seqlen} tokens; "
+    torch_gflops = median(torch_rate)
+    print(f"\nmatmul rate {gflops:.0f} GFLOP/s (torch: {torch_gflops:.0f}); layer 0, "
+          f"{args.n} x {args.seqlen} tokens; "
           f"{machine_info()['cpu']}; load {os.getloadavg()[0]:.2f}")
     if args.out:
         Path(args.out).write_text(json.dumps({"rows": rows, "matmul_gflops": gflops,
+                                              "matmul_gflops_runs": rate,
+                                              "torch_matmul_gflops": torch_gflops,
+                                              "torch_matmul_gflops_runs": torch_rate,
                                               "rest_s": rest, "machine": machine_info()}, indent=1))
     return 0
 

@@ -121,8 +121,9 @@ def _write(args, setup, num_layers, rows, quiet=False) -> None:
                   f"{r['peak_memory_bytes'] / 2**30:.2f} GiB | {err} | {worse} | {ratio} |")
     md += ["", f"{args.model} ({setup.loaded.source}) on {report['machine']['cpu']}; calibration c4 "
                f"{args.nsamples} x {args.seqlen}, seed {args.seed}; {setup.protocol.describe()}. "
-               f"One process, rows one after the other (load averages per row in the JSON: other "
-               f"jobs shared this machine). SparseLLM: alpha = beta = gamma = 5; '4' = 4 rounds, 1 in "
+               f"One process, rows one after the other (load average per row in the JSON, highest "
+               f"{max(r['loadavg'][0] for r in rows):.2f}; the benchmark itself keeps about 2 on 2 "
+               f"cores). SparseLLM: alpha = beta = gamma = 5; '4' = 4 rounds, 1 in "
                f"the second and the last two layers (the reference llama_sparsellm's schedule), "
                f"'8' = 8 rounds everywhere, 'keep-best' = the 4-round schedule keeping per layer the "
                f"round with the lowest true MLP error on the calibration batch (our departure; round "
