@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, matmul_rate, median  # noqa: E402
+from common import machine_info, matmul_rate, median, torch_matmul_rate  # noqa: E402
 
 
 def parts(model, n: int, seqlen: int):
@@ -86,22 +86,6 @@ def parts(model, n: int, seqlen: int):
     }
 
 
-def torch_matmul_rate(m: int, k: int, n: int, repeats: int) -> float:
-    """Median GFLOP/s of an fp32 torch `[m,k] @ [k,n]` at as many threads as XLA's CPU pool."""
-    import torch
-
-    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                          else os.cpu_count())
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return 2 * m * k * n / median(times) / 1e9
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -110,7 +94,12 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    import torch
+
     from nnxprune.io.load import load_model
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                          else os.cpu_count())  # as many as XLA's CPU pool
 
     model = load_model(args.model, with_tokenizer=False).model
     table = parts(model, args.n, args.seqlen)
@@ -120,7 +109,7 @@ def main(argv=None) -> int:
     rate, torch_rate = [], []
     for _ in range(args.rounds):
         rate.append(matmul_rate(3))
-        torch_rate.append(torch_matmul_rate(1024, 576, 1536, 5))
+        torch_rate.append(torch_matmul_rate(1024, 576, 1536))
         for k, (fn, _) in table.items():
             t0 = time.perf_counter()
             fn()
@@ -133,7 +122,7 @@ def main(argv=None) -> int:
                      "over_floor": median(times[k]) / floor, "all_s": times[k]})
     parts_sum = {r["part"]: r["seconds"] for r in rows}
     rest = parts_sum["pruned_forward"] - parts_sum["projections"] - parts_sum["attention"]
-    print(f"| part | ms | floor ms | / floor |\n|---|---|---|---|")
+    print("| part | ms | floor ms | / floor |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['part']} | {1e3 * r['seconds']:.1f} | {1e3 * r['floor_s']:.1f} | "
               f"{r['over_floor']:.2f}x |")

@@ -33,6 +33,22 @@ def time_matmul(m: int, k: int, n: int, repeats: int = 5, options: dict | None =
     return 2 * m * k * n / median(times) / 1e9
 
 
+def torch_matmul_rate(m: int, k: int, n: int, repeats: int = 5) -> float:
+    """Median GFLOP/s of torch's fp32 `[m,k] @ [k,n]` (MKL/oneDNN on CPU) at torch's current
+    thread count."""
+    import torch
+
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    with torch.inference_mode():
+        a @ b
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+    return 2 * m * k * n / median(times) / 1e9
+
+
 def matmul_rate(repeats: int = 7) -> float:
     """This machine's fp32 JAX matmul rate (GFLOP/s) on a SmolLM2-sized MLP projection."""
     return time_matmul(1024, 576, 1536, repeats)

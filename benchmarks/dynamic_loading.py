@@ -24,7 +24,6 @@ benchmarks/results/dynamic_loading/, with domain_weights.png).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import sys
 import time

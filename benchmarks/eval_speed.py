@@ -44,7 +44,7 @@ FLOPS_FORMULA = (
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, median, time_matmul  # noqa: E402
+from common import machine_info, median, time_matmul, torch_matmul_rate  # noqa: E402
 
 
 def matmul_flops_per_window(model, seqlen: int) -> dict:
@@ -62,19 +62,6 @@ def matmul_flops_per_window(model, seqlen: int) -> dict:
     return {"projection_params": proj, "lm_head_params": head,
             "projections": 2 * t * proj, "lm_head": 2 * t * head, "attention": attn,
             "total": 2 * t * (proj + head) + attn}
-
-
-def torch_matmul_rate(torch, m: int, k: int, n: int, repeats: int = 5) -> float:
-    """Median GFLOP/s of torch's fp32 `[m,k] @ [k,n]` (MKL/oneDNN on CPU), the same threads."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    with torch.inference_mode():
-        a @ b
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t0)
-    return 2 * m * k * n / median(times) / 1e9
 
 
 def prepare_nnxprune(model, windows: np.ndarray, batch_size: int, onednn: bool | None = None):
@@ -225,7 +212,7 @@ def main(argv=None) -> int:
             for o, opts in rate_options.items():
                 rate_runs[f"{name} {o}"].append(time_matmul(*shape, repeats=5, options=opts))
             if hf_pass is not None:  # torch's own GEMM on the same shape: transformers' floor
-                torch_rate_runs[name].append(torch_matmul_rate(torch, *shape))
+                torch_rate_runs[name].append(torch_matmul_rate(*shape))
         sec, total = timed(nnx_pass)
         ours["seconds"].append(sec)
         ours.setdefault("nll", total / (n * (args.seqlen - 1)))

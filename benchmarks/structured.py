@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (RESULTS, add_pruning_args, median, prepare_pruning,  # noqa: E402
+from common import (add_pruning_args, median, prepare_pruning,  # noqa: E402
                     pruning_report, write_results)
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -49,7 +49,6 @@ def forward_flops(config, seqlen: int) -> float:
 def time_forwards(models: dict, windows, protocol, rounds: int) -> dict[str, float]:
     """Median evaluation tokens/s per model, the models interleaved round by round."""
     import jax.numpy as jnp
-    import numpy as np
 
     from nnxprune.evaluate.perplexity import compile_scorer
 
