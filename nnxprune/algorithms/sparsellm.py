@@ -101,10 +101,11 @@ import numpy as np
 from jax import lax
 
 from nnxprune.algorithms.sparsegpt import hessian, hessian_factor, sparsegpt_prune
-from nnxprune.algorithms.sparsellm_steps import (GRAM_BLOCKS, _dot, _f32, _s_steps, _tdot, _terms,
-                                                  _z_closed_form, damped_cholesky, gram, init_aux,
-                                                  objective_terms, reconstruction_error, refit,
-                                                  ridge_solver, update_p, update_s, update_z)
+from nnxprune.algorithms.sparsellm_steps import (GRAM_BLOCKS, _dot, _f32, _p_matrix, _s_steps,
+                                                  _tdot, _terms, _z_closed_form, damped_cholesky,
+                                                  gram, init_aux, objective_terms,
+                                                  reconstruction_error, refit, ridge_solver,
+                                                  update_p, update_s, update_z)
 
 __all__ = ["init_aux", "update_p", "update_z", "update_s", "refit", "objective_terms",
            "reconstruction_error", "damped_cholesky", "gram", "ridge_solver", "sparsellm_mlp"]
@@ -140,12 +141,11 @@ def _round(X, Y, gate, up, down, z, s, p, ptp, pty, y_norm, alpha, beta, gamma, 
     statistics of its `p`) computes `p Wd` instead."""
     X, Y, Wd = X.astype(_f32), Y.astype(_f32), down.astype(_f32)
     Wg, Wu = gate.astype(_f32), up.astype(_f32)
-    tokens, d = X.shape
+    tokens = X.shape[0]
     f = Wg.shape[1]
     c = _row_chunk(tokens)
     if update:  # p's closed form: p = a + (Y - a Wd) M, p Wd = a Wd + (Y - a Wd) M Wd
-        K = (gamma / beta) * jnp.eye(d, dtype=_f32) + _tdot(Wd, Wd)
-        M = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(K), True), Wd.T)  # K^-1 Wd^T [d, f]
+        M = _p_matrix(Wd, beta, gamma)
         MW = _dot(M, Wd)
 
     def chunk(rows):  # the chunk's sums and (with `update`) its new z, s, p
@@ -263,6 +263,7 @@ def sparsellm_mlp(X, Y, gate, up, down, xtx, nsamples: int, *, sparsity: float |
     h_p = hessian(_tdot(p, p), nsamples) if h_down is None else jnp.asarray(h_down, _f32)
     x_solve = ridge_solver(xtx, f_x, nsamples, refit_damp) if iterations > 1 else None
     y_norm = jnp.sum(Y * Y)
+    y_norm_f = float(y_norm)
     history, best, stats = [], None, None
     for rnd in range(iterations):
         t0 = time.perf_counter()
@@ -289,7 +290,7 @@ def sparsellm_mlp(X, Y, gate, up, down, xtx, nsamples: int, *, sparsity: float |
                             f"(reconstruction {recon}, objective {before}); stopping. Try "
                             "smaller s_lr or larger refit_damp")
         entry = {"round": rnd, "reconstruction": recon,
-                 "relative": recon / float(y_norm) if float(y_norm) > 0 else 0.0,
+                 "relative": recon / y_norm_f if y_norm_f > 0 else 0.0,
                  "before": before, "after": None if terms is None else terms["total"],
                  "terms": terms,
                  "retries": {k: i["retries"] for k, i in (("gate", info_g), ("up", info_u),
@@ -301,5 +302,4 @@ def sparsellm_mlp(X, Y, gate, up, down, xtx, nsamples: int, *, sparsity: float |
         if best is None or not keep_best or recon < best[0]:
             best = (recon, rnd, gate, up, down, {"gate": keep_g, "up": keep_u, "down": keep_d})
     _, best_round, gate, up, down, keeps = best
-    return gate, up, down, keeps, {"history": history, "best_round": best_round,
-                                   "y_norm": float(y_norm)}
+    return gate, up, down, keeps, {"history": history, "best_round": best_round, "y_norm": y_norm_f}

@@ -46,20 +46,19 @@ def init_aux(X, gate, up):
     return z, s, jax.nn.silu(s) * z
 
 
-def _p_closed_form(Y, Wd, a, beta, gamma, with_output=False):
-    """p, and with `with_output` also `p Wd`, from `a Wd + (Y - a Wd) (M Wd)`: a `[T, d] x [d, d]`
-    product instead of a second `[T, f] x [f, d]` one."""
+def _p_matrix(Wd, beta, gamma):
+    """`M = K^-1 Wd^T [d, f]` with `K = (gamma / beta) I + Wd^T Wd`: the closed form of p is
+    `p = a + (Y - a Wd) M` (Woodbury; the module docstring of `sparsellm`)."""
     K = (gamma / beta) * jnp.eye(Wd.shape[1], dtype=_f32) + _tdot(Wd, Wd)
-    M = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(K), True), Wd.T)  # K^-1 Wd^T [d, f]
-    aw = _dot(a, Wd)
-    p = a + _dot(Y - aw, M)
-    return (p, aw + _dot(Y - aw, _dot(M, Wd))) if with_output else p
+    return jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(K), True), Wd.T)
 
 
 @jax.jit
 def update_p(Y, down, z, s, beta, gamma):
     """argmin_p `beta ||Y - p Wd||^2 + gamma ||p - silu(s) z||^2`, exactly (module docstring)."""
-    return _p_closed_form(Y.astype(_f32), down.astype(_f32), jax.nn.silu(s) * z, beta, gamma)
+    Y, Wd = Y.astype(_f32), down.astype(_f32)
+    a = jax.nn.silu(s) * z
+    return a + _dot(Y - _dot(a, Wd), _p_matrix(Wd, beta, gamma))
 
 
 def _z_closed_form(m, s, p, alpha, gamma):
