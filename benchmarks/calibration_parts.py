@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, matmul_rate, median, torch_matmul_rate  # noqa: E402
+from common import (equal_threads, machine_info, matmul_rate, median,  # noqa: E402
+                    torch_matmul_rate)
 
 
 def parts(model, n: int, seqlen: int):
@@ -94,12 +95,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    import torch
-
     from nnxprune.io.load import load_model
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                          else os.cpu_count())  # as many as XLA's CPU pool
+    equal_threads()  # torch's GEMM at as many threads as XLA's CPU pool
 
     model = load_model(args.model, with_tokenizer=False).model
     table = parts(model, args.n, args.seqlen)

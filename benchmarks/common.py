@@ -33,6 +33,17 @@ def time_matmul(m: int, k: int, n: int, repeats: int = 5, options: dict | None =
     return 2 * m * k * n / median(times) / 1e9
 
 
+def equal_threads() -> dict:
+    """One thread count for both implementations: XLA's CPU pool takes the schedulable cores;
+    torch gets as many intra-op threads."""
+    import torch
+
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(n)
+    return {"jax_xla_cpu_threads": n, "torch_num_threads": torch.get_num_threads(),
+            "torch_interop_threads": torch.get_num_interop_threads()}
+
+
 def torch_matmul_rate(m: int, k: int, n: int, repeats: int = 5) -> float:
     """Median GFLOP/s of torch's fp32 `[m,k] @ [k,n]` (MKL/oneDNN on CPU) at torch's current
     thread count."""

@@ -33,8 +33,8 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_pruning_args, matmul_rate, prepare_pruning, prune_and_score,  # noqa: E402
-                    pruning_report, write_results)
+from common import (add_pruning_args, equal_threads, matmul_rate, prepare_pruning,  # noqa: E402
+                    prune_and_score, pruning_report, write_results)
 
 
 def decoder_flops_per_token(config, seqlen: int) -> float:
@@ -198,17 +198,6 @@ def _write(args, setup, rows, rates, threads, quiet=False) -> None:
                             comparisons=comparisons(rows))
     report["machine"]["loadavg_end"] = list(os.getloadavg())
     write_results(args.out, report, markdown(args, setup, report), quiet=quiet)
-
-
-def equal_threads() -> dict:
-    """One thread count for both implementations: XLA's CPU pool takes the schedulable cores;
-    torch gets as many intra-op threads."""
-    import torch
-
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(n)
-    return {"jax_xla_cpu_threads": n, "torch_num_threads": torch.get_num_threads(),
-            "torch_interop_threads": torch.get_num_interop_threads()}
 
 
 def comparisons(rows) -> list[dict]:
