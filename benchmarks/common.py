@@ -13,9 +13,9 @@ def median(xs) -> float:
     return float(statistics.median(xs))
 
 
-def time_matmul(m: int, k: int, n: int, repeats: int = 5, options: dict | None = None) -> float:
+def time_matmul(m: int, k: int, n: int, repeats: int = 5) -> float:
     """Median GFLOP/s of a jitted fp32 `[m,k] @ [k,n]` (operands already on device), compiled with
-    XLA compiler `options` (e.g. `evaluate.compile.ONEDNN_OPTIONS`) when given."""
+    XLA's defaults."""
     import jax
     import jax.numpy as jnp
 
@@ -23,7 +23,7 @@ def time_matmul(m: int, k: int, n: int, repeats: int = 5, options: dict | None =
     a = jax.random.normal(ka, (m, k), jnp.float32)
     b = jax.random.normal(kb, (k, n), jnp.float32)
     lowered = jax.jit(jnp.dot).lower(a, b)
-    f = lowered.compile(dict(options)) if options else lowered.compile()
+    f = lowered.compile()
     f(a, b).block_until_ready()
     times = []
     for _ in range(max(repeats, 5)):

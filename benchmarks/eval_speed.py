@@ -2,15 +2,14 @@
 
 In one process, on the same WikiText-2 windows and the same thread settings:
 1. nnxprune: the jitted scorer `evaluate_perplexity` uses (`compile_scorer`, compiled ahead of
-   time once, with oneDNN matmuls where `evaluate.compile` enables them; compilation timed
-   separately), the same batch loop as `score_windows`; when oneDNN is on, also the same scorer
-   with XLA's default matmuls (YNNPACK), to show what the option gives;
+   time once with XLA's default CPU pipeline; compilation timed separately), the same batch loop
+   as `score_windows`;
 2. transformers `LlamaForCausalLM` in fp32 on the same weights (our `export_hf` of the model, which
    is tensor-for-tensor what transformers reads from the GGUF), under `torch.inference_mode()`, same
    batches, same NLL (float32 log-softmax of the logits for tokens 1..T-1); each side gets one
-   untimed warm-up batch;
-3. the matmul floor: jitted fp32 matmuls in JAX (median GFLOP/s of the best shape and backend,
-   XLA default or oneDNN), the model's matmul FLOPs per window counted from its kernel shapes,
+   untimed warm-up batch; torch gets as many intra-op threads as XLA's CPU pool has cores
+   (`common.equal_threads`);
+3. the matmul floor: jitted fp32 matmuls in JAX (median GFLOP/s of the best shape), the model's matmul FLOPs per window counted from its kernel shapes,
    and `floor_ratio = seconds / (flops / best matmul rate)`.
 4. torch's own fp32 matmul on the same shapes (transformers' floor, when it is faster than JAX's).
 The four are interleaved (one repeat of each in turn) so that load from other processes on a
@@ -44,7 +43,7 @@ FLOPS_FORMULA = (
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, median, time_matmul, torch_matmul_rate  # noqa: E402
+from common import equal_threads, machine_info, median, time_matmul, torch_matmul_rate  # noqa: E402
 
 
 def matmul_flops_per_window(model, seqlen: int) -> dict:
@@ -64,15 +63,15 @@ def matmul_flops_per_window(model, seqlen: int) -> dict:
             "total": 2 * t * (proj + head) + attn}
 
 
-def prepare_nnxprune(model, windows: np.ndarray, batch_size: int, onednn: bool | None = None):
+def prepare_nnxprune(model, windows: np.ndarray, batch_size: int):
     """The scorer `score_windows` uses, compiled once and run once on the first batch, untimed, as
-    transformers is: `(one_pass() -> NLL sum, compile seconds, compiler options, warm-up s)`."""
+    transformers is: `(one_pass() -> NLL sum, compile seconds, warm-up s)`."""
     from nnxprune.evaluate.perplexity import compile_scorer
 
     n, seqlen = windows.shape
     bs = min(batch_size, n)
     t0 = time.perf_counter()
-    compiled, state, options = compile_scorer(model, bs, seqlen, onednn=onednn)
+    compiled, state = compile_scorer(model, bs, seqlen)
     compile_seconds = time.perf_counter() - t0
 
     def one_pass() -> float:
@@ -90,7 +89,7 @@ def prepare_nnxprune(model, windows: np.ndarray, batch_size: int, onednn: bool |
     # the first execution of a compiled program costs more than the later ones (the JSON keeps
     # it as *_warmup_seconds); `nnxprune eval` counts it in its tokens/s
     float(compiled(state, jnp.asarray(windows[:bs], jnp.int32), jnp.ones(bs, jnp.float32)))
-    return one_pass, compile_seconds, options, time.perf_counter() - t0
+    return one_pass, compile_seconds, time.perf_counter() - t0
 
 
 def prepare_transformers(hf_model, torch, windows: np.ndarray, batch_size: int):
@@ -141,6 +140,7 @@ def main(argv=None) -> int:
     from nnxprune.io.load import load_model
 
     machine = machine_info()
+    equal_threads()  # torch's intra-op threads = XLA's CPU pool (the schedulable cores)
     threads = {"OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
                "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
@@ -177,15 +177,8 @@ def main(argv=None) -> int:
     f = loaded.model.config.layers[0].intermediate_size
     shapes = {f"{args.seqlen * args.batch_size}x{d}x{f}": (args.seqlen * args.batch_size, d, f),
               "2048x2048x2048": (2048, 2048, 2048)}
-    nnx_pass, compile_seconds, options, warmup = prepare_nnxprune(loaded.model, windows, args.batch_size)
-    print(f"nnxprune compiled in {compile_seconds:.1f}s with options {options}", flush=True)
-    # the same scorer with XLA's default CPU matmuls (YNNPACK), when the shipped one uses oneDNN
-    plain_pass = None
-    if options:
-        plain_pass, plain_compile, _, plain_warmup = prepare_nnxprune(
-            loaded.model, windows, args.batch_size, onednn=False)
-        plain = {"seconds": [], "compile_seconds": plain_compile, "warmup_seconds": plain_warmup}
-    from nnxprune.evaluate.compile import ONEDNN_OPTIONS
+    nnx_pass, compile_seconds, warmup = prepare_nnxprune(loaded.model, windows, args.batch_size)
+    print(f"nnxprune compiled in {compile_seconds:.1f}s", flush=True)
     hf_pass = None
     if not args.skip_transformers:
         import transformers
@@ -200,28 +193,19 @@ def main(argv=None) -> int:
         theirs = {"seconds": [], "warmup_seconds": warmup_seconds,
                   "attn_implementation": hf_model.config._attn_implementation,
                   "transformers": transformers.__version__, "torch": torch.__version__}
-    ours = {"seconds": [], "compile_seconds": compile_seconds, "options": options,
-            "warmup_seconds": warmup}
-    # JAX's matmul rate with XLA's defaults and, where the scorer uses it, with oneDNN: the floor
-    # is the faster of the two (the best JAX reaches on this machine)
-    rate_options = {"xla": None} | ({"onednn": ONEDNN_OPTIONS} if options else {})
-    rate_runs = {f"{name} {o}": [] for name in shapes for o in rate_options}
+    ours = {"seconds": [], "compile_seconds": compile_seconds, "warmup_seconds": warmup}
+    # JAX's matmul rate (XLA's defaults) per shape: the floor is the best of them
+    rate_runs = {name: [] for name in shapes}
     torch_rate_runs = {name: [] for name in shapes}
     for r in range(args.repeats):
         for name, shape in shapes.items():
-            for o, opts in rate_options.items():
-                rate_runs[f"{name} {o}"].append(time_matmul(*shape, repeats=5, options=opts))
+            rate_runs[name].append(time_matmul(*shape, repeats=5))
             if hf_pass is not None:  # torch's own GEMM on the same shape: transformers' floor
                 torch_rate_runs[name].append(torch_matmul_rate(*shape))
         sec, total = timed(nnx_pass)
         ours["seconds"].append(sec)
         ours.setdefault("nll", total / (n * (args.seqlen - 1)))
         msg = f"repeat {r + 1}/{args.repeats}: nnxprune {sec:.2f}s"
-        if plain_pass is not None:
-            sec, total = timed(plain_pass)
-            plain["seconds"].append(sec)
-            plain.setdefault("nll", total / (n * (args.seqlen - 1)))
-            msg += f" (XLA default matmuls {sec:.2f}s)"
         if hf_pass is not None:
             sec, total = timed(hf_pass)
             theirs["seconds"].append(sec)
@@ -243,9 +227,6 @@ def main(argv=None) -> int:
         theirs["ppl"] = math.exp(theirs["nll"])
         del hf_model, hf_pass
 
-    if plain_pass is not None:
-        plain["median_seconds"] = median(plain["seconds"])
-        plain["ppl"] = math.exp(plain["nll"])
     ours_tps = tokens / ours["median_seconds"]
     ours_gflops = total_flops / ours["median_seconds"] / 1e9
     result = {
@@ -257,7 +238,6 @@ def main(argv=None) -> int:
         "nnxprune_seconds": ours["median_seconds"],
         "nnxprune_seconds_runs": ours["seconds"],
         "nnxprune_compile_seconds": ours["compile_seconds"],
-        "nnxprune_compiler_options": ours["options"],
         "nnxprune_warmup_seconds": ours["warmup_seconds"],
         "nnxprune_tokens_per_second": ours_tps,
         "ppl_nnxprune": ours["ppl"],
@@ -273,15 +253,6 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine,
     }
-    if plain_pass is not None:
-        result.update({
-            "nnxprune_xla_default_seconds": plain["median_seconds"],
-            "nnxprune_xla_default_seconds_runs": plain["seconds"],
-            "nnxprune_xla_default_warmup_seconds": plain["warmup_seconds"],
-            "nnxprune_xla_default_tokens_per_second": tokens / plain["median_seconds"],
-            "ppl_nnxprune_xla_default": plain["ppl"],
-            "onednn_speedup": plain["median_seconds"] / ours["median_seconds"],
-        })
     if theirs is not None:
         hf_tps = tokens / theirs["median_seconds"]
         result.update({
@@ -303,12 +274,8 @@ def main(argv=None) -> int:
         result["machine"].update(transformers=theirs["transformers"], torch=theirs["torch"])
     result["machine"]["loadavg_end"] = list(os.getloadavg())
 
-    label = "nnxprune (JAX, jit, oneDNN matmuls)" if options else "nnxprune (JAX, jit)"
-    rows = [(label, ours["median_seconds"], ours_tps, ours["ppl"], ours_gflops, result["floor_ratio"])]
-    if plain_pass is not None:
-        rows.append(("nnxprune, XLA default matmuls", plain["median_seconds"],
-                     tokens / plain["median_seconds"], plain["ppl"],
-                     total_flops / plain["median_seconds"] / 1e9, plain["median_seconds"] / floor_seconds))
+    rows = [("nnxprune (JAX, jit)", ours["median_seconds"], ours_tps, ours["ppl"], ours_gflops,
+             result["floor_ratio"])]
     if theirs is not None:
         rows.append((f"transformers {theirs['transformers']} ({theirs['attn_implementation']}, fp32)",
                      theirs["median_seconds"], result["transformers_tokens_per_second"],
@@ -327,7 +294,7 @@ def main(argv=None) -> int:
         print(f"| {name} | {sec:.2f} | {tps:.0f} | {ppl_s} | {gf:.1f} | {fr:.2f} |")
     if theirs is not None:
         print("\ntorch's own fp32 matmul on the same shapes: " + ", ".join(
-            f"{k} {v:.0f} GFLOP/s ({v / max(r for key, r in rates.items() if key.startswith(k)):.2f}x JAX's best)"
+            f"{k} {v:.0f} GFLOP/s ({v / rates[k]:.2f}x JAX's)"
             for k, v in result["torch_matmul_gflops_by_shape"].items())
             + f"; transformers at {result['torch_floor_ratio']:.2f}x its own matmul floor")
         print(f"\nspeed ratio nnxprune/transformers: {result['speed_ratio']:.2f}x; "

@@ -58,7 +58,7 @@ def time_forwards(models: dict, windows, protocol, rounds: int) -> dict[str, flo
     batches = [jnp.asarray(windows[i:i + bs], jnp.int32) for i in range(0, len(windows) - bs + 1, bs)]
     times = {name: [] for name in models}
     for _ in range(rounds):
-        for name, (fn, state, _) in compiled.items():
+        for name, (fn, state) in compiled.items():
             t0 = time.perf_counter()
             for b in batches:
                 float(fn(state, b, weight))

@@ -70,8 +70,7 @@ def cmd_eval(args) -> int:
     print(f"ppl       {result.ppl:.4f}  (mean NLL {result.nll:.5f} over {result.predicted_tokens:,} "
           f"predicted tokens, {result.windows} windows)")
     print(f"speed     {result.tokens_per_second:,.0f} tokens/s ({result.tokens:,} tokens in "
-          f"{result.seconds:.1f} s; compile {result.compile_seconds:.1f} s"
-          f"{', oneDNN matmuls' if result.compiler_options else ''})")
+          f"{result.seconds:.1f} s; compile {result.compile_seconds:.1f} s)")
     if args.json:
         report = {"model": args.model, "source": loaded.source, **result.to_dict()}
         atomic.write_json(args.json, report)

@@ -6,8 +6,9 @@ windows, which equals the Wanda / SparseGPT reference evaluation (mean of per-wi
 because every window predicts the same number of tokens.
 
 The scoring function is one `jax.jit` over the model's state, compiled ahead of time once per
-batch shape (the ragged last batch is padded and masked, so there is one shape), with oneDNN for
-the matmuls on CPU where that is safe (`evaluate.compile`). The output head
+batch shape (the ragged last batch is padded and masked, so there is one shape), with XLA's
+default pipeline and no compiler options, on every CPU (DESIGN.md principle 14: an experimental
+option such as oneDNN matmuls killed the process with SIGILL on an AVX-512 EPYC). The output head
 runs in position chunks and vocabulary tiles (`evaluate.head`), so no `[B, T, V]` logits exist.
 
 Example:
@@ -31,7 +32,6 @@ from tqdm.auto import tqdm
 
 from nnxprune import data as data_lib
 from nnxprune.errors import UserError
-from nnxprune.evaluate.compile import compile_fast
 from nnxprune.evaluate.head import head_logprobs
 from nnxprune.evaluate.protocol import PerplexityProtocol
 from nnxprune.models.llama import Llama
@@ -49,7 +49,6 @@ class PerplexityResult:
     seconds: float  # wall time of the scoring loop, compilation excluded
     compile_seconds: float
     protocol: PerplexityProtocol
-    compiler_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # XLA options used
 
     @property
     def tokens_per_second(self) -> float:
@@ -88,14 +87,13 @@ def make_scorer(model: Llama):
     return score, state
 
 
-def compile_scorer(model: Llama, batch: int, seqlen: int, *, onednn: bool | None = None):
-    """`make_scorer` compiled ahead of time for `[batch, seqlen]` windows:
-    `(compiled(state, tokens, weight), state, compiler options used)` (`onednn`: see
-    `evaluate.compile.compile_fast`)."""
+def compile_scorer(model: Llama, batch: int, seqlen: int):
+    """`make_scorer` compiled ahead of time for `[batch, seqlen]` windows, with XLA's defaults:
+    `(compiled(state, tokens, weight), state)`."""
     score, state = make_scorer(model)
-    compiled, options = compile_fast(score, state, jax.ShapeDtypeStruct((batch, seqlen), jnp.int32),
-                                     jax.ShapeDtypeStruct((batch,), jnp.float32), onednn=onednn)
-    return compiled, state, options
+    lowered = score.trace(state, jax.ShapeDtypeStruct((batch, seqlen), jnp.int32),
+                          jax.ShapeDtypeStruct((batch,), jnp.float32)).lower()
+    return lowered.compile(), state
 
 
 def evaluate_perplexity(model: Llama, tokenizer: Any, protocol: PerplexityProtocol, *,
@@ -116,7 +114,7 @@ def score_windows(model: Llama, windows: np.ndarray, protocol: PerplexityProtoco
     n, seqlen = windows.shape
     bs = min(protocol.batch_size, n)
     t0 = time.perf_counter()
-    compiled, state, options = compile_scorer(model, bs, seqlen)
+    compiled, state = compile_scorer(model, bs, seqlen)
     compile_seconds = time.perf_counter() - t0
 
     total = 0.0
@@ -138,4 +136,4 @@ def score_windows(model: Llama, windows: np.ndarray, protocol: PerplexityProtoco
         raise FloatingPointError(f"perplexity is not finite (mean NLL {nll})")
     return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=n * seqlen, predicted_tokens=predicted,
                             windows=n, seconds=seconds, compile_seconds=compile_seconds,
-                            protocol=protocol, compiler_options=options)
+                            protocol=protocol)

@@ -5,7 +5,6 @@ import dataclasses
 import importlib.util
 import json
 import re
-import time
 
 import jax
 import numpy as np
@@ -130,12 +129,9 @@ def test_real_smollm2_summary():
         model = load_model("smollm2-135m", with_tokenizer=False).model
     except UserError as e:
         pytest.skip(f"SmolLM2-135M unavailable: {e}")
-    t0 = time.perf_counter()
     summary = summarize(model, source_config=model.config)
-    elapsed = time.perf_counter() - t0
     assert summary.params == count_params(model.config) == 134_515_008
     assert len(summary.layers) == 30 and len(summary.linears) == 30 * 7   # tied: no lm_head
     assert summary.pattern == DENSE                    # Q4_1's stray exact zeros are not pruning
     assert 0 < summary.zeros < 0.01 * summary.params   # 0.24%, mostly in the embedding
     assert summary.params_ratio == 1.0
-    assert elapsed < 10, f"summarize took {elapsed:.1f} s"
