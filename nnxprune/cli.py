@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 import time
 from typing import Sequence
 
+from nnxprune import preflight
 from nnxprune.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -37,6 +37,7 @@ def _load(args, *, with_tokenizer: bool = True):
     from nnxprune.io.load import load_model
     from nnxprune.measure import count_params
 
+    preflight.check_model(args.model, with_tokenizer=with_tokenizer, chat=getattr(args, "chat", False))
     t0 = time.perf_counter()
     loaded = load_model(args.model, param_dtype=getattr(jnp, args.dtype),  # float32 | bfloat16
                         with_tokenizer=with_tokenizer)
@@ -62,7 +63,7 @@ def cmd_eval(args) -> int:
     data_dir = data_lib.resolve_data_dir(args.data_dir)
     data_lib.check_available(protocol.dataset, protocol.split, data_dir)
     atomic.check_outputs(files=[args.json], overwrite=args.overwrite)
-
+    preflight.check_eval(args, protocol)
     loaded = _load(args)
     print(f"protocol  {protocol.describe()}", flush=True)
     result = evaluate_perplexity(loaded.model, loaded.tokenizer, protocol, data_dir=data_dir,
@@ -81,8 +82,7 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     from nnxprune.generate import generate_text
 
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    preflight.check_generate(args)  # PROMPT and every option, before loading
     loaded = _load(args)
     result = generate_text(loaded.model, loaded.tokenizer, args.prompt,
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -97,22 +97,12 @@ def cmd_generate(args) -> int:
 
 def cmd_export(args) -> int:
     from nnxprune.io import atomic
-    from nnxprune.io.checkpoint import save_checkpoint
-    from nnxprune.io.hf import export_hf
-    from nnxprune.io.load import source_label
+    from nnxprune.io.export import export_target, write_export
 
-    out = args.hf or args.checkpoint or args.out
-    if out is None:
-        raise UserError("give an output: --hf OUT_DIR or --checkpoint OUT_DIR")
-    fmt = "checkpoint" if args.checkpoint else ("hf" if args.hf else args.format)
+    # one output, one format (conflicts refused), checked before loading; a full disk: one line
+    out, fmt = export_target(args.out, args.hf, args.checkpoint, getattr(args, "format", None))
     atomic.check_outputs(folders=[out], overwrite=args.overwrite)
-    loaded = _load(args)
-    if fmt == "hf":
-        written = export_hf(loaded.model, out, tokenizer=loaded.tokenizer, overwrite=args.overwrite)
-    else:
-        provenance = {"source": loaded.source, "source_model": source_label(loaded)}
-        written = save_checkpoint(loaded.model, out, tokenizer=loaded.tokenizer,
-                                  provenance=provenance, overwrite=args.overwrite)
+    written = write_export(_load(args), out, fmt, overwrite=args.overwrite)
     print(f"wrote     {written} ({fmt})")
     return 0
 
@@ -160,14 +150,13 @@ def cmd_lm_eval(args) -> int:
     atomic.check_outputs(files=[args.json], overwrite=args.overwrite)
     from nnxprune.evaluate import lmeval
 
-    manager = lmeval.task_manager(tasks, args.include_path)  # unknown tasks fail before loading
-    del manager
+    prepared = preflight.check_lm_eval(args, tasks)  # options, tasks and their data, before loading
     loaded = _load(args)
     lm = lmeval.NnxpruneLM(loaded=loaded, batch_size=args.batch_size, max_length=args.max_length)
     t0 = time.perf_counter()
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     out = lmeval.run_tasks(lm, tasks, include_path=args.include_path, limit=limit,
-                           num_fewshot=args.num_fewshot, seed=args.seed)
+                           num_fewshot=args.num_fewshot, seed=args.seed, prepared=prepared)
     out["seconds"] = time.perf_counter() - t0
     print(lmeval.results_table(out["results"]))
     print(f"time      {out['seconds']:.1f} s; {out['compiled_shapes']} compiled scoring shapes")
@@ -180,15 +169,9 @@ def cmd_lm_eval(args) -> int:
 def cmd_inspect(args) -> int:
     from nnxprune.inspect import inspect_model
     from nnxprune.io import atomic
-    from nnxprune.io.checkpoint import is_checkpoint, read_meta
-    from nnxprune.io.load import load_model
 
     atomic.check_outputs(files=[args.html, args.markdown, args.png], overwrite=args.overwrite)
-    source_config = None
-    if args.source:
-        source_config = load_model(args.source, with_tokenizer=False).model.config
-    elif is_checkpoint(Path(args.model)):
-        source_config = read_meta(args.model).get("provenance", {}).get("source_config")
+    source_config = preflight.inspect_source(args)  # --source's or the recorded one, checked
     loaded = _load(args, with_tokenizer=False)
     summary = inspect_model(loaded.model, source_config=source_config, html=args.html,
                             markdown=args.markdown, png=args.png, title=f"nnxprune inspect {args.model}")
@@ -207,6 +190,7 @@ def cmd_importance(args) -> int:
     calibration = calibration_for(args.set or [], scores := check_scores(args.score))
     data_dir = data_lib.resolve_data_dir(args.data_dir)
     atomic.check_outputs(files=[args.json, args.png], overwrite=args.overwrite)
+    preflight.check_importance(args, calibration, data_dir)
     write_importance(_load(args), scores, calibration, data_dir=data_dir, json_path=args.json,
                      png_path=args.png, batch_size=args.batch_size, progress=not args.no_progress,
                      name=args.model)
@@ -289,8 +273,9 @@ def _add_export(sub) -> None:
     group.add_argument("--hf", metavar="OUT_DIR", default=None, help="write a Hugging Face folder")
     group.add_argument("--checkpoint", metavar="OUT_DIR", default=None,
                        help="write an nnxprune checkpoint")
-    p.add_argument("--format", choices=["hf", "checkpoint"], default="hf",
-                   help="format for the positional OUT_DIR")
+    p.add_argument("--format", choices=["hf", "checkpoint"], default=argparse.SUPPRESS,
+                   help="format for the positional OUT_DIR (default: hf; must agree with --hf / "
+                        "--checkpoint)")
     _add_overwrite(p)
     p.set_defaults(func=cmd_export)
 
@@ -431,15 +416,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from nnxprune.io.atomic import sigterm_exits
+    from nnxprune.interrupt import Interrupted, handled
+    from nnxprune.io.atomic import run_outputs
 
     args = build_parser().parse_args(argv)
-    try:
-        with sigterm_exits():  # SIGTERM unwinds like Ctrl-C: temporaries are removed
+    try:  # signals stop the run at a safe point; outputs are checked again when written
+        with handled(), run_outputs():
             return args.func(args)
     except UserError as e:
         print(f"nnxprune {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Interrupted as e:
+        print(f"nnxprune: {e}; outputs not finished were not written", file=sys.stderr)
+        return int(e.code)
     except KeyboardInterrupt:
         print("nnxprune: interrupted", file=sys.stderr)
         return 130

@@ -129,6 +129,33 @@ def _eos_ids(model, tokenizer, eos_token_id, stop_at_eos: bool) -> np.ndarray:
     return np.array([eos] if isinstance(eos, int) else list(eos), np.int32)
 
 
+def check_options(*, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
+                  top_p: float | None = None, seed: int = 0, context: int | None = None,
+                  flag=lambda name: name) -> None:
+    """UserError for a generation setting out of range, named by `flag(name)` (the CLI passes
+    `--max-new-tokens` style names): what `generate` checks, and `nnxprune generate` before it
+    loads any weight. `context` (the model's) leaves room for at least one prompt token."""
+    def integer(value) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+    if not integer(max_new_tokens) or max_new_tokens < 1:
+        raise UserError(f"{flag('max_new_tokens')} must be an integer >= 1, got {max_new_tokens!r}")
+    if context is not None and max_new_tokens >= context:
+        raise UserError(f"{flag('max_new_tokens')} {max_new_tokens} leaves no room for the prompt "
+                        f"in the model's context of {context} tokens")
+    if not number(temperature) or not 0 <= temperature < float("inf"):
+        raise UserError(f"{flag('temperature')} must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None and (not integer(top_k) or top_k < 1):
+        raise UserError(f"{flag('top_k')} must be an integer >= 1, got {top_k!r}")
+    if top_p is not None and (not number(top_p) or not 0 < top_p <= 1):
+        raise UserError(f"{flag('top_p')} must be in (0, 1], got {top_p!r}")
+    if not integer(seed) or not -2**63 <= seed < 2**63:
+        raise UserError(f"{flag('seed')} must be a 64-bit integer, got {seed!r}")
+
+
 def generate(model: Llama, tokenizer, prompt_ids: Sequence[int], *, max_new_tokens: int = 32,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, stop_at_eos: bool = True,
@@ -142,14 +169,8 @@ def generate(model: Llama, tokenizer, prompt_ids: Sequence[int], *, max_new_toke
         raise UserError("the prompt is empty: give at least one token")
     if ids.ndim != 1 or ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= cfg.vocab_size:
         raise UserError(f"prompt_ids must be a 1-D list of token ids in [0, {cfg.vocab_size})")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise UserError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise UserError(f"temperature must be >= 0, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise UserError(f"top_k must be an integer >= 1, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1], got {top_p!r}")
+    check_options(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                  top_p=top_p, seed=seed)
     length, total = len(ids), len(ids) + max_new_tokens
     if total > cfg.max_position_embeddings:
         raise UserError(f"prompt ({length} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
@@ -188,10 +209,29 @@ def generate(model: Llama, tokenizer, prompt_ids: Sequence[int], *, max_new_toke
 
 def generate_text(model: Llama, tokenizer, prompt: str, *, chat: bool = False, **kw) -> GenerationResult:
     """Tokenizes `prompt` (as one user turn of the chat template when `chat`) and generates."""
+    check_prompt(prompt)
     if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("the tokenizer has no chat template, which chat (--chat) needs")
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                tokenize=False, add_generation_prompt=True)
         ids = tokenizer(prompt, add_special_tokens=False).input_ids
     else:
         ids = tokenizer(prompt).input_ids
     return generate(model, tokenizer, ids, **kw)
+
+
+def check_prompt(prompt: str) -> None:
+    """UserError unless `prompt` is text that UTF-8 can encode: bytes that were not UTF-8 on the
+    command line arrive as lone surrogates (Python's `surrogateescape`), which no tokenizer
+    takes."""
+    if not isinstance(prompt, str):
+        raise UserError(f"the prompt must be text, got {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = prompt[e.start]
+        what = (f"byte {ord(bad) - 0xDC00:#04x}" if 0xDC80 <= ord(bad) <= 0xDCFF
+                else f"lone surrogate U+{ord(bad):04X}")
+        raise UserError(f"the prompt is not valid UTF-8 text ({what} at character {e.start}); "
+                        f"pass it in UTF-8") from None

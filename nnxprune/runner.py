@@ -61,14 +61,12 @@ def _lm_eval(model, loaded, settings: dict[str, Any], echo, label: str) -> dict[
 
 
 def _check_calibration_source(recipe: Recipe, data_dir) -> None:
-    """Fails fast when the calibration data could not be read (before any model work)."""
-    cal = recipe.calibration
-    if cal is None:
-        return
-    if cal.dataset == "c4" and data_dir is not None:
-        data_lib.check_available("c4", "validation", data_dir)
-    elif cal.dataset not in ("c4", "wikitext2") and not Path(cal.dataset).is_file():
-        raise UserError(f"calibration file {cal.dataset} not found")
+    """Fails fast when the calibration data could not be read (before any model work): a missing
+    or unreadable file, the data folder's C4 slice, or the hub (`preflight.check_calibration`)."""
+    if recipe.calibration is not None and recipe.pipeline.needs_calibration:
+        from nnxprune.preflight import check_calibration
+
+        check_calibration(recipe.calibration.dataset, data_dir)
 
 
 def markdown_report(report: dict[str, Any]) -> str:
@@ -141,7 +139,7 @@ def _preflight(recipe: Recipe, name: str | None, out, report_path, data_dir, *, 
         raise UserError("nothing would be written: pass --out and/or --json")
     atomic.check_outputs(folders=[out], files=report_outputs(report_path, views), overwrite=overwrite)
     if recipe.recovery is not None:
-        atomic.check_log_dir(train_dir or default_train_dir(out, report_path))
+        atomic.check_log_dir(train_dir or default_train_dir(out, report_path), overwrite=overwrite)
     data_dir = data_lib.resolve_data_dir(data_dir)
     if recipe.eval is not None:
         data_lib.check_available(recipe.eval.dataset, recipe.eval.split, data_dir)
@@ -259,6 +257,7 @@ def _write_report(report: dict[str, Any], report_path, model, dense_config, titl
     echo(f"wrote     {report_path} (and {', '.join(str(f) for f in files[1:])})")
 
 
+@atomic.run_outputs()  # outputs checked at startup are checked again when written
 def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_path: str | None = None,
                data_dir=None, progress: bool = True, views: bool = True,
                echo=print, train_dir=None, overwrite: bool = False) -> dict[str, Any]:

@@ -49,3 +49,24 @@ def tiny_config():
 
     return LlamaConfig.uniform(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4,
                                num_kv_heads=2, intermediate_size=128, head_dim=16)
+
+
+@pytest.fixture
+def private_registry(tmp_path, monkeypatch):
+    """A registry of written outputs of the test's own (`nnxprune.io.ownership`), beside its
+    tmp_path (so that a test listing tmp_path does not see it)."""
+    monkeypatch.setenv("NNXPRUNE_STATE_DIR", str(tmp_path.parent / f"{tmp_path.name}-registry"))
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fails the test if any model weights are loaded (a check must come before)."""
+    from nnxprune import runner
+    from nnxprune.recovery import run as recovery_run
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the check")
+
+    for module in (runner, recovery_run):
+        monkeypatch.setattr(module, "load_model", refuse)
+    monkeypatch.setattr("nnxprune.io.load.load_model", refuse)

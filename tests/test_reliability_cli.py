@@ -13,7 +13,6 @@ import test_cli
 from flax import nnx
 from test_cli import assert_user_error, run
 
-from nnxprune import runner
 from nnxprune.io.checkpoint import read_meta
 from nnxprune.io.load import peek_config
 from nnxprune.measure import count_params
@@ -26,20 +25,8 @@ tiny_folder = test_cli.tiny_folder  # the tiny model + tokenizer fixture of the 
 DROP = '[[prune]]\nkind = "drop_layers"\nlayers = [1]\n'
 
 
-@pytest.fixture(autouse=True)
-def _state_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("NNXPRUNE_STATE_DIR", str(tmp_path.parent / f"{tmp_path.name}-registry"))
+pytestmark = pytest.mark.usefixtures("private_registry")  # conftest.py
 
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Fails the test if any model weights are loaded."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the check")
-
-    for module in (runner, recovery_run):
-        monkeypatch.setattr(module, "load_model", refuse)
-    monkeypatch.setattr("nnxprune.io.load.load_model", refuse)
 
 
 def write(tmp_path, name: str, text: str | bytes):

@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from nnxprune import interrupt
 from nnxprune.calibration.collectors import Collector
 from nnxprune.models.llama import default_positions
 from nnxprune.variables import NormOutput, ProjectionInput
@@ -196,6 +197,7 @@ def run_sequential(model, tokens: np.ndarray, visit: Visit, collectors: Sequence
     bar = tqdm(total=len(model.layers), desc=desc, unit="layer", disable=not progress, leave=False)
 
     def layer_call(i, layer, x, positions, inv_freq, cache, attention_fn):
+        interrupt.stop_if_requested()  # a safe point: between layers
         plan = tuple((c, c.taps(i)) for c in collectors if c.active(i))
         if plan or not collectors:
             t0 = time.perf_counter()

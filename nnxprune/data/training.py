@@ -153,6 +153,18 @@ def read_instructions(path) -> list[dict]:
     return records
 
 
+def instruction_records(path, *, heldout_windows: int, batch_size: int = 1) -> list[dict]:
+    """`read_instructions`, with enough records for the held-out windows and then a training
+    batch; needs no tokenizer, so a run checks its data with it before loading the model."""
+    records = read_instructions(path)
+    left = len(records) - heldout_windows
+    if left < max(batch_size, 1):
+        have = "none" if left <= 0 else f"only {left}"
+        raise UserError(f"{path} has {len(records)} records: {have} left for training after "
+                        f"{heldout_windows} held-out windows (a batch takes {batch_size})")
+    return records
+
+
 def alpaca_prompt(record: dict) -> str:
     """The Alpaca prompt of a record (the template without input when `input` is empty)."""
     if record.get("input"):
@@ -178,13 +190,13 @@ def instruction_windows(tokenizer: Any, path, *, seqlen: int, train_windows: int
                         heldout_windows: int) -> TokenWindows:
     """The first `heldout_windows` records held out, the next (up to `train_windows`) for
     training; one window per record (module docstring)."""
-    records = read_instructions(path)
-    if len(records) <= heldout_windows:
-        raise UserError(f"{path} has {len(records)} records: none left for training after "
-                        f"{heldout_windows} held-out windows")
+    records = instruction_records(path, heldout_windows=heldout_windows)
     rows = [instruction_window(tokenizer, r, seqlen)
             for r in records[:heldout_windows + train_windows]]
-    empty = np.zeros((0, seqlen), np.int32)
-    return TokenWindows(train=np.stack(rows[heldout_windows:]),
+    train, empty = np.stack(rows[heldout_windows:]), np.zeros((0, seqlen), np.int32)
+    if not (train[:, 1:] >= 0).any():  # the loss would be 0 at every step: nothing to learn
+        raise UserError(f"{path}: every training record's prompt fills its {seqlen}-token window, "
+                        f"leaving no response token to train on; raise recovery.seqlen")
+    return TokenWindows(train=train,
                         heldout=np.stack(rows[:heldout_windows]) if heldout_windows else empty,
                         source=str(path), documents=len(rows))

@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from nnxprune import interrupt
 from nnxprune import data as data_lib
 from nnxprune.errors import UserError
 from nnxprune.evaluate.head import head_logprobs
@@ -121,6 +122,7 @@ def score_windows(model: Llama, windows: np.ndarray, protocol: PerplexityProtoco
     t0 = time.perf_counter()
     bar = tqdm(total=n, desc=f"ppl {protocol.dataset}", unit="win", disable=not progress, leave=False)
     for start in range(0, n, bs):
+        interrupt.stop_if_requested()  # a safe point: between batches
         batch = windows[start:start + bs]
         weight = np.ones(bs, np.float32)
         if len(batch) < bs:  # pad the ragged tail to the compiled shape; padded rows weigh 0

@@ -1,100 +1,76 @@
 """Safe outputs: written whole or not at all, and never over a user's own files.
 
-Everything nnxprune writes (checkpoints, HF folders, reports) is built under a temporary name in
-the destination's folder and renamed into place at the end, so a failure or an interrupt never
-leaves a half-written result behind (and never destroys the previous one before the new one is
-complete). SIGTERM during a write raises `SystemExit`, so the temporary is removed as on Ctrl-C;
-temporaries a killed run (SIGKILL, power loss) left are removed by the next write to the same
+Everything nnxprune writes (checkpoints, HF folders, reports, training logs) is built under a
+temporary name in the destination's folder and renamed into place at the end, so a failure or
+an interrupt never leaves a half-written result behind (and never destroys the previous one
+before the new one is complete). SIGINT, SIGTERM and SIGHUP stop a write at its safe point, just
+before the rename (`nnxprune.interrupt`): the temporary is removed and the previous output kept.
+Temporaries a killed run (SIGKILL, power loss) left are removed by the next write to the same
 target. Outputs get the user's umask.
 
-An existing output is replaced only when nnxprune wrote it (checked by `check_outputs` before any
-work, and again by `atomic_dir` when it writes; `write_bytes` replaces files unless told not to): an output recorded, with its
-fingerprint (a file's sha256; a folder's names and file sizes), in `registry_path()`
-(`~/.local/state/nnxprune/outputs.json`) and unchanged since, or a checkpoint folder (it holds
-`nnxprune.json`) that was never recorded. Anything else, a user's edits to a report or files
-added to an output folder included, is refused with one line unless the caller passes
-`overwrite=True` (`--overwrite`). The current folder, its parents, the home folder and `/` are
-never accepted as output folders. `check_outputs` runs all of this before any work.
+An existing output is replaced only when nnxprune wrote it and nothing changed it since: recorded
+with its fingerprint (its whole tree, by content; `io.ownership`) and unchanged. Anything else, a
+user's folder holding its own `nnxprune.json`, a file added two levels down in a checkpoint, an
+edited report, is refused with one line unless the caller passes `overwrite=True` (`--overwrite`).
+A symbolic link at an output path is never written through or replaced, even with `overwrite`.
+The current folder, its parents, the home folder and `/` are never accepted as output folders.
+
+`check_outputs` runs these checks before any work. Within `run_outputs()` (one command, one
+`run_recipe`) what it saw is checked again at write time: an output that appeared, changed or
+became a link while the run worked is not replaced. Training-log folders follow the same rules
+(`check_log_dir`, `prepare_log_dir`); an empty folder is accepted as one.
 
 Example:
-    >>> check_outputs(folders=["out/model"], files=["out/report.json"])
-    >>> with atomic_dir("out/model") as tmp:
-    ...     (tmp / "config.json").write_text("{}")
-    >>> write_json("out/report.json", {"ppl": 24.19})
+    >>> with run_outputs():
+    ...     check_outputs(folders=["out/model"], files=["out/report.json"])
+    ...     with atomic_dir("out/model") as tmp:
+    ...         (tmp / "config.json").write_text("{}")
+    ...     write_json("out/report.json", {"ppl": 24.19})
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
 import re
 import shutil
-import signal
 import socket
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from nnxprune import interrupt
 from nnxprune.errors import UserError
+from nnxprune.io import ownership
 
 _TMP = ".nnxprune-tmp-"  # temporaries: .NAME.nnxprune-tmp-HOST~PID-RANDOM
 _permitted: set[Path] = set()  # outputs the user allowed to be replaced (check_outputs overwrite)
+_checked: dict[Path, str] = {}  # within run_outputs(): output -> fingerprint at check ('' absent)
+_session_depth = 0
 
 
 # -- recognising nnxprune's own outputs ------------------------------------------------------------
 def registry_path() -> Path:
-    """Where nnxprune records what it wrote: `{absolute path: fingerprint}` as JSON."""
-    base = os.environ.get("NNXPRUNE_STATE_DIR") or os.path.join(
-        os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state"), "nnxprune")
-    return Path(base) / "outputs.json"
+    """Where nnxprune records what it wrote (`io.ownership`)."""
+    return ownership.registry_path()
 
 
 def fingerprint(path: Path) -> str:
-    """sha256 of a file's bytes; of a folder's top-level names and file sizes."""
-    h = hashlib.sha256()
-    if path.is_dir():
-        for p in sorted(path.iterdir()):
-            h.update(f"{p.name}\0{p.stat().st_size if p.is_file() else -1}\0".encode())
-        return "dir:" + h.hexdigest()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _registry() -> dict[str, str]:
-    try:
-        data = json.loads(registry_path().read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    """The fingerprint an output is recorded with (`io.ownership.fingerprint`)."""
+    return ownership.fingerprint(path)
 
 
 def _record(path: Path) -> None:
-    """Records `path` (just written) as nnxprune's own; best effort (a read-only home only means
-    a later run asks for --overwrite). Entries whose output is gone are dropped."""
-    with contextlib.suppress(OSError):
-        registry = {k: v for k, v in _registry().items() if os.path.lexists(k)}
-        registry[str(path.resolve())] = fingerprint(path)
-        target = registry_path()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _replace_with(target, (json.dumps(registry, indent=1) + "\n").encode())
+    ownership.record(path, _replace_with)
+    if path in _checked:  # written by this run: a later write in the same run may replace it
+        _checked[path] = fingerprint(path)
 
 
 def is_own(path: Path) -> bool:
-    """Whether nnxprune wrote `path`: an output recorded here and unchanged since, or a checkpoint
-    folder (`nnxprune.json`) that was not recorded (older versions, another machine)."""
-    path = Path(path)
-    if not path.exists():
-        return False
-    digest = _registry().get(str(path.resolve()))
-    if digest:  # recorded: only if unchanged since (files the user added to a folder count)
-        return fingerprint(path) == digest
-    return path.is_dir() and (path / "nnxprune.json").is_file()  # a checkpoint not recorded here
+    """Whether nnxprune wrote `path` and nothing changed it since (`io.ownership.is_own`)."""
+    return ownership.is_own(path)
 
 
 def protected_folders() -> set[Path]:
@@ -110,29 +86,59 @@ def sibling(path: str | os.PathLike, suffix: str) -> Path:
     return path.with_suffix(suffix) if path.suffix == ".json" else path.with_name(path.name + suffix)
 
 
+def _full(path: str | os.PathLike) -> Path:
+    """Absolute, its folder resolved, its last part kept (a link stays the link)."""
+    path = Path(path).absolute()
+    return path.parent.resolve() / path.name
+
+
 # -- checks before any work ------------------------------------------------------------------------
 def _refuse_existing(path: Path, what: str) -> None:
     raise UserError(f"{path} already exists and is not {what} nnxprune wrote; choose another name, "
                     f"or pass --overwrite to replace it")
 
 
+def _refuse_link(path: Path) -> None:
+    if Path(path).is_symlink():
+        raise UserError(f"{path} is a symbolic link; nnxprune neither writes through nor replaces "
+                        f"links: give another name")
+
+
+@contextlib.contextmanager
+def run_outputs() -> Iterator[None]:
+    """One run's outputs: `check_outputs` inside records what each output was, and every write
+    checks it is still that (nested blocks share the outermost)."""
+    global _session_depth
+    _session_depth += 1
+    try:
+        yield
+    finally:
+        _session_depth -= 1
+        if _session_depth == 0:
+            _checked.clear()
+            _permitted.clear()
+
+
 def check_output(path: str | os.PathLike, *, folder: bool, overwrite: bool = False) -> None:
     """One output (a folder or a file): UserError unless it can be written without destroying
     anything nnxprune did not write. With `overwrite`, an existing output may be replaced."""
     path = Path(path)
-    full = path.resolve()
-    if folder and full in protected_folders():
+    full = _full(path)
+    if folder and full.resolve() in protected_folders():
         raise UserError(f"{path} ({full}) is the current folder, a parent of it, the home folder or "
                         f"the root: give a new folder for the output")
+    _refuse_link(full)
     check_writable(path)
     if not folder and full.is_dir():
         raise UserError(f"{path} is a folder; give a file name for this output")
-    if full.exists() or full.is_symlink():
+    if full.exists():
         own = is_own(full) and full.is_dir() == folder
         if not own and not overwrite and full not in _permitted:
             _refuse_existing(path, "a folder" if folder else "a file")
         if overwrite:
             _permitted.add(full)
+    if _session_depth:
+        _checked[full] = fingerprint(full)
 
 
 def check_outputs(*, folders: Iterable = (), files: Iterable = (), overwrite: bool = False) -> None:
@@ -143,7 +149,7 @@ def check_outputs(*, folders: Iterable = (), files: Iterable = (), overwrite: bo
         for p in paths:
             if p is None:
                 continue
-            full = Path(p).resolve()
+            full = _full(p)
             if full in seen:
                 raise UserError(f"two outputs share the path {p} ({seen[full]} and {p}); give "
                                 f"different names")
@@ -151,18 +157,59 @@ def check_outputs(*, folders: Iterable = (), files: Iterable = (), overwrite: bo
             check_output(p, folder=is_folder, overwrite=overwrite)
 
 
-def check_log_dir(path: str | os.PathLike | None) -> None:
-    """A folder nnxprune adds files to (training logs, resumable checkpoints): not a file, not a
-    protected folder (cwd, its parents, home, root), and creatable."""
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+def check_log_dir(path: str | os.PathLike | None, *, overwrite: bool = False) -> None:
+    """A folder nnxprune adds files to (training logs, resumable checkpoints), under the same
+    rules as every output: not a file, a link or a protected folder (cwd, its parents, home,
+    root); when it exists, a log folder nnxprune wrote and nothing changed since (a rerun resumes
+    from it), or an empty one, or `overwrite` (it is then replaced)."""
     if path is None:
         return
-    full = Path(path).resolve()
-    if full in protected_folders():
+    full = _full(path)
+    if full.resolve() in protected_folders():
         raise UserError(f"{path} ({full}) is the current folder, a parent of it, the home folder or "
                         f"the root: give a new folder for the training logs")
+    _refuse_link(full)
     if full.exists() and not full.is_dir():
         raise UserError(f"{path} is a file; the training logs need a folder")
     check_writable(path)
+    if full.exists() and not (is_own(full) or _is_empty_dir(full)):
+        if not overwrite and full not in _permitted:
+            raise UserError(f"{path} already exists and is not a training-log folder nnxprune wrote "
+                            f"(or it changed since); choose another --train-dir, or pass "
+                            f"--overwrite to replace it")
+        _permitted.add(full)
+    if _session_depth:
+        _checked[full] = fingerprint(full)
+
+
+def prepare_log_dir(path: str | os.PathLike) -> Path:
+    """Makes `path` the run's log folder at write time: checked again (`check_log_dir`'s rules,
+    and unchanged since that check within `run_outputs()`); a permitted folder that is not
+    nnxprune's is replaced by an empty one. Recorded as nnxprune's own."""
+    full = _full(path)
+    _refuse_link(full)
+    if full in _checked and fingerprint(full) != _checked[full]:
+        raise UserError(f"{path} changed while nnxprune ran; it was not touched. Give another "
+                        f"--train-dir")
+    if full.exists() and not (is_own(full) or _is_empty_dir(full)):
+        if full not in _permitted:
+            raise UserError(f"{path} already exists and is not a training-log folder nnxprune "
+                            f"wrote; choose another --train-dir, or pass --overwrite to replace it")
+        if full.resolve() in protected_folders():  # never, even when permitted
+            check_log_dir(full)
+        shutil.rmtree(full)
+    full.mkdir(parents=True, exist_ok=True)
+    _record(full)
+    return full
+
+
+def record_log_dir(path: str | os.PathLike) -> None:
+    """Records the log folder's current content as nnxprune's own (after each write to it)."""
+    _record(_full(path))
 
 
 def check_writable(path: str | os.PathLike | None) -> None:
@@ -180,19 +227,24 @@ def check_writable(path: str | os.PathLike | None) -> None:
 
 
 def _guard(path: Path, *, folder: bool, overwrite: bool) -> None:
-    """The write-time form of `check_output` (library callers that skipped it)."""
+    """The write-time form of `check_output`: also refuses an output that changed since
+    `check_outputs` saw it in this run (it appeared, was edited, or became a link)."""
     if folder and path.resolve() in protected_folders():
         check_output(path, folder=True)  # raises
+    _refuse_link(path)
+    if path in _checked and fingerprint(path) != _checked[path]:
+        raise UserError(f"{path} appeared or changed while nnxprune ran, after the check at "
+                        f"startup; it was not replaced. Choose another name")
     if not path.exists():
         return
     if not folder and path.is_dir():
         raise UserError(f"{path} is a folder; give a file name for this output")
     own = is_own(path) and path.is_dir() == folder
-    if not (own or overwrite or path.resolve() in _permitted):
+    if not (own or overwrite or path in _permitted):
         _refuse_existing(path, "a folder" if folder else "a file")
 
 
-# -- temporaries, signals, permissions -------------------------------------------------------------
+# -- temporaries, permissions ----------------------------------------------------------------------
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -230,26 +282,9 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
     return removed
 
 
-@contextlib.contextmanager
-def sigterm_exits() -> Iterator[None]:
-    """Within the block SIGTERM raises `SystemExit(143)` (like Ctrl-C raises KeyboardInterrupt),
-    so `finally` blocks run. Only in the main thread and only over the default handler."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise SystemExit(128 + signum)
-
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous is not signal.SIG_DFL:
-        yield
-        return
-    signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def sigterm_exits():
+    """Kept for callers of the earlier API: `interrupt.handled()`."""
+    return interrupt.handled()
 
 
 def _replace_with(path: Path, data: bytes) -> None:
@@ -271,40 +306,45 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     """Yields a fresh temporary folder beside `out_dir`; on success it replaces `out_dir`.
 
     Refuses (UserError, before yielding) an existing `out_dir` nnxprune did not write, unless
-    `overwrite`; the folder written is recorded as nnxprune's own.
+    `overwrite`, and checks again just before the rename (a folder that appeared or changed in
+    the meantime is not replaced); the folder written is recorded as nnxprune's own.
     """
-    out_dir = Path(out_dir).absolute()
+    out_dir = _full(out_dir)
     _guard(out_dir, folder=True, overwrite=overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir)
-    with sigterm_exits():
+    with interrupt.handled():
         tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out_dir), dir=out_dir.parent))
         try:
             os.chmod(tmp, 0o777 & ~_umask())
             yield tmp
-            if out_dir.is_dir() and not out_dir.is_symlink():
+            interrupt.stop_if_requested()  # the safe point: the previous output is still whole
+            _guard(out_dir, folder=True, overwrite=overwrite)
+            if out_dir.is_dir():
                 shutil.rmtree(out_dir)
-            elif out_dir.exists() or out_dir.is_symlink():
+            elif out_dir.exists():
                 out_dir.unlink()
             os.replace(tmp, out_dir)
+            _record(out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    _record(out_dir)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = True) -> Path:
     """Writes `data` to `path` through a temporary file in the same folder and a rename.
 
-    Refuses a folder at `path`. An existing file is replaced (a library call means it; the
-    commands and `run_recipe` / `run_train` refuse other people's files at startup with
-    `check_outputs`); `overwrite=False` refuses one nnxprune did not write.
+    Refuses a folder or a link at `path`. An existing file is replaced (a library call means it;
+    the commands and `run_recipe` / `run_train` refuse other people's files at startup with
+    `check_outputs`, and a file that appeared or changed since, here); `overwrite=False` refuses
+    one nnxprune did not write.
     """
-    path = Path(path).absolute()
+    path = _full(path)
     _guard(path, folder=False, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
-    with sigterm_exits():
+    with interrupt.handled():
+        interrupt.stop_if_requested()
         _replace_with(path, data)
         _record(path)
     return path

@@ -140,12 +140,23 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not is_checkpoint(path):
         raise UserError(f"{path}: not an nnxprune checkpoint (no {META_FILE})")
+    where = path / META_FILE
     try:
-        meta = json.loads((path / META_FILE).read_text())
+        meta = json.loads(where.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                        f"{e.start}); a checkpoint's metadata is JSON") from None
     except json.JSONDecodeError as e:
-        raise UserError(f"{path / META_FILE}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise UserError(f"{path / META_FILE}: unknown format {meta.get('format')!r}")
+        raise UserError(f"{where}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise UserError(f"{where}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(meta).__name__}")
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{where}: unknown format {meta.get('format')!r}")
+    for key in ("provenance", "files"):
+        if key in meta and not isinstance(meta[key], dict):
+            raise UserError(f"{where}: {key!r} must be an object, got {type(meta[key]).__name__}")
     return meta
 
 

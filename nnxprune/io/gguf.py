@@ -94,21 +94,22 @@ def gguf_tokenizer(path: str | pathlib.Path, *, cache: bool = True):
     `~/.cache/nnxprune`), keyed by the file's path, size and modification time, and reloaded from
     there (a fraction of a second). `cache=False` always rebuilds.
     """
-    from transformers import AutoTokenizer
-
     path = _check_path(path)
+    check_tokenizer(path)
     if not cache:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return _build_tokenizer(path)
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     root = pathlib.Path(os.environ.get("NNXPRUNE_CACHE") or pathlib.Path.home() / ".cache" / "nnxprune")
     folder = root / "tokenizers" / f"{path.stem}-{key}"
     if (folder / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
         try:
             return AutoTokenizer.from_pretrained(str(folder))
         except Exception:  # noqa: BLE001 - a broken cache entry is rebuilt below
             pass
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer = _build_tokenizer(path)
     try:
         from nnxprune.io.atomic import atomic_dir
 
@@ -117,6 +118,35 @@ def gguf_tokenizer(path: str | pathlib.Path, *, cache: bool = True):
     except OSError:  # a read-only home is no reason to fail
         pass
     return tokenizer
+
+
+def check_tokenizer(path: str | pathlib.Path, *, chat: bool = False) -> None:
+    """UserError naming the file when its tokenizer cannot be rebuilt (no token list, or neither
+    merges nor scores to order them) or, with `chat`, has no chat template. Reads metadata only."""
+    reader = _open(path)
+    fields = reader.fields
+    if "tokenizer.ggml.tokens" not in fields:
+        raise UserError(f"GGUF file {path} stores no tokenizer ('tokenizer.ggml.tokens' is missing)")
+    if "tokenizer.ggml.merges" not in fields and "tokenizer.ggml.scores" not in fields:
+        kind = _field(reader, "tokenizer.ggml.model")
+        raise UserError(f"GGUF file {path} stores neither tokenizer merges nor scores "
+                        f"('tokenizer.ggml.merges' / 'tokenizer.ggml.scores'), so its "
+                        f"{f'{kind!r} ' if kind else ''}tokenizer cannot be rebuilt")
+    if chat and not _field(reader, "tokenizer.chat_template"):
+        raise UserError(f"GGUF file {path} has no chat template ('tokenizer.chat_template'), which "
+                        f"--chat needs; drop --chat")
+
+
+def _build_tokenizer(path: pathlib.Path):
+    """transformers' rebuild of the file's tokenizer; its failures as one-line UserErrors."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # noqa: BLE001 - transformers' GGUF converter raises many types
+        msg = str(e).strip().splitlines()
+        raise UserError(f"GGUF file {path}: its tokenizer cannot be rebuilt ({type(e).__name__}"
+                        f"{': ' + msg[0][:200] if msg else ''})") from None
 
 
 def smollm2_gguf_path() -> pathlib.Path:

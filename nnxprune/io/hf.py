@@ -5,8 +5,9 @@ every variable from a table of regular expressions that map HF keys onto module 
 transform (projections are stored `[out, in]` by HF and `[in, out]` here). Every HF key must be
 used and every variable filled, so a wrong or partial checkpoint is an error, not garbage.
 
-Export writes `config.json` (derived from the model's shapes) and `model.safetensors` into a
-temporary folder beside the target and renames it into place, so no partial output is left.
+Export writes `config.json` (derived from the model's shapes, with the dtype the tensors have) and
+`model.safetensors` into a temporary folder beside the target and renames it into place, so no
+partial output is left; every file gets the user's umask.
 
 Heterogeneous models. When every decoder layer has the same shape the folder is a plain
 `LlamaForCausalLM` one that transformers, vLLM and the rest load as usual. After structured
@@ -216,15 +217,36 @@ def export_hf(model: Llama, out_dir: str | os.PathLike, *, tokenizer=None,
     from safetensors.numpy import save_file
 
     out_dir = Path(out_dir)
-    hf_config = config_to_hf(model.config, allow_heterogeneous=True)
+    tensors = to_hf_tensors(model)
+    hf_config = config_to_hf(model.config, allow_heterogeneous=True, dtype=weights_dtype(tensors))
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        save_file(to_hf_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         for name, write in (extra_files or {}).items():
             write(tmp / name)
+        umask_modes(tmp)
     return out_dir
+
+
+def weights_dtype(tensors: Mapping[str, np.ndarray]) -> str:
+    """The dtype name ("float32", "bfloat16") config.json declares: the tensors' own, or where
+    they differ the one holding the most parameters (transformers has one dtype per model)."""
+    counts: dict[str, int] = {}
+    for array in tensors.values():
+        counts[array.dtype.name] = counts.get(array.dtype.name, 0) + array.size
+    return max(counts, key=counts.get) if counts else "float32"
+
+
+def umask_modes(folder: Path) -> None:
+    """Gives every file under `folder` mode 0666 and every folder 0777, less the umask (as `open`
+    would): safetensors writes its file 0600 whatever the umask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for path in (folder, *folder.rglob("*")):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def load_in_transformers(folder: str | os.PathLike):

@@ -64,6 +64,10 @@ def config_from_hf(hf: dict[str, Any]) -> LlamaConfig:
                            intermediate_size=hf["intermediate_size"])
         layers = (shape,) * hf["num_hidden_layers"]
     # transformers 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`.
+    for key in ("rope_parameters", "rope_scaling"):
+        if hf.get(key) and not isinstance(hf[key], dict):
+            raise ValueError(f"{key} must be an object such as {{\"rope_type\": \"llama3\", "
+                             f"\"factor\": 8.0, ...}} or null, got {hf[key]!r}")
     rope = dict(hf.get("rope_parameters") or {})
     rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type") not in (None, "default") else None)
@@ -120,18 +124,26 @@ def validate_config(cfg: LlamaConfig) -> LlamaConfig:
         for v in values:
             if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
                 raise ValueError(f"{name} must be an integer, got {v!r}")
+    if cfg.rope_scaling is not None:
+        if not isinstance(cfg.rope_scaling, Llama3RopeScaling):
+            raise ValueError(f"rope_scaling must be Llama-3 RoPE scaling or null, got "
+                             f"{cfg.rope_scaling!r}")
+        for f in dataclasses.fields(cfg.rope_scaling):
+            _positive_number(f"rope_scaling.{f.name}", getattr(cfg.rope_scaling, f.name))
     if not isinstance(cfg.tie_word_embeddings, bool):
         raise ValueError(f"tie_word_embeddings must be true or false, got {cfg.tie_word_embeddings!r}")
     return cfg
 
 
-def config_to_hf(config: LlamaConfig, *, allow_heterogeneous: bool = False) -> dict[str, Any]:
+def config_to_hf(config: LlamaConfig, *, allow_heterogeneous: bool = False,
+                 dtype: str = "float32") -> dict[str, Any]:
     """A Hugging Face `LlamaConfig` dict.
 
     Uniform layer shapes give a plain `LlamaForCausalLM` config. Layers that differ (or no
     layers at all) raise `ValueError`, unless `allow_heterogeneous`: then the result is
     nnxprune's `nnxprune_llama` variant, with one entry per layer in `nnxprune_layers` and the
-    usual per-layer fields set to the maxima over layers (see `nnxprune.io.hf`).
+    usual per-layer fields set to the maxima over layers (see `nnxprune.io.hf`). `dtype` names
+    the weights' dtype ("float32", "bfloat16"), written as `dtype` and `torch_dtype`.
     """
     heterogeneous = not config.is_uniform or not config.layers
     if heterogeneous and not allow_heterogeneous:
@@ -172,7 +184,8 @@ def config_to_hf(config: LlamaConfig, *, allow_heterogeneous: bool = False) -> d
         "tie_word_embeddings": config.tie_word_embeddings,
         "bos_token_id": config.bos_token_id,
         "eos_token_id": eos,
-        "torch_dtype": "float32",
+        "dtype": dtype,  # the weights' dtype: transformers >= 4.56 reads `dtype` (dtype="auto"),
+        "torch_dtype": dtype,  # older readers `torch_dtype`; given both, transformers 5 uses `dtype`
     }
     if heterogeneous:
         hf["architectures"] = [HETERO_ARCHITECTURE]
@@ -226,9 +239,11 @@ def _parse_rope_scaling(scaling: dict[str, Any] | None) -> Llama3RopeScaling | N
         return None
     if kind != "llama3":
         raise ValueError(f"rope scaling {kind!r} is not supported (only 'llama3')")
-    return Llama3RopeScaling(
-        factor=float(scaling["factor"]),
-        low_freq_factor=float(scaling["low_freq_factor"]),
-        high_freq_factor=float(scaling["high_freq_factor"]),
-        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
-    )
+    values = {}
+    for f in dataclasses.fields(Llama3RopeScaling):
+        value = scaling[f.name]  # KeyError: "missing key"
+        try:
+            values[f.name] = (int if f.name == "original_max_position_embeddings" else float)(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"rope_scaling.{f.name} must be a number, got {value!r}") from None
+    return Llama3RopeScaling(**values)

@@ -73,19 +73,17 @@ def list_cards() -> dict[str, Path]:
 def describe_cards() -> str:
     """Every model card, two lines each (name, kind and source; description), for `nnxprune
     models`."""
-    import tomllib
-
     cards = list_cards()
     if not cards:
         raise UserError(f"no model cards in {cards_dir()}")
     width = max(map(len, cards))
     lines = []
-    for name, path in cards.items():
-        card = tomllib.loads(path.read_text())
-        src = card.get("source", {})
+    for name in cards:
+        card = read_card(name)  # a malformed card: UserError naming its file
+        src = card.source
         where = src.get("repo") or f"{src.get('package')}: {src.get('file')}"
-        lines.append(f"{name:<{width}}  [{src.get('kind')}] {where}\n{'':<{width}}  "
-                     f"{card.get('description', '')}")
+        lines.append(f"{name:<{width}}  [{src['kind']}] {where}\n{'':<{width}}  "
+                     f"{card.description}")
     return "\n".join(lines)
 
 
@@ -100,12 +98,42 @@ def read_card(name: str) -> ModelCard:
         data = tomllib.loads(cards[name].read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"model card {cards[name]}: not valid TOML ({e})") from None
-    try:
-        return ModelCard(name=data["name"], description=data.get("description", ""),
-                         source=data["source"], defaults=data.get("defaults", {}), path=cards[name],
-                         config=data.get("config", {}))
-    except KeyError as e:
-        raise UserError(f"model card {cards[name]}: missing key {e}") from None
+    except OSError as e:
+        raise UserError(f"model card {cards[name]}: cannot be read ({e.strerror or e})") from None
+    _check_card(cards[name], data)
+    return ModelCard(name=data["name"], description=data.get("description", ""),
+                     source=data["source"], defaults=data.get("defaults", {}), path=cards[name],
+                     config=data.get("config", {}))
+
+
+# what each source kind of a card needs, besides `kind`
+_CARD_SOURCES = {"package": ("package", "file"), "hub": ("repo",)}
+
+
+def _check_card(path: Path, data: dict[str, Any]) -> None:
+    """UserError naming the card file and the key when a card is not shaped as `ModelCard` reads
+    it: `name` a string, `[source]` a table with a known `kind` and that kind's keys as strings,
+    `[defaults]` and `[config]` tables."""
+    where = f"model card {path}"
+    if not isinstance(data.get("name"), str) or not data["name"]:
+        raise UserError(f"{where}: missing key 'name'" if "name" not in data else
+                        f"{where}: 'name' must be a string, got {data['name']!r}")
+    source = data.get("source")
+    if not isinstance(source, dict):
+        raise UserError(f"{where}: missing table [source]" if source is None else
+                        f"{where}: [source] must be a table (kind = \"package\" or \"hub\" with "
+                        f"its keys), got a {type(source).__name__} {source!r}")
+    kind = source.get("kind")
+    if kind not in _CARD_SOURCES:
+        raise UserError(f"{where}: [source] kind must be one of "
+                        f"{', '.join(map(repr, _CARD_SOURCES))}, got {kind!r}")
+    for key in _CARD_SOURCES[kind] + tuple(k for k in ("install", "revision") if k in source):
+        if not isinstance(source.get(key), str) or not source[key]:
+            raise UserError(f"{where}: [source] of kind {kind!r} needs {key!r}, a string"
+                            + (f", got {source[key]!r}" if key in source else ""))
+    for table in ("defaults", "config"):
+        if not isinstance(data.get(table, {}), dict):
+            raise UserError(f"{where}: [{table}] must be a table, got {data[table]!r}")
 
 
 def package_file(package: str, file: str, install: str) -> Path:
@@ -140,6 +168,8 @@ def card_location(card: ModelCard) -> Path:
 
 
 def load_tokenizer(path: Path, kind: str):
+    """The tokenizer of a local model (a GGUF file's own, else the folder's); a damaged or
+    missing one is a UserError naming the file."""
     from transformers import AutoTokenizer
 
     if kind == "gguf":
@@ -150,12 +180,23 @@ def load_tokenizer(path: Path, kind: str):
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # noqa: BLE001 - AutoTokenizer also parses config.json, which
         # transformers may refuse (heterogeneous nnxprune folders, hidden != heads * head_dim)
-        if (path / "tokenizer.json").is_file():
-            from transformers import PreTrainedTokenizerFast
+        first = e
+    if (path / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
 
+        try:
             return PreTrainedTokenizerFast.from_pretrained(str(path))
-        raise UserError(f"{path}: no usable tokenizer in the folder ({type(e).__name__}); save one "
-                        f"there with tokenizer.save_pretrained") from None
+        except Exception as e:  # noqa: BLE001 - tokenizers / json / transformers, many types
+            raise UserError(f"{path / 'tokenizer.json'}: not a usable tokenizer "
+                            f"({_one_line(e)})") from None
+    raise UserError(f"{path}: no usable tokenizer in the folder ({type(first).__name__}); save one "
+                    f"there with tokenizer.save_pretrained")
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception as `Type: first line of its message` (at most 200 characters)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
 
 
 def _gguf_config(path: Path):
@@ -194,6 +235,8 @@ def peek_config(name_or_path: str | os.PathLike):
         if card.source.get("kind") == "hub" and card.config:
             try:
                 return config_from_hf(card.config)
+            except KeyError as e:
+                raise UserError(f"model card {card.path}: [config]: missing key {e}") from None
             except (ValueError, TypeError, ZeroDivisionError) as e:
                 raise UserError(f"model card {card.path}: [config]: {e}") from None
         if card.source.get("kind") == "hub":
@@ -229,21 +272,52 @@ def load_model(name_or_path: str | os.PathLike, *, param_dtype=jnp.float32,
     from nnxprune.io import checkpoint, hf
 
     path, label = _resolve(name_or_path)
-    if checkpoint.is_checkpoint(path):
-        kind, model = "checkpoint", checkpoint.load_checkpoint(path)
-    elif hf.is_hf_folder(path):
-        kind, model = "hf", hf.load_hf_folder(path, param_dtype=param_dtype)
-    elif path.is_file() and path.suffix == ".gguf":
+    kind = model_kind(path)
+    if kind is None and path.is_dir():
+        raise UserError(f"{path}: neither an nnxprune checkpoint (nnxprune.json) nor a Hugging Face "
+                        f"folder (config.json + *.safetensors)")
+    if kind is None:
+        raise UserError(f"{path}: not a GGUF file (*.gguf) or a model folder")
+    tokenizer = load_tokenizer(path, kind) if with_tokenizer else None  # before the weights
+    if kind == "checkpoint":
+        model = checkpoint.load_checkpoint(path)
+    elif kind == "hf":
+        model = hf.load_hf_folder(path, param_dtype=param_dtype)
+    else:
         cfg = _gguf_config(path)
-        kind = "gguf"
         from nnxprune.io.gguf import iter_gguf_tensors
 
         model = hf.model_from_tensors(cfg, iter_gguf_tensors(path), param_dtype=param_dtype,
                                       source=str(path))
-    elif path.is_dir():
-        raise UserError(f"{path}: neither an nnxprune checkpoint (nnxprune.json) nor a Hugging Face "
-                        f"folder (config.json + *.safetensors)")
-    else:
-        raise UserError(f"{path}: not a GGUF file (*.gguf) or a model folder")
-    tokenizer = load_tokenizer(path, kind) if with_tokenizer else None
     return Loaded(model=model, tokenizer=tokenizer, source=label, kind=kind, path=path)
+
+
+def model_kind(path: Path) -> str | None:
+    """The kind of model at a local path, in `load_model`'s order of lookup: "checkpoint", "hf",
+    "gguf", or None for none of them."""
+    from nnxprune.io import checkpoint, hf
+
+    if checkpoint.is_checkpoint(path):
+        return "checkpoint"
+    if hf.is_hf_folder(path):
+        return "hf"
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf"
+    return None
+
+
+def local_model(name_or_path: str | os.PathLike) -> tuple[Path, str] | None:
+    """(path, kind) of `MODEL` when it is on this machine (a path, or a card whose file comes
+    from an installed package), without loading or downloading anything; None otherwise (a hub
+    card, or a path that is no model: `load_model` says why)."""
+    path = Path(name_or_path)
+    if not path.exists():
+        if os.sep in str(name_or_path) or str(name_or_path).endswith((".gguf", ".safetensors",
+                                                                     ".json")):
+            return None
+        card = read_card(str(name_or_path))
+        if card.source["kind"] != "package":
+            return None
+        path = card_location(card)
+    kind = model_kind(path)
+    return (path, kind) if kind else None

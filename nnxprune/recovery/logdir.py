@@ -7,6 +7,13 @@ trainable and optimizer state plus the grain iterator state. `restore` puts a re
 latest checkpoint and trims the metrics written after it, so the log reads like one uninterrupted
 run. Without a path nothing is written.
 
+The folder is an output like any other (`io.atomic`): an existing one is used only if nnxprune
+wrote it and nothing changed it since (or it is empty, or the user passed `--overwrite`, and then
+it is replaced), and its fingerprint is recorded after every write, so a rerun, even after a
+kill, finds it unchanged and resumes. Rewrites (the trimmed metrics, the plot) go through a
+temporary file and a rename. Orbax removes the temporaries of an interrupted save
+(`cleanup_tmp_directories`).
+
 Example:
     >>> logs = LogDir("out/train", checkpoint_every=50, keep=2)
     >>> state, start = logs.restore({"trainable": t, "opt": o}, shardings, iterator)
@@ -23,6 +30,8 @@ from typing import Any
 
 import jax
 
+from nnxprune.io import atomic
+
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 CHECKPOINT_DIR = "checkpoints"
@@ -32,7 +41,8 @@ def _manager(directory: Path, keep: int):
     import orbax.checkpoint as ocp
 
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=False)
+                                           enable_async_checkpointing=False,
+                                           cleanup_tmp_directories=True)
     return ocp.CheckpointManager(directory.absolute(), options=options)
 
 
@@ -47,20 +57,18 @@ def _trim_metrics(path: Path, last_step: int) -> None:
         return
     keep = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    path.write_text("".join(line + "\n" for line in keep))
+    atomic.write_text(path, "".join(line + "\n" for line in keep))
 
 
 def plot_losses(metrics_path: Path, png: Path, title: str = "recovery") -> None:
     """Training loss per step (and held-out loss) from the metrics JSONL, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in rows if r.get("split") == "train"]
     held = [(r["step"], r["loss"]) for r in rows if r.get("split") == "heldout"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), label="train", lw=1)
     if held:
@@ -71,8 +79,7 @@ def plot_losses(metrics_path: Path, png: Path, title: str = "recovery") -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    atomic.write_figure(png, fig, dpi=110)
 
 
 class LogDir:
@@ -85,7 +92,7 @@ class LogDir:
         self.checkpoint_every = checkpoint_every
         self.manager = None
         if self.path is not None:
-            self.path.mkdir(parents=True, exist_ok=True)
+            self.path = atomic.prepare_log_dir(self.path)
             self.metrics, self.plot = self.path / METRICS_FILE, self.path / PLOT_FILE
             if checkpoint_every:
                 self.manager = _manager(self.checkpoints, keep)
@@ -114,12 +121,14 @@ class LogDir:
                 _trim_metrics(self.metrics, start)
             elif self.metrics.exists():
                 self.metrics.unlink()
+            self.record()
         return restored, start
 
     def log(self, row: dict[str, Any]) -> None:
         if self.metrics is not None:
             with open(self.metrics, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            self.record()
 
     def save(self, step: int, state: dict[str, Any], iterator, *, final: bool) -> None:
         """A checkpoint every `checkpoint_every` steps and at the last step (`final`)."""
@@ -129,13 +138,22 @@ class LogDir:
 
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(iterator.get_state())))
+        self.record()
 
     def close(self) -> None:
         if self.manager is not None:
             self.manager.wait_until_finished()
             self.manager.close()
+            self.manager = None
+        self.record()
+
+    def record(self) -> None:
+        """The folder's current content recorded as nnxprune's own (after each write)."""
+        if self.path is not None:
+            atomic.record_log_dir(self.path)
 
     def plot_losses(self, title: str) -> None:
         """loss.png from the metrics, when any were written."""
         if self.metrics is not None and self.metrics.is_file():
             plot_losses(self.metrics, self.plot, title=title)
+            self.record()

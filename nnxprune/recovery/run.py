@@ -21,6 +21,8 @@ from typing import Any
 
 from nnxprune import data as data_lib
 from nnxprune.data.domains import check_domains, load_domain_windows
+from nnxprune.data.sources import file_documents, resolve_dataset
+from nnxprune.data.training import instruction_records, instruction_windows
 from nnxprune.errors import UserError
 from nnxprune.evaluate.perplexity import evaluate_perplexity
 from nnxprune.io import atomic
@@ -64,11 +66,18 @@ def recorded_source(checkpoint: str | Path) -> str | None:
 
 def check_data(cfg, data_dir) -> None:
     """Fails fast (UserError) when the recovery's data could not be read (`cfg.dataset`, or every
-    domain of `cfg.domains`). Tokenizes nothing."""
+    domain of `cfg.domains`). A local file is read and checked record by record now, before the
+    model loads: instruction records with `cfg.prompt_template`, else documents. Tokenizes
+    nothing."""
     if cfg.domains:
         check_domains(cfg.domains, data_dir)
-    else:
-        data_lib.check_source(cfg.dataset, data_dir)
+        return
+    data_lib.check_source(cfg.dataset, data_dir)
+    if cfg.prompt_template:
+        instruction_records(cfg.dataset, heldout_windows=cfg.eval_batches * cfg.micro_batch,
+                            batch_size=cfg.batch_size)
+    elif (dataset := resolve_dataset(cfg.dataset)).kind == "file":
+        file_documents(dataset.path)
 
 
 def training_windows(cfg, tokenizer, data_dir):
@@ -79,6 +88,10 @@ def training_windows(cfg, tokenizer, data_dir):
         return load_domain_windows(
             cfg.domains, tokenizer, seqlen=cfg.seqlen, train_windows=cfg.steps * cfg.batch_size,
             heldout_windows=cfg.eval_batches * cfg.micro_batch, data_dir=data_dir)
+    if cfg.prompt_template:  # instruction records, one per window, prompt masked (data.training)
+        return instruction_windows(
+            tokenizer, cfg.dataset, seqlen=cfg.seqlen, train_windows=cfg.steps * cfg.batch_size,
+            heldout_windows=cfg.eval_batches * cfg.micro_batch)
     return data_lib.load_windows(
         tokenizer, cfg.dataset, seqlen=cfg.seqlen, train_windows=cfg.steps * cfg.batch_size,
         heldout_windows=cfg.eval_batches * cfg.micro_batch, data_dir=data_dir)
@@ -127,7 +140,7 @@ def _preflight(model_name: str, recipe, *, out, report_path, teacher, train_dir,
         raise UserError("nothing would be written: pass --out and/or --json")
     files = [report_path, atomic.sibling(report_path, ".md")] if report_path is not None else []
     atomic.check_outputs(folders=[out], files=files, overwrite=overwrite)
-    atomic.check_log_dir(train_dir or default_train_dir(out, report_path))
+    atomic.check_log_dir(train_dir or default_train_dir(out, report_path), overwrite=overwrite)
     data_dir = data_lib.resolve_data_dir(data_dir)
     check_data(cfg, data_dir)
     if cfg.lora is not None and not cfg.lora.merge and out is not None:
@@ -148,6 +161,7 @@ def _preflight(model_name: str, recipe, *, out, report_path, teacher, train_dir,
     return data_dir, teacher_name
 
 
+@atomic.run_outputs()  # outputs checked at startup are checked again when written
 def run_train(model_name: str, recipe, *, out=None, report_path=None, teacher: str | None = None,
               train_dir=None, data_dir=None, progress: bool = True, echo=print,
               overwrite: bool = False) -> dict[str, Any]:

@@ -164,7 +164,16 @@ def describe_specs(state, specs: Mapping[tuple, P]) -> dict[str, str]:
 
 def initialize_distributed(echo=print) -> None:
     """Joins the multi-process JAX runtime (`--distributed`): the coordinator, process count and
-    id come from the cluster environment (SLURM, Open MPI, TPU pod slices, or JAX_COORDINATOR_*)."""
-    jax.distributed.initialize()
+    id come from the cluster environment (SLURM, Open MPI, TPU pod slices, or JAX_COORDINATOR_*).
+    No cluster to join (or one that does not answer) is a one-line UserError."""
+    from nnxprune.errors import UserError
+
+    try:
+        jax.distributed.initialize()
+    except (ValueError, TypeError, RuntimeError) as e:  # RuntimeError: XlaRuntimeError too
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"--distributed: no JAX cluster to join ({reason}); run under SLURM, Open "
+                        f"MPI or on a TPU pod slice, where the coordinator, process count and id "
+                        f"are found, or drop --distributed on a single host") from None
     echo(f"jax       process {jax.process_index()} of {jax.process_count()}, "
          f"{jax.device_count()} devices ({jax.local_device_count()} local)")

@@ -43,6 +43,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from nnxprune import interrupt
 from nnxprune import data as data_lib
 from nnxprune.algorithms import hard_concrete as hc
 from nnxprune.errors import UserError
@@ -225,6 +226,7 @@ def train_masks(model, l0: L0Module, cfg: ShearConfig, train_windows: np.ndarray
     history, seconds, compile_s = [], 0.0, 0.0
     bar = tqdm(total=cfg.steps, desc="sheared pruning", unit="step", disable=not progress, leave=False)
     for step in range(cfg.steps):
+        interrupt.stop_if_requested()  # a safe point: between steps
         batch = jax.device_put(jnp.asarray(next(iterator)), batch_sh)
         t0 = time.perf_counter()
         params, opt_state, stats = step_jit(params, opt_state, const, batch,

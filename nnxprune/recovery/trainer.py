@@ -39,6 +39,7 @@ import optax
 from flax import nnx
 
 from nnxprune import data as data_lib
+from nnxprune import interrupt
 from nnxprune.data.training import instruction_windows
 from nnxprune.errors import UserError
 from nnxprune.recovery import lora as lora_lib
@@ -349,7 +350,9 @@ def _loop(session: _Session, cfg: RecoveryConfig, iterator, heldout, logs: LogDi
         bar.set_postfix(loss=f"{stats['loss']:.4f}")
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 != cfg.steps:
             evaluate(step + 1)
-        logs.save(step + 1, session.state, iterator, final=step + 1 == cfg.steps)
+        stopping = interrupt.requested() is not None  # a signal: checkpoint this step, then stop
+        logs.save(step + 1, session.state, iterator, final=step + 1 == cfg.steps or stopping)
+        interrupt.stop_if_requested()
     bar.close()
     if end == cfg.steps and (cfg.eval_every or heldout):
         evaluate(cfg.steps)
@@ -392,8 +395,12 @@ def train(model, cfg: RecoveryConfig, *, tokenizer=None, windows: data_lib.Token
         session.state = {"trainable": restored["trainable"], "opt": restored["opt"]}
         say(f"resume    from step {start} ({logs.checkpoints})")
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    done = _loop(session, cfg, iterator, heldout, logs, start=start, end=end, progress=progress)
-    logs.close()
+    try:
+        with interrupt.handled():  # SIGINT / SIGTERM / SIGHUP: stop after a step's checkpoint
+            done = _loop(session, cfg, iterator, heldout, logs, start=start, end=end,
+                         progress=progress)
+    finally:
+        logs.close()
 
     trainable = session.state["trainable"]
     placement = {"params": _placement(trainable), "optimizer": _placement(session.state["opt"])}
@@ -403,6 +410,8 @@ def train(model, cfg: RecoveryConfig, *, tokenizer=None, windows: data_lib.Token
     if cfg.lora is not None and cfg.lora.merge and end == cfg.steps:
         merged = lora_lib.merge_lora(model)
     logs.plot_losses(f"recovery ({cfg.kind})")
+    domains = heldout.finish(logs.path) if cfg.domains else None
+    logs.record()  # domains.json and its plot are in the folder now
     tokens_per_step = cfg.batch_size * cfg.seqlen
     timed_steps = max(end - start - 1, 0)
     return TrainResult(
@@ -412,7 +421,7 @@ def train(model, cfg: RecoveryConfig, *, tokenizer=None, windows: data_lib.Token
         else float("nan"),
         mesh=sizes, strategy=strategy.describe(),
         data=(heldout if cfg.domains else windows).describe(),
-        domains=heldout.finish(logs.path) if cfg.domains else None,
+        domains=domains,
         resumed_from=start if restored is not None else None, lora_paths=lora_paths,
         lora_merged=merged, metrics_path=str(logs.metrics) if logs.metrics else None,
         plot_path=str(logs.plot) if logs.plot and logs.plot.exists() else None, placement=placement)

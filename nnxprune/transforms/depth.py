@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from nnxprune import interrupt
 from nnxprune import graph
 from nnxprune.calibration.sequential import batch_size_for, collect_statistics, embed_inputs
 from nnxprune.errors import UserError
@@ -96,6 +97,7 @@ def block_search(model, tokens: np.ndarray, count: int, *, batch_size: int = 8,
     ppl = []
     for start in tqdm(range(n - count + 1), desc="block search", unit="block",
                       disable=not progress, leave=False):
+        interrupt.stop_if_requested()  # a safe point: between candidates
         x = entering[start]
         for i in range(start + count, n):
             x = _run(model.layers[i], x, inv_freq, bs)

@@ -27,6 +27,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from nnxprune import interrupt
 from nnxprune.errors import UserError
 from nnxprune.evaluate.lmeval import packing
 from nnxprune.evaluate.lmeval.scorer import Scorer
@@ -107,6 +108,7 @@ class NnxpruneLM(TemplateLM):
                                    for _, ctx, cont in requests)
         pbar = tqdm(total=len(requests), desc="nnxprune loglikelihood", disable=disable_tqdm)
         for batch in packing.batches(requests, self.max_length, self.batch_size):
+            interrupt.stop_if_requested()  # a safe point: between batches
             lp, greedy = self._scorer.packed(batch.tokens, batch.positions, batch.segment,
                                              batch.branch, batch.row, batch.pos, batch.targets)
             pbar.update(self._collect(requests, batch.owner, lp, greedy, results))
