@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Sequence
 
-from nnxprune import preflight
+from nnxprune import multihost, preflight
 from nnxprune.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -107,25 +107,33 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _distributed(args) -> None:
-    if getattr(args, "distributed", False):
+def _distributed(args, cluster) -> None:
+    if cluster is not None:
         from nnxprune.recovery.sharding import initialize_distributed
 
-        initialize_distributed()
+        initialize_distributed(cluster, label=f"nnxprune {args.command}")
 
 
 def cmd_prune(args) -> int:
     from nnxprune.recipes import load_recipe
     from nnxprune.runner import check_recipe, run_recipe
 
+    cluster = multihost.cluster_from(args)  # --distributed's options, before any work
     recipe = load_recipe(args.recipe, args.set or [])
     if args.check:  # dry run: the recipe against the model's config, no weights, nothing written
         check_recipe(recipe, model=args.model)
         return 0
-    _distributed(args)
+    if args.stream:  # one decoder layer in memory at a time (nnxprune.streamed)
+        from nnxprune.streamed import run_streamed_recipe
+
+        run_streamed_recipe(recipe, model=args.model, out=args.out, report_path=args.json,
+                            data_dir=args.data_dir, dtype=args.dtype,
+                            progress=not args.no_progress, overwrite=args.overwrite)
+        return 0
+    _distributed(args, cluster)
     run_recipe(recipe, model=args.model, out=args.out, report_path=args.json, train_dir=args.train_dir,
                data_dir=args.data_dir, progress=not args.no_progress, views=not args.no_views,
-               overwrite=args.overwrite)  # outputs, data and the recipe checked before loading
+               overwrite=args.overwrite, dtype=args.dtype)  # all checked before loading
     return 0
 
 
@@ -133,8 +141,9 @@ def cmd_train(args) -> int:
     from nnxprune.recipes import load_recipe
     from nnxprune.recovery.run import run_train
 
+    cluster = multihost.cluster_from(args)  # --distributed's options, before any work
     recipe = load_recipe(args.recipe, args.set or [])
-    _distributed(args)
+    _distributed(args, cluster)
     run_train(args.model, recipe, out=args.out, report_path=args.json, teacher=args.teacher,
               train_dir=args.train_dir, data_dir=args.data_dir, progress=not args.no_progress,
               overwrite=args.overwrite)  # outputs, data, shapes and teacher checked before loading
@@ -303,11 +312,14 @@ def _add_prune(sub) -> None:
     p.add_argument("--train-dir", default=None,
                    help="recovery logs (metrics.jsonl, loss.png) and resumable checkpoints "
                         "(default: REPORT.train/ beside the report)")
-    p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() first (multi-host GPU / TPU runs)")
+    multihost.add_arguments(p)  # --distributed, --coordinator, --num-processes, --process-id
     p.add_argument("--check", action="store_true",
                    help="dry run: validate the recipe against the model's config, print the "
                         "predicted shapes and parameter count; loads no weights, writes nothing")
+    p.add_argument("--stream", action="store_true", help="one decoder layer in memory at a time; "
+                   "--out is an HF folder written layer by layer (magnitude, wanda, sparsegpt)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype of the loaded weights (statistics stay float32)")
     _add_overwrite(p)
     p.set_defaults(func=cmd_prune)
 
@@ -337,8 +349,7 @@ def _add_train(sub) -> None:
     p.add_argument("--data-dir", default=None, help="folder with the training / evaluation data "
                                                     "(default: $NNXPRUNE_DATA_DIR, else the hub)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() first (multi-host GPU / TPU runs)")
+    multihost.add_arguments(p)  # --distributed, --coordinator, --num-processes, --process-id
     _add_overwrite(p)
     p.set_defaults(func=cmd_train)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from nnxprune import data as data_lib
@@ -260,7 +261,8 @@ def _write_report(report: dict[str, Any], report_path, model, dense_config, titl
 @atomic.run_outputs()  # outputs checked at startup are checked again when written
 def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_path: str | None = None,
                data_dir=None, progress: bool = True, views: bool = True,
-               echo=print, train_dir=None, overwrite: bool = False) -> dict[str, Any]:
+               echo=print, train_dir=None, overwrite: bool = False,
+               dtype: str = "float32") -> dict[str, Any]:
     """Runs `recipe` on `model` (default: the recipe's); see the module docstring.
 
     With a `[recovery]` section the pruned model is trained after the transforms (logs and
@@ -271,7 +273,7 @@ def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_pat
     data_dir = _preflight(recipe, name, out, report_path, data_dir, views=views,
                           overwrite=overwrite, train_dir=train_dir)
     t0 = time.perf_counter()
-    loaded = load_model(name)
+    loaded = load_model(name, param_dtype=jnp.dtype(dtype))  # float32 | bfloat16
     tokenizer, dense_config = loaded.tokenizer, loaded.model.config
     report, ctx, predicted, windows = _dense(recipe, name, loaded, t0, data_dir=data_dir, progress=progress,
                                     echo=echo)

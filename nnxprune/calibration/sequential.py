@@ -169,6 +169,43 @@ def _statistics(layer, plan: Plan, x, inv_freq, bs: int, want_out: bool):
     return stats, jnp.concatenate(outs) if want_out else None
 
 
+def calibrate_layer(i: int, layer, x, inv_freq, visit: Visit, collectors: Sequence[Collector], *,
+                    batch_size: int, keep_outputs: bool = False, edits: bool = True,
+                    timings: dict[str, float], to_host: bool = False):
+    """One layer of the driver (module docstring, steps 1-3) on its inputs `x [N, T, D]`: the
+    statistics forward, `visit`, the pruned forward. Returns the next layer's inputs.
+
+    `x` may be a host (NumPy) array: each batch of `batch_size` sequences goes to the device on
+    its own. With `to_host` the outputs come back to the host batch by batch (the streamed
+    driver, `nnxprune.calibration.streamed`, keeps every sample's activations there)."""
+    n_seq, seqlen = x.shape[:2]
+    bs = batch_size
+    plan = tuple((c, c.taps(i)) for c in collectors if c.active(i))
+    if plan or not collectors:
+        t0 = time.perf_counter()
+        want_out = keep_outputs or not edits or any(c.needs_output for c, _ in plan)
+        stats, outs = _statistics(layer, plan, x, inv_freq, bs, want_out) if (
+            plan or want_out) else ({}, None)
+        timings["forward_stats"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        visit(i, layer, LayerCalibration(index=i, inputs=x, outputs=outs, stats=stats,
+                                         sequences=n_seq, tokens=n_seq * seqlen))
+        timings["visit"] += time.perf_counter() - t0
+        if not edits:
+            return np.asarray(outs) if to_host else outs
+    t0 = time.perf_counter()
+    graphdef, state = nnx.split(layer)
+    starts = range(0, n_seq, bs)
+    if to_host:  # each batch leaves the device before the next is computed
+        x = np.concatenate([np.asarray(_forward(graphdef, state, x[s:s + bs], inv_freq))
+                            for s in starts])
+    else:
+        x = jnp.concatenate([_forward(graphdef, state, x[s:s + bs], inv_freq) for s in starts])
+        x.block_until_ready()
+    timings["forward_pruned"] += time.perf_counter() - t0
+    return x
+
+
 def run_sequential(model, tokens: np.ndarray, visit: Visit, collectors: Sequence[Collector] = (), *,
                    keep_outputs: bool = False, batch_size: int = 8, progress: bool = True,
                    desc: str = "calibrate", edits: bool = True) -> dict[str, float]:
@@ -186,7 +223,7 @@ def run_sequential(model, tokens: np.ndarray, visit: Visit, collectors: Sequence
     names = [c.name for c in collectors]
     if len(set(names)) != len(names):
         raise ValueError(f"two collectors of one kind in one run: {names}")
-    n_seq, seqlen = tokens.shape
+    n_seq = tokens.shape[0]
     bs = batch_size_for(n_seq, batch_size)
     timings = {"forward_stats": 0.0, "visit": 0.0, "forward_pruned": 0.0}
     t0 = time.perf_counter()
@@ -198,26 +235,8 @@ def run_sequential(model, tokens: np.ndarray, visit: Visit, collectors: Sequence
 
     def layer_call(i, layer, x, positions, inv_freq, cache, attention_fn):
         interrupt.stop_if_requested()  # a safe point: between layers
-        plan = tuple((c, c.taps(i)) for c in collectors if c.active(i))
-        if plan or not collectors:
-            t0 = time.perf_counter()
-            want_out = keep_outputs or not edits or any(c.needs_output for c, _ in plan)
-            stats, outs = _statistics(layer, plan, x, inv_freq, bs, want_out) if (
-                plan or want_out) else ({}, None)
-            timings["forward_stats"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            visit(i, layer, LayerCalibration(index=i, inputs=x, outputs=outs, stats=stats,
-                                             sequences=n_seq, tokens=n_seq * seqlen))
-            timings["visit"] += time.perf_counter() - t0
-            if not edits:
-                bar.update(1)
-                return outs, None
-        t0 = time.perf_counter()
-        graphdef, state = nnx.split(layer)
-        x = jnp.concatenate([_forward(graphdef, state, x[s:s + bs], inv_freq)
-                             for s in range(0, n_seq, bs)])
-        x.block_until_ready()
-        timings["forward_pruned"] += time.perf_counter() - t0
+        x = calibrate_layer(i, layer, x, inv_freq, visit, collectors, batch_size=bs,
+                            keep_outputs=keep_outputs, edits=edits, timings=timings)
         bar.update(1)
         return x, None
 

@@ -41,7 +41,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from nnxprune import interrupt
+from nnxprune import interrupt, multihost
 from nnxprune.errors import UserError
 from nnxprune.io import ownership
 
@@ -63,6 +63,8 @@ def fingerprint(path: Path) -> str:
 
 
 def _record(path: Path) -> None:
+    if not multihost.is_primary():  # a multi-process run: process 0 records what all wrote
+        return
     ownership.record(path, _replace_with)
     if path in _checked:  # written by this run: a later write in the same run may replace it
         _checked[path] = fingerprint(path)
@@ -189,8 +191,12 @@ def check_log_dir(path: str | os.PathLike | None, *, overwrite: bool = False) ->
 def prepare_log_dir(path: str | os.PathLike) -> Path:
     """Makes `path` the run's log folder at write time: checked again (`check_log_dir`'s rules,
     and unchanged since that check within `run_outputs()`); a permitted folder that is not
-    nnxprune's is replaced by an empty one. Recorded as nnxprune's own."""
+    nnxprune's is replaced by an empty one. Recorded as nnxprune's own. In a multi-process run
+    process 0 prepares it while the others wait."""
     full = _full(path)
+    if not multihost.is_primary():
+        multihost.barrier("nnxprune prepare_log_dir")
+        return full
     _refuse_link(full)
     if full in _checked and fingerprint(full) != _checked[full]:
         raise UserError(f"{path} changed while nnxprune ran; it was not touched. Give another "
@@ -204,6 +210,7 @@ def prepare_log_dir(path: str | os.PathLike) -> Path:
         shutil.rmtree(full)
     full.mkdir(parents=True, exist_ok=True)
     _record(full)
+    multihost.barrier("nnxprune prepare_log_dir")
     return full
 
 
@@ -308,26 +315,38 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     Refuses (UserError, before yielding) an existing `out_dir` nnxprune did not write, unless
     `overwrite`, and checks again just before the rename (a folder that appeared or changed in
     the meantime is not replaced); the folder written is recorded as nnxprune's own.
+
+    In a multi-process run (`multihost`) every process gets the same folder (process 0 makes it
+    and its name is agreed; Orbax's multi-process save needs one directory), and process 0 alone
+    checks, renames and records it once every process is done writing.
     """
     out_dir = _full(out_dir)
-    _guard(out_dir, folder=True, overwrite=overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out_dir)
+    primary = multihost.is_primary()
+    if primary:
+        _guard(out_dir, folder=True, overwrite=overwrite)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out_dir)
     with interrupt.handled():
-        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out_dir), dir=out_dir.parent))
+        tmp = tempfile.mkdtemp(prefix=_tmp_prefix(out_dir), dir=out_dir.parent) if primary else None
+        tmp = Path(multihost.agree_text(tmp))  # process 0's name, in every process
         try:
-            os.chmod(tmp, 0o777 & ~_umask())
+            if primary:
+                os.chmod(tmp, 0o777 & ~_umask())
             yield tmp
-            interrupt.stop_if_requested()  # the safe point: the previous output is still whole
-            _guard(out_dir, folder=True, overwrite=overwrite)
-            if out_dir.is_dir():
-                shutil.rmtree(out_dir)
-            elif out_dir.exists():
-                out_dir.unlink()
-            os.replace(tmp, out_dir)
-            _record(out_dir)
+            multihost.barrier("nnxprune atomic_dir written")  # every process wrote its part
+            if primary:
+                interrupt.stop_if_requested()  # the safe point: the previous output is still whole
+                _guard(out_dir, folder=True, overwrite=overwrite)
+                if out_dir.is_dir():
+                    shutil.rmtree(out_dir)
+                elif out_dir.exists():
+                    out_dir.unlink()
+                os.replace(tmp, out_dir)
+                _record(out_dir)
+            multihost.barrier("nnxprune atomic_dir renamed")  # in place before anyone reads it
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if primary:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
 
 
@@ -337,9 +356,11 @@ def write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = True)
     Refuses a folder or a link at `path`. An existing file is replaced (a library call means it;
     the commands and `run_recipe` / `run_train` refuse other people's files at startup with
     `check_outputs`, and a file that appeared or changed since, here); `overwrite=False` refuses
-    one nnxprune did not write.
+    one nnxprune did not write. In a multi-process run only process 0 writes.
     """
     path = _full(path)
+    if not multihost.is_primary():
+        return path
     _guard(path, folder=False, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)

@@ -209,6 +209,11 @@ def load_checkpoint(path: str | os.PathLike) -> Llama:
 
     abstract = nnx.eval_shape(build)
     graphdef, abstract_state = nnx.split(abstract)
+    # onto this process's first device, whatever layout saved it (a multi-process save records its
+    # mesh; without a target sharding Orbax refuses another topology)
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract_state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local), abstract_state)
     try:
         with ocp.StandardCheckpointer() as ckptr:
             state = ckptr.restore(path / "state", abstract_state)

@@ -336,10 +336,12 @@ def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _iter_tensors(reader, config: dict[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
-    """Dequantizes, reorients and renames each tensor in file order."""
-    from gguf import quants
-
+def open_gguf(path: str | pathlib.Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(HF-style config, {HF tensor name: gguf-py tensor}) of a Llama GGUF file, dequantizing
+    nothing: `dequantize_tensor` reads one tensor when it is needed (lazy layer sources)."""
+    reader = _open(path)
+    config = _config(reader, path)
+    table = {}
     for tensor in reader.tensors:
         if tensor.name == _ROPE_FREQS:
             continue  # already folded into config["rope_scaling"]
@@ -347,20 +349,40 @@ def _iter_tensors(reader, config: dict[str, Any]) -> Iterator[tuple[str, np.ndar
         if hf is None:
             raise UserError(f"GGUF tensor {tensor.name!r} is not part of a plain Llama model "
                             "(biases, experts and extra tensors are not supported)")
-        try:
-            values = quants.dequantize(tensor.data, tensor.tensor_type)
-        except NotImplementedError:
-            raise UserError(f"GGUF tensor {tensor.name!r} has type {tensor.tensor_type.name}, "
-                            "which gguf-py cannot dequantize") from None
-        # ggml lists dimensions fastest-first; numpy wants them slowest-first. F32 tensors come
-        # back as views of the memory map: copy them so no returned array pins the file.
-        shape = tuple(int(d) for d in reversed(tensor.shape))
-        values = np.asarray(values, dtype=np.float32)
-        if np.shares_memory(values, tensor.data):
-            values = values.copy()
-        values = values.reshape(shape)
-        if tensor.name.endswith(".attn_q.weight"):
-            values = _unpermute_qk(values, config["num_attention_heads"])
-        elif tensor.name.endswith(".attn_k.weight"):
-            values = _unpermute_qk(values, config["num_key_value_heads"])
-        yield hf, values
+        table[hf] = tensor
+    return config, table
+
+
+def dequantize_tensor(tensor, config: dict[str, Any]) -> np.ndarray:
+    """One GGUF tensor as a float32 array in HF layout (q/k rows un-permuted)."""
+    from gguf import quants
+
+    try:
+        values = quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError:
+        raise UserError(f"GGUF tensor {tensor.name!r} has type {tensor.tensor_type.name}, "
+                        "which gguf-py cannot dequantize") from None
+    # ggml lists dimensions fastest-first; numpy wants them slowest-first. F32 tensors come
+    # back as views of the memory map: copy them so no returned array pins the file.
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    values = np.asarray(values, dtype=np.float32)
+    if np.shares_memory(values, tensor.data):
+        values = values.copy()
+    values = values.reshape(shape)
+    if tensor.name.endswith(".attn_q.weight"):
+        values = _unpermute_qk(values, config["num_attention_heads"])
+    elif tensor.name.endswith(".attn_k.weight"):
+        values = _unpermute_qk(values, config["num_key_value_heads"])
+    return values
+
+
+def _iter_tensors(reader, config: dict[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
+    """Dequantizes, reorients and renames each tensor in file order."""
+    for tensor in reader.tensors:
+        if tensor.name == _ROPE_FREQS:
+            continue  # already folded into config["rope_scaling"]
+        hf = _hf_name(tensor.name)
+        if hf is None:
+            raise UserError(f"GGUF tensor {tensor.name!r} is not part of a plain Llama model "
+                            "(biases, experts and extra tensors are not supported)")
+        yield hf, dequantize_tensor(tensor, config)

@@ -117,20 +117,31 @@ def model_from_tensors(cfg: LlamaConfig, tensors: Iterable[tuple[str, Any]], *,
     return nnx.merge(graphdef, filled)
 
 
+def layer_hf_tensors(i: int, layer, dtype=None) -> dict[str, np.ndarray]:
+    """Decoder layer `i`'s weights under HF names and layouts (masks folded into kernels),
+    cast to `dtype` when given (the layer-by-layer writer of `nnxprune.io.layers` uses it)."""
+    out: dict[str, np.ndarray] = {}
+
+    def put(key, array):
+        out[key] = np.asarray(array if dtype is None else array.astype(dtype))
+
+    for name in "qkvo":
+        put(f"model.layers.{i}.self_attn.{name}_proj.weight",
+            getattr(layer.self_attn, f"{name}_proj").effective_kernel().T)
+    for name in ("gate", "up", "down"):
+        put(f"model.layers.{i}.mlp.{name}_proj.weight",
+            getattr(layer.mlp, f"{name}_proj").effective_kernel().T)
+    put(f"model.layers.{i}.input_layernorm.weight", layer.input_layernorm.scale[...])
+    put(f"model.layers.{i}.post_attention_layernorm.weight", layer.post_attention_layernorm.scale[...])
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
 def to_hf_tensors(model: Llama) -> dict[str, np.ndarray]:
     """The model's weights under HF names and layouts (masks folded into kernels)."""
     out: dict[str, np.ndarray] = {}
     out["model.embed_tokens.weight"] = np.asarray(model.embed_tokens.embedding[...])
     for i, layer in enumerate(model.layers):
-        for name in "qkvo":
-            out[f"model.layers.{i}.self_attn.{name}_proj.weight"] = np.asarray(
-                getattr(layer.self_attn, f"{name}_proj").effective_kernel()).T
-        for name in ("gate", "up", "down"):
-            out[f"model.layers.{i}.mlp.{name}_proj.weight"] = np.asarray(
-                getattr(layer.mlp, f"{name}_proj").effective_kernel()).T
-        out[f"model.layers.{i}.input_layernorm.weight"] = np.asarray(layer.input_layernorm.scale[...])
-        out[f"model.layers.{i}.post_attention_layernorm.weight"] = np.asarray(
-            layer.post_attention_layernorm.scale[...])
+        out.update(layer_hf_tensors(i, layer))
     out["model.norm.weight"] = np.asarray(model.norm.scale[...])
     if model.lm_head is not None:
         out["lm_head.weight"] = np.asarray(model.lm_head.effective_kernel()).T

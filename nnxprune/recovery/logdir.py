@@ -5,7 +5,9 @@ and per held-out evaluation), `loss.png` (drawn from the metrics at the end) and
 `checkpoint_every`, an Orbax `CheckpointManager` in `checkpoints/` (keep-last-K) holding the
 trainable and optimizer state plus the grain iterator state. `restore` puts a rerun back on the
 latest checkpoint and trims the metrics written after it, so the log reads like one uninterrupted
-run. Without a path nothing is written.
+run. Without a path nothing is written. In a multi-process run every process takes part in the
+Orbax checkpoints (each writes its shards into the one folder) and only process 0 writes the
+metrics and the plot.
 
 The folder is an output like any other (`io.atomic`): an existing one is used only if nnxprune
 wrote it and nothing changed it since (or it is empty, or the user passed `--overwrite`, and then
@@ -30,6 +32,7 @@ from typing import Any
 
 import jax
 
+from nnxprune import multihost
 from nnxprune.io import atomic
 
 METRICS_FILE = "metrics.jsonl"
@@ -116,7 +119,7 @@ class LogDir:
             iterator.set_state(out["data"])
             restored = out["state"]
         start = int(latest) if latest is not None else 0
-        if self.metrics is not None:
+        if self.metrics is not None and multihost.is_primary():
             if start:
                 _trim_metrics(self.metrics, start)
             elif self.metrics.exists():
@@ -125,7 +128,7 @@ class LogDir:
         return restored, start
 
     def log(self, row: dict[str, Any]) -> None:
-        if self.metrics is not None:
+        if self.metrics is not None and multihost.is_primary():
             with open(self.metrics, "a") as f:
                 f.write(json.dumps(row) + "\n")
             self.record()
@@ -154,6 +157,6 @@ class LogDir:
 
     def plot_losses(self, title: str) -> None:
         """loss.png from the metrics, when any were written."""
-        if self.metrics is not None and self.metrics.is_file():
+        if self.metrics is not None and multihost.is_primary() and self.metrics.is_file():
             plot_losses(self.metrics, self.plot, title=title)
             self.record()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from nnxprune import data as data_lib
+from nnxprune import multihost
 from nnxprune.data.domains import check_domains, load_domain_windows
 from nnxprune.data.sources import file_documents, resolve_dataset
 from nnxprune.data.training import instruction_records, instruction_windows
@@ -29,6 +30,7 @@ from nnxprune.io import atomic
 from nnxprune.io.checkpoint import is_checkpoint, read_meta, save_checkpoint
 from nnxprune.io.load import load_model, peek_config, source_label
 from nnxprune.measure import count_params, measured_sparsity
+from nnxprune.recovery import sharding as sh
 from nnxprune.recovery.trainer import train
 
 
@@ -165,7 +167,10 @@ def _preflight(model_name: str, recipe, *, out, report_path, teacher, train_dir,
 def run_train(model_name: str, recipe, *, out=None, report_path=None, teacher: str | None = None,
               train_dir=None, data_dir=None, progress: bool = True, echo=print,
               overwrite: bool = False) -> dict[str, Any]:
-    """`nnxprune train`: see the module docstring."""
+    """`nnxprune train`: see the module docstring. In a multi-process run (`--distributed`) every
+    process runs it; process 0 alone prints, shows progress and writes the report."""
+    if not multihost.is_primary():
+        echo, progress = (lambda *a, **k: None), False
     cfg = recipe.recovery
     data_dir, teacher_name = _preflight(model_name, recipe, out=out, report_path=report_path,
                                         teacher=teacher, train_dir=train_dir, data_dir=data_dir,
@@ -205,6 +210,8 @@ def run_train(model_name: str, recipe, *, out=None, report_path=None, teacher: s
             model, tokenizer, recipe.eval, data_dir=data_dir, progress=progress).summary())
         echo(f"after     ppl {report['after']['ppl']:.4f}")
     if out is not None:
+        if multihost.joined():  # Orbax's multi-process save: each process writes its shards
+            sh.place_model(model, sh.make_mesh(cfg.check(model.config)))
         save_checkpoint(model, out, tokenizer=tokenizer,
                         provenance={"source": loaded.source, "source_model": (
                             recorded_source(loaded.path) if loaded.kind == "checkpoint" else None)
@@ -218,6 +225,7 @@ def run_train(model_name: str, recipe, *, out=None, report_path=None, teacher: s
         atomic.write_text(atomic.sibling(report_path, ".md"), markdown(report))
         echo(f"wrote     {report_path} (and {atomic.sibling(report_path, '.md')})")
     echo(markdown(report))
+    multihost.done()  # a multi-process run: this process's silence from now on is no failure
     return report
 
 

@@ -162,18 +162,25 @@ def describe_specs(state, specs: Mapping[tuple, P]) -> dict[str, str]:
     return out
 
 
-def initialize_distributed(echo=print) -> None:
-    """Joins the multi-process JAX runtime (`--distributed`): the coordinator, process count and
-    id come from the cluster environment (SLURM, Open MPI, TPU pod slices, or JAX_COORDINATOR_*).
-    No cluster to join (or one that does not answer) is a one-line UserError."""
-    from nnxprune.errors import UserError
+def place_model(model, mesh: Mesh) -> None:
+    """Puts every array of `model` on `mesh` by the rules, in place. In a multi-process run the
+    arrays become global, each process holding its shards (Orbax then saves from all of them)."""
+    state = nnx.state(model)
+    shardings = state_shardings(state, param_specs(model, mesh), mesh)
 
-    try:
-        jax.distributed.initialize()
-    except (ValueError, TypeError, RuntimeError) as e:  # RuntimeError: XlaRuntimeError too
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"--distributed: no JAX cluster to join ({reason}); run under SLURM, Open "
-                        f"MPI or on a TPU pod slice, where the coordinator, process count and id "
-                        f"are found, or drop --distributed on a single host") from None
-    echo(f"jax       process {jax.process_index()} of {jax.process_count()}, "
-         f"{jax.device_count()} devices ({jax.local_device_count()} local)")
+    def put(x, s):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return x  # RNG keys (LoRA dropout) stay where they are
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+    nnx.update(model, jax.tree.map(put, state, shardings))
+
+
+def initialize_distributed(cluster=None, *, label: str = "nnxprune", echo=print) -> None:
+    """Joins the multi-process JAX runtime (`--distributed`): `cluster` (`multihost.Cluster`:
+    coordinator, process count and id, each None to leave it to the cluster environment: SLURM,
+    Open MPI, TPU pod slices) is passed to `jax.distributed.initialize`, with CPU collectives over
+    gloo and a bounded heartbeat (`multihost.join`). No cluster to join is a one-line UserError."""
+    from nnxprune import multihost
+
+    multihost.join(cluster or multihost.Cluster(), label=label, echo=echo)

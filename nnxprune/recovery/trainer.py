@@ -39,7 +39,7 @@ import optax
 from flax import nnx
 
 from nnxprune import data as data_lib
-from nnxprune import interrupt
+from nnxprune import interrupt, multihost
 from nnxprune.data.training import instruction_windows
 from nnxprune.errors import UserError
 from nnxprune.recovery import lora as lora_lib
@@ -371,7 +371,8 @@ def train(model, cfg: RecoveryConfig, *, tokenizer=None, windows: data_lib.Token
     resumes from the latest. `stop_after` ends the loop early (as an interruption would) without
     changing the schedule. Everything that can fail on bad input fails before the first step.
     """
-    say = echo or (lambda *a: None)
+    primary = multihost.is_primary()  # a multi-process run: process 0 alone prints and shows bars
+    say, progress = (echo if primary and echo else (lambda *a: None)), progress and primary
     sizes = cfg.check(model.config)
     strategy = strategy_for(cfg)
     _check_teacher(strategy, model, teacher)
@@ -404,7 +405,8 @@ def train(model, cfg: RecoveryConfig, *, tokenizer=None, windows: data_lib.Token
 
     trainable = session.state["trainable"]
     placement = {"params": _placement(trainable), "optimizer": _placement(session.state["opt"])}
-    nnx.update(model, trainable)  # the trained state back into the model object
+    # the trained state back into the model object (multi-process: gathered, whole in each process)
+    nnx.update(model, multihost.local_copy(trainable))
     lora_lib.set_training(model, False)
     merged = 0
     if cfg.lora is not None and cfg.lora.merge and end == cfg.steps:

@@ -16,7 +16,7 @@ from typing import ClassVar
 from nnxprune.graph import mask_weights
 from nnxprune.scoring.weight import magnitude
 from nnxprune.transforms.base import Context, register
-from nnxprune.transforms.sparsify import Sparsify, measured, node, record
+from nnxprune.transforms.sparsify import Sparsify, by_layer, measured, node, record
 
 
 @register("magnitude")
@@ -25,16 +25,21 @@ class Magnitude(Sparsify):
     """|W| with one threshold per weight matrix (or N:M along the inputs)."""
 
     kind: ClassVar[str]
+    streamable: ClassVar[bool] = True
 
-    def __call__(self, model, ctx: Context):
-        per_matrix = {}
-        t0 = time.perf_counter()
-        for i, name in self.selected(model.config):
-            lin = node(model.layers[i], name)
+    def prune_layer(self, i, layer, calib, names, log):
+        for name in names:
+            lin = node(layer, name)
             keep = self.keep_from_scores(magnitude(lin.effective_kernel()), self.sparsity_of(i),
                                          per_output=False)
             mask_weights(lin, keep)
-            per_matrix[f"layers.{i}.{name}"] = measured(lin)
-        record(ctx, self.kind, per_matrix, pattern=self.pattern or "unstructured",
+            log.setdefault("per_matrix", {})[f"layers.{i}.{name}"] = measured(lin)
+
+    def __call__(self, model, ctx: Context):
+        log = {"per_matrix": {}}
+        t0 = time.perf_counter()
+        for i, names in by_layer(self.selected(model.config)).items():
+            self.prune_layer(i, model.layers[i], None, names, log)
+        record(ctx, self.kind, log["per_matrix"], pattern=self.pattern or "unstructured",
                seconds=time.perf_counter() - t0)
         return model

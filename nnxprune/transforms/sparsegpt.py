@@ -66,37 +66,47 @@ class SparseGPT(Sparsify):
         check_solver(self.blocksize, self.percdamp, self.nm())
         return super().check(config)
 
+    streamable: ClassVar[bool] = True
+
+    def layer_collectors(self, names):
+        return [InputXtX.for_layers(names)]
+
+    def prune_layer(self, i, layer, calib, names, log):
+        nm = self.nm()
+        factors = {}
+        for name in names:
+            lin = node(layer, name)
+            H = hessian(calib.stats[InputXtX.name][name], calib.sequences)
+            try:
+                kernel, keep, info = sparsegpt_prune(
+                    lin.effective_kernel(), H, factor=shared_factor(factors, name, H, self.percdamp),
+                    sparsity=None if nm else self.sparsity_of(i), n=nm[0] if nm else 0,
+                    m=nm[1] if nm else 0, blocksize=self.blocksize)
+            except ValueError as e:
+                raise UserError(f"SparseGPT: layers.{i}.{name}: {e}") from None
+            full = f"layers.{i}.{name}"
+            if not np.isfinite(np.asarray(kernel)).all():
+                raise FloatingPointError(f"SparseGPT produced non-finite weights in {full}")
+            lin.kernel.set_value(kernel.astype(lin.kernel.dtype))
+            mask_weights(lin, keep)
+            log.setdefault("per_matrix", {})[full] = measured(lin)
+            log.setdefault("reconstruction_error", {})[full] = float(info.get("error", float("nan")))
+            if info.get("retries"):
+                log.setdefault("damping_retries", {})[full] = {
+                    "retries": int(info["retries"]), "damping": float(info["damping"])}
+
     def __call__(self, model, ctx: Context):
         tokens = calibration_tokens(ctx)
-        nm = self.nm()
-        per_matrix, retries, errors = {}, {}, {}
+        log = {"per_matrix": {}, "damping_retries": {}, "reconstruction_error": {}}
         names = by_layer(self.selected(model.config))
 
         def visit(i, layer, calib):
-            factors = {}
-            for name in names[i]:
-                lin = node(layer, name)
-                H = hessian(calib.stats[InputXtX.name][name], calib.sequences)
-                try:
-                    kernel, keep, info = sparsegpt_prune(
-                        lin.effective_kernel(), H, factor=shared_factor(factors, name, H, self.percdamp),
-                        sparsity=None if nm else self.sparsity_of(i), n=nm[0] if nm else 0,
-                        m=nm[1] if nm else 0, blocksize=self.blocksize)
-                except ValueError as e:
-                    raise UserError(f"SparseGPT: layers.{i}.{name}: {e}") from None
-                full = f"layers.{i}.{name}"
-                if not np.isfinite(np.asarray(kernel)).all():
-                    raise FloatingPointError(f"SparseGPT produced non-finite weights in {full}")
-                lin.kernel.set_value(kernel.astype(lin.kernel.dtype))
-                mask_weights(lin, keep)
-                per_matrix[full] = measured(lin)
-                errors[full] = float(info.get("error", float("nan")))
-                if info.get("retries"):
-                    retries[full] = {"retries": int(info["retries"]), "damping": float(info["damping"])}
+            self.prune_layer(i, layer, calib, names[i], log)
 
-        timings = run_sequential(model, tokens, visit, [InputXtX.for_layers(names)],
+        timings = run_sequential(model, tokens, visit, self.layer_collectors(names),
                                  batch_size=self.batch_size, progress=ctx.progress, desc="sparsegpt")
-        record(ctx, self.kind, per_matrix, pattern=self.pattern or "unstructured", timings=timings,
-               calibration_tokens=int(tokens.size), damping_retries=retries,
-               reconstruction_error=errors)
+        record(ctx, self.kind, log["per_matrix"], pattern=self.pattern or "unstructured",
+               timings=timings, calibration_tokens=int(tokens.size),
+               damping_retries=log["damping_retries"],
+               reconstruction_error=log["reconstruction_error"])
         return model

@@ -133,6 +133,21 @@ class Sparsify(Transform):
                                    self.ignore)
         return [split_name(n) for n in names]
 
+    # -- the per-layer part: the in-memory `__call__` and the streamed run
+    # (`nnxprune.streamed`) both prune through these, one decoder layer at a time
+    streamable: ClassVar[bool] = False  # whether prune_layer is all the method does
+
+    def layer_collectors(self, names: dict[int, list[str]]) -> list:
+        """The statistics `prune_layer` needs, for the projections `{layer: [names]}` (none:
+        the weights alone)."""
+        return []
+
+    def prune_layer(self, i: int, layer, calib, names: list[str], log: dict) -> None:
+        """Prunes the projections `names` of decoder layer `i` in place; `calib` is its
+        `LayerCalibration` (None without calibration). What it did goes into `log`:
+        `log["per_matrix"]` (full name -> measured sparsity) and method-specific entries."""
+        raise NotImplementedError
+
     def keep_from_scores(self, scores, sparsity: float, *, per_output: bool) -> jnp.ndarray:
         nm = self.nm()
         if nm is not None:

@@ -32,24 +32,30 @@ class Wanda(Sparsify):
 
     batch_size: int = 8
     kind: ClassVar[str]
+    streamable: ClassVar[bool] = True
+
+    def layer_collectors(self, names):
+        return [InputSumSq.for_layers(names)]
+
+    def prune_layer(self, i, layer, calib, names, log):
+        sumsq = calib.stats[InputSumSq.name]
+        for name in names:
+            lin = node(layer, name)
+            keep = self.keep_from_scores(wanda(lin.effective_kernel(), sumsq[name]),
+                                         self.sparsity_of(i), per_output=True)
+            mask_weights(lin, keep)
+            log.setdefault("per_matrix", {})[f"layers.{i}.{name}"] = measured(lin)
 
     def __call__(self, model, ctx: Context):
         tokens = calibration_tokens(ctx)
-        per_matrix = {}
+        log = {"per_matrix": {}}
         names = by_layer(self.selected(model.config))
 
         def visit(i, layer, calib):
-            sumsq = calib.stats[InputSumSq.name]
-            for name in names[i]:
-                lin = node(layer, name)
-                keep = self.keep_from_scores(wanda(lin.effective_kernel(), sumsq[name]),
-                                             self.sparsity_of(i), per_output=True)
-                mask_weights(lin, keep)
-                per_matrix[f"layers.{i}.{name}"] = measured(lin)
+            self.prune_layer(i, layer, calib, names[i], log)
 
-        timings = run_sequential(model, tokens, visit, [InputSumSq.for_layers(names)],
+        timings = run_sequential(model, tokens, visit, self.layer_collectors(names),
                                  batch_size=self.batch_size, progress=ctx.progress, desc="wanda")
-        record(ctx, self.kind, per_matrix, pattern=self.pattern or "unstructured", timings=timings,
-               calibration_tokens=int(tokens.size))
+        record(ctx, self.kind, log["per_matrix"], pattern=self.pattern or "unstructured",
+               timings=timings, calibration_tokens=int(tokens.size))
         return model
-

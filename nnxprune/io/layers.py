@@ -1,0 +1,231 @@
+"""Lazy layer sources and the layer-by-layer writer (DESIGN.md, principle 12).
+
+A model larger than memory is never built whole. A `LayerSource` keeps the weights in their files
+(safetensors read tensor by tensor, sharded or not; a GGUF file memory-mapped and dequantized one
+tensor at a time) and hands out the config, single HF-named tensors (the embedding, the final
+norm, the head) and decoder layer `i` materialized as the project's `DecoderLayer` in the run
+dtype, built from that layer's tensors alone. `HFLayerWriter` writes an HF folder the same way:
+one safetensors shard per decoder layer as soon as it is finished, one for the embedding, norm
+and head, then `model.safetensors.index.json` and `config.json`, in the dtype asked for (the
+input's own, usually), masks folded into the kernels. Use it inside `atomic_dir`, so the folder
+appears whole or not at all.
+
+Example:
+    >>> source = open_layers("smollm2-135m")
+    >>> layer = source.layer(3, jnp.float32)            # a DecoderLayer, nothing else loaded
+    >>> with atomic_dir(out) as tmp:
+    ...     writer = HFLayerWriter(tmp, source.config, dtype="bfloat16")
+    ...     writer.write_layer(3, layer)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nnxprune.errors import UserError
+from nnxprune.models.llama import DecoderLayer, LlamaConfig
+
+GLOBAL_KEYS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq")
+
+
+def _dtype_name(dtype: Any) -> str:
+    return np.dtype(dtype).name
+
+
+class LayerSource:
+    """Weights that stay in their files until asked for. Subclasses give `config`, `path`,
+    `kind`, `dtype` (the checkpoint's weight dtype name) and `_read(keys)`."""
+
+    config: LlamaConfig
+    path: Path
+    kind: str
+    dtype: str
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def _read(self, keys: list[str]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def tensor(self, key: str) -> np.ndarray:
+        """One tensor under its HF name and layout (`[out, in]` projections), as stored."""
+        if key not in self.keys():
+            raise UserError(f"{self.path}: no tensor {key!r}")
+        return self._read([key])[key]
+
+    def global_keys(self) -> list[str]:
+        """The embedding, final norm and (untied) head keys this checkpoint holds."""
+        return [k for k in GLOBAL_KEYS if k in self.keys()]
+
+    def layer(self, i: int, param_dtype=jnp.float32) -> DecoderLayer:
+        """Decoder layer `i` as a `DecoderLayer` with `param_dtype` parameters, read from its
+        own tensors only (every one must be there, with the shape the config implies)."""
+        from nnxprune.io.hf import hf_key_to_path
+
+        shape = self.config.layers[i]
+        abstract = nnx.eval_shape(lambda: DecoderLayer(self.config, shape, param_dtype=param_dtype,
+                                                       rngs=nnx.Rngs(0)))
+        graphdef, state = nnx.split(abstract)
+        wanted = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
+        prefix = f"model.layers.{i}."
+        keys = [k for k in self.keys() if k.startswith(prefix) and not _IGNORED.fullmatch(k)]
+        values = {}
+        for key, array in self._read(keys).items():
+            found = hf_key_to_path(key)
+            path = found[0][len(f"layers.{i}."):] if found else None
+            if path not in wanted:
+                raise UserError(f"{self.path}: tensor {key!r} has no place in a Llama layer")
+            array = array.T if found[1] else array
+            if array.shape != tuple(wanted[path].shape):
+                raise UserError(f"{self.path}: tensor {key!r} has shape {array.shape}, the config "
+                                f"implies {tuple(wanted[path].shape)}")
+            values[path] = jnp.asarray(array, dtype=wanted[path].dtype)
+        missing = sorted(set(wanted) - set(values))
+        if missing:
+            raise UserError(f"{self.path}: layer {i} misses {len(missing)} tensors, e.g. "
+                            f"{prefix}{missing[0]!r}")
+        return nnx.merge(graphdef, nnx.map_state(lambda p, v: values[".".join(map(str, p))], state))
+
+
+class SafetensorsSource(LayerSource):
+    """An HF folder (config.json + safetensors, sharded or not), read tensor by tensor."""
+
+    kind = "hf"
+
+    def __init__(self, folder: str | Path):
+        from nnxprune.io.hf import _safetensors_files, read_hf_config
+        from safetensors import safe_open
+
+        self.path = Path(folder)
+        self.config = read_hf_config(self.path / "config.json")
+        self._file: dict[str, Path] = {}
+        sizes: dict[str, int] = {}
+        for file in _safetensors_files(self.path):
+            try:
+                with safe_open(str(file), framework="numpy") as f:
+                    for key in f.keys():
+                        self._file[key] = file
+                        s = f.get_slice(key)
+                        name = _SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype().lower())
+                        sizes[name] = sizes.get(name, 0) + int(np.prod(s.get_shape()))
+            except FileNotFoundError:
+                raise UserError(f"missing checkpoint shard {file}") from None
+            except Exception as e:  # noqa: BLE001 - safetensors' own error types: a damaged file
+                raise UserError(f"{file} is damaged or truncated (safetensors: {str(e)[:200]})") from None
+        self.dtype = max(sizes, key=sizes.get) if sizes else "float32"
+
+    def keys(self) -> list[str]:
+        return list(self._file)
+
+    def _read(self, keys: list[str]) -> dict[str, np.ndarray]:
+        from safetensors import safe_open
+
+        out = {}
+        for file in sorted({self._file[k] for k in keys}):
+            with safe_open(str(file), framework="numpy") as f:
+                out.update({k: f.get_tensor(k) for k in keys if self._file[k] == file})
+        return out
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
+class GGUFSource(LayerSource):
+    """A Llama GGUF file, memory-mapped; each tensor dequantized (to float32) when read. Its
+    output dtype is float32, what the quantized weights dequantize to."""
+
+    kind = "gguf"
+    dtype = "float32"
+
+    def __init__(self, path: str | Path):
+        from nnxprune.io.gguf import open_gguf
+        from nnxprune.io.load import _gguf_config
+
+        self.path = Path(path)
+        self._hf_config, self._table = open_gguf(self.path)
+        self.config = _gguf_config(self.path)
+
+    def keys(self) -> list[str]:
+        return list(self._table)
+
+    def _read(self, keys: list[str]) -> dict[str, np.ndarray]:
+        from nnxprune.io.gguf import dequantize_tensor
+
+        return {k: dequantize_tensor(self._table[k], self._hf_config) for k in keys}
+
+
+def open_layers(name_or_path) -> LayerSource:
+    """The lazy layer source of `MODEL` (an HF folder, a GGUF file, or a card naming one)."""
+    from nnxprune.io.load import _resolve, model_kind
+
+    path, _ = _resolve(name_or_path)
+    kind = model_kind(path)
+    if kind == "hf":
+        return SafetensorsSource(path)
+    if kind == "gguf":
+        return GGUFSource(path)
+    raise UserError(f"{name_or_path}: layer-by-layer loading reads Hugging Face folders and GGUF "
+                    f"files; this is {'an nnxprune checkpoint' if kind else 'neither'}")
+
+
+class HFLayerWriter:
+    """Writes an HF folder one shard at a time into `folder` (module docstring). Shards are
+    `model-00001-of-NNNNN.safetensors`: one per decoder layer in order, the embedding, final
+    norm and head last."""
+
+    def __init__(self, folder: str | Path, config: LlamaConfig, *, dtype: str = "float32"):
+        self.folder, self.config, self.dtype = Path(folder), config, dtype
+        self.shards = config.num_layers + 1
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+
+    def _shard(self, index: int) -> str:
+        return f"model-{index + 1:05d}-of-{self.shards:05d}.safetensors"
+
+    def _save(self, index: int, tensors: dict[str, np.ndarray]) -> None:
+        from safetensors.numpy import save_file
+
+        name = self._shard(index)
+        save_file(tensors, str(self.folder / name), metadata={"format": "pt"})
+        for key, array in tensors.items():
+            self.weight_map[key] = name
+            self.total_size += array.nbytes
+
+    def write_layer(self, i: int, layer) -> None:
+        """Decoder layer `i` (masks folded, cast to the writer's dtype) as its own shard."""
+        from nnxprune.io.hf import layer_hf_tensors
+
+        self._save(i, layer_hf_tensors(i, layer, jnp.dtype(self.dtype)))
+
+    def write_globals(self, tensors: dict[str, np.ndarray]) -> None:
+        """The embedding, final norm and head (HF names and layouts) as the last shard."""
+        dtype = jnp.dtype(self.dtype)
+        self._save(self.config.num_layers,
+                   {k: np.ascontiguousarray(np.asarray(v).astype(dtype, copy=False))
+                    for k, v in tensors.items()})
+
+    def finish(self, tokenizer=None) -> None:
+        """The shard index, config.json (the config with this dtype) and the tokenizer."""
+        from nnxprune.io.hf import umask_modes
+        from nnxprune.io.hf_config import config_to_hf
+
+        written = set(self.weight_map.values())
+        if len(written) != self.shards:
+            raise RuntimeError(f"{self.shards - len(written)} shards were never written")
+        index = {"metadata": {"total_size": self.total_size},
+                 "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        hf_config = config_to_hf(self.config, allow_heterogeneous=True, dtype=self.dtype)
+        (self.folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(self.folder))
+        umask_modes(self.folder)

@@ -1,0 +1,234 @@
+"""`--distributed` for real: two processes on localhost join one 4-device mesh (2 forced CPU devices
+each, collectives over gloo) and run `nnxprune train` (distillation, LoRA). Their losses and
+process 0's metrics.jsonl equal a 1-process run on the same global batch; one checkpoint is
+written by Orbax from both processes and a 1-process run restores it; only process 0 prints and
+writes; a killed process makes the other exit with one line instead of hanging. Every wait is
+bounded and every process is killed at the end, whatever happened."""
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import test_cli
+from test_cli import assert_user_error, run
+
+from nnxprune import multihost
+
+tiny_folder = test_cli.tiny_folder  # a tiny Llama (hidden 32, 2 layers, vocab 320) + tokenizer
+REPO = Path(__file__).resolve().parents[2]
+TEXT = ("The tower is 324 metres tall, about the same height as an 81-storey building. It was the "
+        "tallest man-made structure in the world for 41 years.\n") * 60
+RECIPE = """
+[recovery]
+dataset = "DATA"
+steps = 3
+batch_size = 4
+seqlen = 16
+lr = 0.003
+warmup_steps = 1
+eval_every = 0
+eval_batches = 0
+"""
+DISTILL = RECIPE + 'kind = "distill"\n[recovery.distill]\nce_weight = 1.0\n'
+LORA = RECIPE + "kind = \"lora\"\ncheckpoint_every = 2\n[recovery.lora]\ntargets = '.*mlp.*'\nrank = 2\n"
+TWO = ["--set", "recovery.mesh.fsdp=2"]  # 2 processes: mesh data=2 x fsdp=2 (weights split too)
+# Tolerance. Both runs compute the same float32 program on the same global batch of 4 x 16
+# tokens; the 2-process run only groups its sums differently (per-device partial sums, then an
+# all-reduce over gloo; FSDP all-gathers copy exactly). Regrouping a float32 sum of n terms moves
+# it by at most about n * 2^-24 relative; the loss sums 4 x 15 token losses, each a logsumexp
+# over 320 logits: (60 + 320) * 6e-8 = 2.3e-5 at the first step, and 3 Adam steps of lr 3e-3
+# carry a gradient that differs in its last bits into parameter changes of the same relative
+# size. Hence rtol 3e-5 on losses and metrics; the weights, which move by lr per step, get an
+# absolute 1e-5 (lr 3e-3 x 3 steps x a few 1e-4 of relative gradient difference at most).
+RTOL, WEIGHTS_ATOL = 3e-5, 1e-5
+TIMEOUT = 150  # seconds for a whole 2-process run (about 50 s here)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _launched(cwd: Path, argv):
+    """Two `nnxprune ... --distributed` processes; yields them; kills what is left at the end."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in multihost.ENV.values()}
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               OPENBLAS_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    procs = []
+    try:
+        for i in range(2):
+            with open(cwd / f"p{i}.out", "w") as out, open(cwd / f"p{i}.err", "w") as err:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "nnxprune.cli", *map(str, argv), "--distributed",
+                     "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                     "--process-id", str(i)], cwd=cwd, env=env, stdout=out, stderr=err))
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=10)
+
+
+def _outputs(cwd: Path, i: int) -> tuple[str, str]:
+    return (cwd / f"p{i}.out").read_text(), (cwd / f"p{i}.err").read_text()
+
+
+def _two_processes(cwd: Path, argv, meanwhile=lambda: None) -> list[tuple[str, str]]:
+    """Runs both to the end (bounded), calling `meanwhile` while they run (the 1-process twin
+    uses the cores they leave idle); returns their (stdout, stderr); both must exit 0."""
+    t0 = time.monotonic()
+    with _launched(cwd, argv) as procs:
+        meanwhile()
+        codes = [p.wait(timeout=max(TIMEOUT - (time.monotonic() - t0), 1)) for p in procs]
+    outs = [_outputs(cwd, i) for i in range(2)]
+    assert codes == [0, 0], (codes, outs[0][1][-3000:], outs[1][1][-3000:])
+    return outs
+
+
+def _own_lines(text: str) -> list[str]:
+    """What nnxprune printed (gloo's C++ connection messages and XLA's warnings left out)."""
+    return [line for line in text.splitlines() if line.strip() and "Gloo" not in line
+            and "peer ranks" not in line and not re.match(r"[WIEF]\d{4} ", line)]
+
+
+def _metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _assert_same_metrics(got: list[dict], want: list[dict]) -> None:
+    assert [(r["step"], r["split"]) for r in got] == [(r["step"], r["split"]) for r in want]
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        for k in w:
+            if isinstance(w[k], float) and k != "elapsed":  # elapsed: wall time
+                np.testing.assert_allclose(g[k], w[k], rtol=RTOL, err_msg=k)
+            elif k != "elapsed":
+                assert g[k] == w[k], k
+
+
+def _assert_same_weights(path_a: Path, path_b: Path) -> None:
+    """Both checkpoints restored in this (1-process, 1-device) run hold the same weights."""
+    from flax import nnx
+
+    from nnxprune.io.load import load_model
+
+    a = nnx.state(load_model(path_a, with_tokenizer=False).model)
+    b = nnx.state(load_model(path_b, with_tokenizer=False).model)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=WEIGHTS_ATOL)
+
+
+def _check_run(tmp_path: Path, outs, kind: str) -> tuple[dict, dict]:
+    """What every 2-process run must show against its 1-process twin."""
+    (out0, err0), (out1, err1) = outs
+    assert f"recovery  {kind}" in out0 and "wrote     out2" in out0 and "process 0 of 2" in out0
+    assert _own_lines(out1) == [], out1  # process 1 prints nothing of its own
+    assert "recovery" not in err1 and "wrote" not in err1
+    two, one = json.loads((tmp_path / "rep2.json").read_text()), json.loads(
+        (tmp_path / "rep1.json").read_text())
+    assert two["recovery"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
+    np.testing.assert_allclose(two["recovery"]["losses"], one["recovery"]["losses"], rtol=RTOL)
+    _assert_same_metrics(_metrics(tmp_path / "rep2.train" / "metrics.jsonl"),
+                         _metrics(tmp_path / "rep1.train" / "metrics.jsonl"))
+    state = tmp_path / "out2" / "state"  # one checkpoint, written by both processes
+    assert (state / "ocdbt.process_0").is_dir() and (state / "ocdbt.process_1").is_dir()
+    assert not [p.name for p in tmp_path.iterdir() if "tmp" in p.name]  # no temporaries left
+    _assert_same_weights(tmp_path / "out2", tmp_path / "out1")
+    return two, one
+
+
+def _setup(tmp_path: Path, body: str) -> Path:
+    (tmp_path / "train.txt").write_text(TEXT)
+    path = tmp_path / "r.toml"
+    path.write_text(body.replace("DATA", str(tmp_path / "train.txt")))
+    return path
+
+
+def _one_process(capsys, tmp_path: Path, argv) -> None:
+    """The same command in this process: 1 process, 1 device, the same global batch."""
+    code, _, err = run(capsys, *argv, "--out", tmp_path / "out1", "--json", tmp_path / "rep1.json")
+    assert code == 0, err
+
+
+def test_distillation_on_two_processes_equals_one(capsys, tiny_folder, tmp_path):
+    recipe = _setup(tmp_path, DISTILL)
+    argv = ["train", tiny_folder, "--recipe", recipe, "--teacher", tiny_folder, "--no-progress"]
+    outs = _two_processes(tmp_path, [*argv, "--out", "out2", "--json", "rep2.json", *TWO],
+                          lambda: _one_process(capsys, tmp_path, argv))
+    two, one = _check_run(tmp_path, outs, "distill")
+    assert two["recovery"]["losses"][0] > 1.0  # CE + KD: a real loss, not the 0 of self-distill
+
+
+def test_lora_on_two_processes_equals_one(capsys, tiny_folder, tmp_path):
+    recipe = _setup(tmp_path, LORA)
+    argv = ["train", tiny_folder, "--recipe", recipe, "--no-progress"]
+    outs = _two_processes(tmp_path, [*argv, "--out", "out2", "--json", "rep2.json", *TWO],
+                          lambda: _one_process(capsys, tmp_path, argv))
+    two, _ = _check_run(tmp_path, outs, "lora")
+    assert two["recovery"]["lora_merged"] == 2 * 3
+    steps = tmp_path / "rep2.train" / "checkpoints"  # the resumable ones, also from both processes
+    assert sorted(p.name for p in steps.iterdir() if p.name.isdigit()) == ["2", "3"]
+    assert (steps / "3" / "state" / "ocdbt.process_1").is_dir()
+
+
+def test_a_killed_process_stops_the_other_with_one_line(tiny_folder, tmp_path):
+    recipe = _setup(tmp_path, DISTILL.replace("steps = 3", "steps = 10000"))
+    argv = ["train", tiny_folder, "--recipe", recipe, "--teacher", tiny_folder, "--no-progress",
+            "--out", "out2", *TWO]
+    with _launched(tmp_path, argv) as procs:
+        deadline = time.monotonic() + 90
+        while "recovery  distill" not in _outputs(tmp_path, 0)[0]:  # both joined, working
+            assert procs[0].poll() is None and procs[1].poll() is None, _outputs(tmp_path, 0)
+            assert time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        code = procs[0].wait(timeout=60)
+        waited = time.monotonic() - t0
+    err = _outputs(tmp_path, 0)[1]
+    assert code == multihost.EXIT_PEER_LOST, err[-3000:]
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith("nnxprune train: error: another process of this --distributed run "
+                           "stopped"), err[-3000:]
+    assert waited < 2 * multihost.HEARTBEAT_SECONDS + 10, waited
+    assert not (tmp_path / "out2").exists()
+
+
+def test_cluster_options_are_checked_before_any_work(capsys, tiny_folder, tmp_path, monkeypatch):
+    recipe = _setup(tmp_path, DISTILL)
+    base = ["train", tiny_folder, "--recipe", recipe, "--out", tmp_path / "never"]
+    for k in multihost.ENV.values():
+        monkeypatch.delenv(k, raising=False)
+    for extra, needle in (
+            (["--coordinator", "127.0.0.1:1"], "only apply with --distributed"),
+            (["--distributed", "--coordinator", "127.0.0.1"], "expected HOST:PORT"),
+            (["--distributed", "--coordinator", "127.0.0.1:70000"], "out of range"),
+            (["--distributed", "--coordinator", "h:x"], "port: expected an integer"),
+            (["--distributed", "--num-processes", "0"], "--num-processes must be at least 1"),
+            (["--distributed", "--num-processes", "2", "--process-id", "2"], "not below"),
+            (["--distributed", "--process-id", "-1"], "--process-id must be at least 0")):
+        code, _, err = run(capsys, *base, *extra)
+        assert_user_error(code, err, needle)
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    code, _, err = run(capsys, *base, "--distributed")
+    assert_user_error(code, err, "$JAX_NUM_PROCESSES: expected an integer")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "5")
+    code, _, err = run(capsys, "prune", recipe, "--model", tiny_folder, "--distributed")
+    assert_user_error(code, err, "--process-id 5 is not below --num-processes 2")
+    assert not (tmp_path / "never").exists()
