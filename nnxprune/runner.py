@@ -138,9 +138,11 @@ def _preflight(recipe: Recipe, name: str | None, out, report_path, data_dir, *, 
         raise UserError("no model: pass --model or set [recipe] model")
     if out is None and report_path is None:
         raise UserError("nothing would be written: pass --out and/or --json")
-    atomic.check_outputs(folders=[out], files=report_outputs(report_path, views), overwrite=overwrite)
+    files = report_outputs(report_path, views)
+    atomic.check_outputs(folders=[out], files=files, overwrite=overwrite)
     if recipe.recovery is not None:
-        atomic.check_log_dir(train_dir or default_train_dir(out, report_path), overwrite=overwrite)
+        atomic.check_log_dir(train_dir or default_train_dir(out, report_path), overwrite=overwrite,
+                             outputs=[out, *files])
     data_dir = data_lib.resolve_data_dir(data_dir)
     if recipe.eval is not None:
         data_lib.check_available(recipe.eval.dataset, recipe.eval.split, data_dir)

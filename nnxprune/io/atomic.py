@@ -163,14 +163,21 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
-def check_log_dir(path: str | os.PathLike | None, *, overwrite: bool = False) -> None:
+def check_log_dir(path: str | os.PathLike | None, *, overwrite: bool = False,
+                  outputs: Iterable = ()) -> None:
     """A folder nnxprune adds files to (training logs, resumable checkpoints), under the same
     rules as every output: not a file, a link or a protected folder (cwd, its parents, home,
-    root); when it exists, a log folder nnxprune wrote and nothing changed since (a rerun resumes
-    from it), or an empty one, or `overwrite` (it is then replaced)."""
+    root), not one of the run's `outputs` nor inside or around one; when it exists, a log folder
+    nnxprune wrote and nothing changed since (a rerun resumes from it), or an empty one, or
+    `overwrite` (it is then replaced)."""
     if path is None:
         return
     full = _full(path)
+    for other in (o for o in outputs if o is not None):
+        o = _full(other)
+        if o == full or o.is_relative_to(full) or full.is_relative_to(o):
+            raise UserError(f"the training logs {path} and the output {other} would share files; "
+                            f"give --train-dir a folder of its own")
     if full.resolve() in protected_folders():
         raise UserError(f"{path} ({full}) is the current folder, a parent of it, the home folder or "
                         f"the root: give a new folder for the training logs")

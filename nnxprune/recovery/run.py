@@ -142,7 +142,8 @@ def _preflight(model_name: str, recipe, *, out, report_path, teacher, train_dir,
         raise UserError("nothing would be written: pass --out and/or --json")
     files = [report_path, atomic.sibling(report_path, ".md")] if report_path is not None else []
     atomic.check_outputs(folders=[out], files=files, overwrite=overwrite)
-    atomic.check_log_dir(train_dir or default_train_dir(out, report_path), overwrite=overwrite)
+    atomic.check_log_dir(train_dir or default_train_dir(out, report_path), overwrite=overwrite,
+                         outputs=[out, *files])
     data_dir = data_lib.resolve_data_dir(data_dir)
     check_data(cfg, data_dir)
     if cfg.lora is not None and not cfg.lora.merge and out is not None:

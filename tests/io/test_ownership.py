@@ -180,6 +180,18 @@ def test_an_own_train_dir_resumes_and_overwrite_replaces_a_user_one(capsys, tiny
     assert code == 0, err
 
 
+@pytest.mark.parametrize("where", ["same", "inside", "around"])
+def test_a_train_dir_that_collides_with_an_output_is_refused_before_loading(
+        capsys, tiny_folder, tmp_path, no_loading, where):
+    recipe = distill_recipe(tmp_path)
+    out = tmp_path / "ckpt"
+    train_dir = {"same": out, "inside": out / "logs", "around": tmp_path}[where]
+    code, out_text, err = run(capsys, "train", tiny_folder, "--recipe", recipe, "--teacher",
+                              tiny_folder, "--out", out, "--train-dir", train_dir, "--no-progress")
+    assert_user_error(code, err, "would share files", "--train-dir")
+    assert not out.exists()
+
+
 # -- checked again when written --------------------------------------------------------------------
 def test_a_file_created_during_the_run_is_not_replaced(capsys, tiny_folder, tmp_path, monkeypatch):
     from nnxprune import cli
