@@ -340,17 +340,20 @@ def open_gguf(path: str | pathlib.Path) -> tuple[dict[str, Any], dict[str, Any]]
     """(HF-style config, {HF tensor name: gguf-py tensor}) of a Llama GGUF file, dequantizing
     nothing: `dequantize_tensor` reads one tensor when it is needed (lazy layer sources)."""
     reader = _open(path)
-    config = _config(reader, path)
-    table = {}
+    return _config(reader, path), dict(_named_tensors(reader))
+
+
+def _named_tensors(reader) -> Iterator[tuple[str, Any]]:
+    """`(HF name, gguf-py tensor)` in file order; the RoPE frequencies are left out (already
+    folded into config["rope_scaling"]); a tensor of anything but a plain Llama is an error."""
     for tensor in reader.tensors:
         if tensor.name == _ROPE_FREQS:
-            continue  # already folded into config["rope_scaling"]
+            continue
         hf = _hf_name(tensor.name)
         if hf is None:
             raise UserError(f"GGUF tensor {tensor.name!r} is not part of a plain Llama model "
                             "(biases, experts and extra tensors are not supported)")
-        table[hf] = tensor
-    return config, table
+        yield hf, tensor
 
 
 def dequantize_tensor(tensor, config: dict[str, Any]) -> np.ndarray:
@@ -378,11 +381,5 @@ def dequantize_tensor(tensor, config: dict[str, Any]) -> np.ndarray:
 
 def _iter_tensors(reader, config: dict[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
     """Dequantizes, reorients and renames each tensor in file order."""
-    for tensor in reader.tensors:
-        if tensor.name == _ROPE_FREQS:
-            continue  # already folded into config["rope_scaling"]
-        hf = _hf_name(tensor.name)
-        if hf is None:
-            raise UserError(f"GGUF tensor {tensor.name!r} is not part of a plain Llama model "
-                            "(biases, experts and extra tensors are not supported)")
+    for hf, tensor in _named_tensors(reader):
         yield hf, dequantize_tensor(tensor, config)
