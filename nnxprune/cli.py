@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Sequence
 
-from nnxprune import multihost, preflight
+from nnxprune import multihost, preflight, streamed
 from nnxprune.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -123,12 +123,12 @@ def cmd_prune(args) -> int:
     if args.check:  # dry run: the recipe against the model's config, no weights, nothing written
         check_recipe(recipe, model=args.model)
         return 0
+    if args.resume and not args.stream:
+        raise UserError("--resume continues an unfinished --stream run: pass --stream too")
     if args.stream:  # one decoder layer in memory at a time (nnxprune.streamed)
-        from nnxprune.streamed import run_streamed_recipe
-
-        run_streamed_recipe(recipe, model=args.model, out=args.out, report_path=args.json,
-                            data_dir=args.data_dir, dtype=args.dtype,
-                            progress=not args.no_progress, overwrite=args.overwrite)
+        streamed.run_streamed_recipe(recipe, model=args.model, out=args.out, report_path=args.json,
+                                     data_dir=args.data_dir, dtype=args.dtype, resume=args.resume,
+                                     progress=not args.no_progress, overwrite=args.overwrite)
         return 0
     _distributed(args, cluster)
     run_recipe(recipe, model=args.model, out=args.out, report_path=args.json, train_dir=args.train_dir,
@@ -316,10 +316,7 @@ def _add_prune(sub) -> None:
     p.add_argument("--check", action="store_true",
                    help="dry run: validate the recipe against the model's config, print the "
                         "predicted shapes and parameter count; loads no weights, writes nothing")
-    p.add_argument("--stream", action="store_true", help="one decoder layer in memory at a time; "
-                   "--out is an HF folder written layer by layer (magnitude, wanda, sparsegpt)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="dtype of the loaded weights (statistics stay float32)")
+    streamed.add_stream_arguments(p)  # --stream, --resume, --dtype
     _add_overwrite(p)
     p.set_defaults(func=cmd_prune)
 

@@ -92,3 +92,36 @@ def measured_sparsity(model) -> dict[str, Any]:
             per_matrix[".".join(map(str, path))] = z / kernel.size
             zeros, total = zeros + z, total + kernel.size
     return {"overall": zeros / total if total else 0.0, "per_matrix": per_matrix}
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory since it started (`ru_maxrss`: KiB on Linux, bytes on
+    macOS). It cannot be reset: it covers everything the process did (loading, evaluation,
+    saving, every thread), and in a process that ran other work first, that work too."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def memory_peaks() -> dict[str, float | None]:
+    """The memory figures every `prune` and `train` report carries, in GB (10^9 bytes):
+
+    - `peak_rss_gb`: the process's peak resident memory since it started (`peak_rss_bytes`),
+      the number to compare with the machine's memory;
+    - `device_peak_gb`: the peak bytes in use on the first local accelerator since the process
+      started (JAX's `memory_stats()["peak_bytes_in_use"]`); None on CPU, where JAX keeps none.
+
+    `peak_memory_bytes` in a `prune` report is another figure: the highest resident memory
+    polled while the pruning pipeline ran (`PeakMemory`), the transforms alone."""
+    import jax
+
+    device = None
+    try:
+        stats = jax.local_devices()[0].memory_stats()
+        if stats and "peak_bytes_in_use" in stats:
+            device = stats["peak_bytes_in_use"] / 1e9
+    except Exception:  # noqa: BLE001 - a backend without memory statistics
+        device = None
+    return {"peak_rss_gb": peak_rss_bytes() / 1e9, "device_peak_gb": device}

@@ -29,7 +29,13 @@ from nnxprune.inspect import inspect_model
 from nnxprune.io import atomic
 from nnxprune.io.checkpoint import save_checkpoint
 from nnxprune.io.load import load_model, peek_config, source_label
-from nnxprune.measure import PeakMemory, count_params, measured_sparsity, source_hash
+from nnxprune.measure import (
+    PeakMemory,
+    count_params,
+    measured_sparsity,
+    memory_peaks,
+    source_hash,
+)
 from nnxprune.recipes import Recipe
 from nnxprune.recovery.run import check_data as check_recovery_data
 from nnxprune.recovery.run import default_train_dir, recover, training_windows
@@ -100,7 +106,8 @@ def markdown_report(report: dict[str, Any]) -> str:
     sec = report["seconds"]
     lines += [f"Pruning took {sec['prune']:.1f} s ({sec.get('calibration_forward', 0):.1f} s of "
               f"calibration forwards, {sec.get('solve', 0):.1f} s scoring and solving); peak "
-              f"memory {report.get('peak_memory_bytes', 0) / 2**30:.2f} GiB.", ""]
+              f"memory {report.get('peak_memory_bytes', 0) / 2**30:.2f} GiB while pruning, "
+              f"{report.get('peak_rss_gb', 0):.2f} GB for the whole process.", ""]
     return "\n".join(lines)
 
 
@@ -270,6 +277,11 @@ def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_pat
     With a `[recovery]` section the pruned model is trained after the transforms (logs and
     resumable checkpoints in `train_dir`, default `REPORT.train/`) and evaluated again. Existing
     outputs are replaced only if nnxprune wrote them, or with `overwrite` (`nnxprune.io.atomic`).
+
+    Memory in the report: `peak_rss_gb`, the process's peak resident memory since it started
+    (loading, evaluation and saving included; `ru_maxrss`), `device_peak_gb`, the accelerator's
+    peak bytes in use (None on CPU), both in GB of 10^9 bytes (`measure.memory_peaks`); and
+    `peak_memory_bytes`, the highest resident memory polled while the pipeline ran (`PeakMemory`).
     """
     name = model or recipe.model
     data_dir = _preflight(recipe, name, out, report_path, data_dir, views=views,
@@ -303,6 +315,7 @@ def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_pat
         _save(model_obj, out, recipe, loaded, dense_config, echo)
         report["checkpoint"] = str(out)
     report["seconds"]["total"] = time.perf_counter() - t0
+    report.update(memory_peaks())  # after the save: the whole run's peak
     if report_path is not None:
         _write_report(report, report_path, model_obj, dense_config, f"{recipe.name} on {name}",
                       views=views, echo=echo)

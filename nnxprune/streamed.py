@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import datetime
-import resource
 import time
 from typing import Any
 
@@ -34,11 +33,25 @@ from nnxprune.errors import UserError
 from nnxprune.io import atomic
 from nnxprune.io.layers import HFLayerWriter, open_layers
 from nnxprune.io.load import load_tokenizer, peek_config
+from nnxprune.io.resumable import StreamState, adopter, run_key
+from nnxprune.measure import memory_peaks, peak_rss_bytes
 from nnxprune.recipes import Recipe
 from nnxprune.transforms import Context
 from nnxprune.transforms.sparsify import Sparsify, by_layer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def add_stream_arguments(p) -> None:
+    """The `prune` command's options of this module: --stream, --resume, --dtype."""
+    p.add_argument("--stream", action="store_true", help="one decoder layer in memory at a time; "
+                   "--out is an HF folder written layer by layer (magnitude, wanda, sparsegpt)")
+    p.add_argument("--resume", action="store_true",
+                   help="with --stream: continue an unfinished (killed or interrupted) run of the "
+                        "same recipe, model and --dtype at its first unfinished layer, and keep "
+                        "this run's partial state if it is interrupted")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="dtype of the loaded weights (statistics stay float32)")
 
 
 def streamable_step(recipe: Recipe) -> Sparsify:
@@ -82,39 +95,52 @@ def check_streamed(recipe: Recipe, name: str | None, out, report_path, data_dir,
 
 
 def prune_streamed(step: Sparsify, source, tokens, writer: HFLayerWriter, ctx: Context, *,
-                   param_dtype=jnp.float32) -> dict[str, Any]:
+                   param_dtype=jnp.float32, state: StreamState | None = None) -> dict[str, Any]:
     """Runs `step` layer by layer over `source` into `writer` (the globals first); records what
-    it did in `ctx` as the in-memory transform would. Returns the driver's timings."""
-    writer.write_globals({k: source.tensor(k) for k in source.global_keys()})
+    it did in `ctx` as the in-memory transform would. Returns the driver's timings. With `state`
+    (`io.resumable`) each finished layer is recorded there, and the layers an earlier run
+    recorded are skipped: their shards, log and timings are taken as they are."""
     names = by_layer(step.selected(source.config))
-    log: dict[str, Any] = {"per_matrix": {}}
+    start = state.done if state is not None else 0
+    if start:
+        manifest = state.manifest
+        writer.restore(manifest["writer"])
+        log, earlier, x = manifest["log"], manifest["per_layer"], state.activations()
+    else:
+        writer.write_globals({k: source.tensor(k) for k in source.global_keys()})
+        log, earlier, x = {"per_matrix": {}}, [], None
 
     def visit(i, layer, calib):
         if i in names:
             step.prune_layer(i, layer, calib, names[i], log)
 
+    def after_layer(i, x, timings):
+        if state is not None:
+            state.save(i + 1, x, writer.state(), log, earlier + timings["per_layer"])
+
     timings = run_streamed(source, tokens, visit, step.layer_collectors(names) if tokens is not None
                            else (), write=writer.write_layer, param_dtype=param_dtype,
                            batch_size=getattr(step, "batch_size", 8), progress=ctx.progress,
-                           desc=f"{step.kind} (streamed)")
+                           desc=f"{step.kind} (streamed)", start=start, x=x,
+                           after_layer=after_layer)
+    timings["per_layer"] = earlier + timings["per_layer"]
     per_matrix = log.pop("per_matrix")
     values = np.asarray(list(per_matrix.values()) or [0.0])
     ctx.log(step.kind, matrices=len(per_matrix), mean_sparsity=float(values.mean()),
             per_matrix=per_matrix, pattern=step.pattern or "unstructured", timings=timings,
-            calibration_tokens=int(tokens.size) if tokens is not None else 0, streamed=True, **log)
+            calibration_tokens=int(tokens.size) if tokens is not None else 0, streamed=True,
+            resumed_at=start, **log)
     return timings
-
-
-def peak_rss_bytes() -> int:
-    """The process's peak resident memory so far (`ru_maxrss`, KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 @atomic.run_outputs()  # outputs checked at startup are checked again when written
 def run_streamed_recipe(recipe: Recipe, *, model: str | None, out: str | None,
                         report_path: str | None = None, data_dir=None, dtype: str = "float32",
-                        progress: bool = True, echo=print, overwrite: bool = False) -> dict[str, Any]:
-    """Runs `recipe` on `model` layer by layer (module docstring); returns the report."""
+                        progress: bool = True, echo=print, overwrite: bool = False,
+                        resume: bool = False) -> dict[str, Any]:
+    """Runs `recipe` on `model` layer by layer (module docstring); returns the report. With
+    `resume` an unfinished run of the same recipe, model, dtype and calibration draw is continued
+    at its first unfinished layer, and an interrupted run keeps its partial state (`io.resumable`)."""
     name = model or recipe.model
     step, data_dir = check_streamed(recipe, name, out, report_path, data_dir, dtype, overwrite)
     t0 = time.perf_counter()
@@ -132,9 +158,17 @@ def run_streamed_recipe(recipe: Recipe, *, model: str | None, out: str | None,
     if recipe.eval is not None:
         echo("eval      skipped: evaluation does not stream yet; run `nnxprune eval OUT`")
     t1 = time.perf_counter()
-    with atomic.atomic_dir(out, overwrite=overwrite) as tmp:
+    key = run_key(recipe, source, dtype, tokens)
+    with atomic.atomic_dir(out, overwrite=overwrite, adopt=adopter(key, echo) if resume else None,
+                           keep=resume) as tmp:
+        state = StreamState(tmp, key)
+        if state.done:
+            echo(f"resume    {state.done} of {cfg.num_layers} layers done by an earlier run; "
+                 f"starting at layer {state.done}")
         writer = HFLayerWriter(tmp, cfg, dtype=source.dtype)
-        timings = prune_streamed(step, source, tokens, writer, ctx, param_dtype=DTYPES[dtype])
+        timings = prune_streamed(step, source, tokens, writer, ctx, param_dtype=DTYPES[dtype],
+                                 state=state)
+        state.clear()
         writer.finish(tokenizer)
     seconds = time.perf_counter() - t1
     entry = ctx.report["transforms"][-1]
@@ -148,11 +182,12 @@ def run_streamed_recipe(recipe: Recipe, *, model: str | None, out: str | None,
         "transforms": ctx.report["transforms"],
         "seconds": {"prune": seconds, "total": time.perf_counter() - t0,
                     "per_layer": timings["per_layer"]},
-        "peak_rss_bytes": peak_rss_bytes(),
+        "resumed_at_layer": entry["resumed_at"], "peak_rss_bytes": peak_rss_bytes(),
+        **memory_peaks(),
     }
-    echo(f"pruned    {cfg.num_layers} layers in {seconds:.1f} s "
-         f"({seconds / max(cfg.num_layers, 1):.2f} s per layer), mean sparsity "
-         f"{entry['mean_sparsity']:.2%}; peak RSS {report['peak_rss_bytes'] / 2**30:.2f} GiB")
+    ran = cfg.num_layers - entry["resumed_at"]
+    echo(f"pruned    {ran} layers in {seconds:.1f} s ({seconds / max(ran, 1):.2f} s per layer), "
+         f"mean sparsity {entry['mean_sparsity']:.2%}; peak RSS {report['peak_rss_gb']:.2f} GB")
     echo(f"wrote     {out}")
     if report_path is not None:
         atomic.write_json(report_path, report)

@@ -164,6 +164,8 @@ def test_command_streams_wanda(cli_folder, tmp_path, capsys, private_registry):
     assert code == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["streamed"] and report["peak_rss_bytes"] > 0
+    assert report["peak_rss_gb"] == pytest.approx(report["peak_rss_bytes"] / 1e9, rel=0.01)
+    assert report["resumed_at_layer"] == 0
     assert len(report["seconds"]["per_layer"]) == 2
     assert abs(report["sparsity"] - 0.5) < 0.02
     assert (tmp_path / "out" / "tokenizer.json").is_file()
@@ -195,6 +197,102 @@ def test_command_stream_needs_out(cli_folder, tmp_path, capsys):
                      "--json", str(tmp_path / "r.json")])
     assert code == 2 and "pass --out" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "r.json")
+
+
+# -- --resume ---------------------------------------------------------------------------------------
+STOP_AFTER_LAYER = """
+import os, signal, sys
+from nnxprune import cli
+from nnxprune.io import resumable
+
+save = resumable.StreamState.save
+
+def save_then_stop(self, done, *args, **kwargs):  # the signal right after a layer is recorded
+    save(self, done, *args, **kwargs)
+    if done == int(os.environ["STOP_AFTER"]) + 1:
+        os.kill(os.getpid(), getattr(signal, os.environ["STOP_SIGNAL"]))
+
+resumable.StreamState.save = save_then_stop
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _stopped_run(argv, after: int, signal: str) -> int:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "STOP_AFTER": str(after), "STOP_SIGNAL": signal}
+    return subprocess.run([sys.executable, "-c", STOP_AFTER_LAYER, *argv], env=env, check=False,
+                          capture_output=True, text=True, timeout=300).returncode
+
+
+def _tensors(folder):
+    from safetensors.numpy import load_file
+
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(file)))
+    return out
+
+
+@pytest.mark.parametrize("signal, code", [("SIGKILL", -9), ("SIGINT", 130)])
+def test_stopped_run_resumes_at_first_unfinished_layer(signal, code, cli_folder, tmp_path, capsys,
+                                                       private_registry):
+    """A streamed SparseGPT run killed (SIGKILL; or interrupted, SIGINT, under --resume) right after
+    layer 0 is written leaves its partial state beside the output; `--resume` with other settings
+    is refused with one line, and touches nothing; `--resume` with the same settings starts at
+    layer 1 and gives the uninterrupted run's kernels and report exactly."""
+    recipe = _recipe(tmp_path, 'kind = "sparsegpt"\nsparsity = 0.5\nbatch_size = 2',
+                     f'\n[calibration]\ndataset = "{cli_folder / "calib.txt"}"\nnsamples = 4\n'
+                     f'seqlen = 32\nseed = 0\n')
+    argv = ["prune", recipe, "--model", str(cli_folder / "tiny"), "--stream", "--no-progress"]
+    out = tmp_path / "out"
+    first = argv + ["--out", str(out)] + (["--resume"] if signal == "SIGINT" else [])
+    assert _stopped_run(first, after=0, signal=signal) == code
+    partial = list(tmp_path.glob(".out.nnxprune-tmp-*"))
+    assert not out.exists() and len(partial) == 1
+    assert json.loads((partial[0] / ".resume" / "manifest.json").read_text())["done"] == 1
+
+    refused = cli.main(argv + ["--out", str(out), "--resume", "--set", "prune.0.sparsity=0.6"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert refused == 2 and len(lines) == 1 and "--resume" in lines[0], err
+    assert "another recipe and calibration draw" not in lines[0] and "recipe" in lines[0]
+    assert list(tmp_path.glob(".out.nnxprune-tmp-*")) == partial and not out.exists()
+
+    assert cli.main(argv + ["--out", str(out), "--resume", "--json", str(tmp_path / "r.json")]) == 0
+    stdout = capsys.readouterr().out
+    assert "1 of 2 layers done by an earlier run; starting at layer 1" in stdout
+    assert cli.main(argv + ["--out", str(tmp_path / "full"), "--json",
+                            str(tmp_path / "full.json")]) == 0
+    resumed, full = _tensors(out), _tensors(tmp_path / "full")
+    assert resumed.keys() == full.keys()
+    for key in full:
+        np.testing.assert_array_equal(resumed[key], full[key], err_msg=key)
+    ours, theirs = (json.loads((tmp_path / f).read_text()) for f in ("r.json", "full.json"))
+    assert ours["resumed_at_layer"] == 1 and theirs["resumed_at_layer"] == 0
+    for entry in ("per_matrix", "reconstruction_error"):
+        assert ours["transforms"][-1][entry] == theirs["transforms"][-1][entry]
+    assert len(ours["seconds"]["per_layer"]) == 2
+    assert not (out / ".resume").exists() and not list(tmp_path.glob(".*nnxprune-tmp*"))
+    assert (json.loads((out / "model.safetensors.index.json").read_text())
+            == json.loads((tmp_path / "full" / "model.safetensors.index.json").read_text()))
+
+
+def test_without_resume_a_stale_partial_run_is_removed(cli_folder, tmp_path, capsys,
+                                                        private_registry):
+    """Without --resume nothing changes: the killed run's temporary is removed by the next run,
+    which starts at layer 0; --resume without --stream is refused."""
+    recipe = _recipe(tmp_path, 'kind = "magnitude"\nsparsity = 0.5')
+    argv = ["prune", recipe, "--model", str(cli_folder / "tiny"), "--out", str(tmp_path / "out"),
+            "--no-progress"]
+    assert _stopped_run(argv + ["--stream"], after=0, signal="SIGKILL") == -9
+    assert len(list(tmp_path.glob(".out.nnxprune-tmp-*"))) == 1
+    assert cli.main(argv + ["--stream"]) == 0
+    assert "starting at layer" not in capsys.readouterr().out
+    assert not list(tmp_path.glob(".out.nnxprune-tmp-*")) and (tmp_path / "out").is_dir()
+    assert cli.main(argv + ["--resume"]) == 2
+    assert "pass --stream too" in capsys.readouterr().err
 
 
 # -- the real model --------------------------------------------------------------------------------

@@ -43,28 +43,35 @@ def host_embeddings(source, tokens: np.ndarray, param_dtype=jnp.float32) -> np.n
 def run_streamed(source, tokens: np.ndarray | None, visit: Visit,
                  collectors: Sequence[Collector] = (), *, write: Callable[[int, object], None],
                  param_dtype=jnp.float32, batch_size: int = 8, progress: bool = True,
-                 desc: str = "stream") -> dict:
+                 desc: str = "stream", start: int = 0, x: np.ndarray | None = None,
+                 after_layer: Callable[[int, np.ndarray | None, dict], None] | None = None) -> dict:
     """Runs every layer of `source` through `visit` and `write` (module docstring). Returns
-    timings in seconds, with `per_layer` (read + calibrate + visit + write of each layer)."""
+    timings in seconds, with `per_layer` (read + calibrate + visit + write of each layer).
+
+    A resumed run starts at layer `start` with `x`, the host activations entering it (with
+    calibration tokens); `after_layer(i, x, timings)` is called once layer `i` is written, with
+    the activations entering layer `i + 1` (`nnxprune.io.resumable` saves them)."""
     cfg = source.config
     timings = {"forward_stats": 0.0, "visit": 0.0, "forward_pruned": 0.0, "read": 0.0,
                "write": 0.0, "embed": 0.0, "per_layer": []}
-    x = None
-    if tokens is not None:
+    if tokens is None:
+        x = None
+    else:
         tokens = np.asarray(tokens)
         if tokens.ndim != 2:
             raise ValueError(f"calibration tokens must be [nsamples, seqlen], got {tokens.shape}")
-        t0 = time.perf_counter()
-        x = host_embeddings(source, tokens, param_dtype)
-        timings["embed"] = time.perf_counter() - t0
+        if x is None:
+            t0 = time.perf_counter()
+            x = host_embeddings(source, tokens, param_dtype)
+            timings["embed"] = time.perf_counter() - t0
         bs = batch_size_for(tokens.shape[0], batch_size)
     inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-    for i in tqdm(range(cfg.num_layers), desc=desc, unit="layer", disable=not progress,
-                  leave=False):
+    for i in tqdm(range(start, cfg.num_layers), desc=desc, unit="layer", disable=not progress,
+                  leave=False, initial=start, total=cfg.num_layers):
         interrupt.stop_if_requested()  # a safe point: between layers
-        start = time.perf_counter()
+        begin = time.perf_counter()
         layer = source.layer(i, param_dtype)
-        timings["read"] += time.perf_counter() - start
+        timings["read"] += time.perf_counter() - begin
         if x is None:
             t0 = time.perf_counter()
             visit(i, layer, None)
@@ -76,5 +83,7 @@ def run_streamed(source, tokens: np.ndarray | None, visit: Visit,
         write(i, layer)
         timings["write"] += time.perf_counter() - t0
         del layer
-        timings["per_layer"].append(time.perf_counter() - start)
+        timings["per_layer"].append(time.perf_counter() - begin)
+        if after_layer is not None:
+            after_layer(i, x, timings)
     return timings

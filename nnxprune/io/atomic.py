@@ -6,7 +6,8 @@ an interrupt never leaves a half-written result behind (and never destroys the p
 before the new one is complete). SIGINT, SIGTERM and SIGHUP stop a write at its safe point, just
 before the rename (`nnxprune.interrupt`): the temporary is removed and the previous output kept.
 Temporaries a killed run (SIGKILL, power loss) left are removed by the next write to the same
-target. Outputs get the user's umask.
+target, except one a resumable run takes over (`atomic_dir(adopt=...)`, `prune --stream
+--resume`, `io.resumable`). Outputs get the user's umask.
 
 An existing output is replaced only when nnxprune wrote it and nothing changed it since: recorded
 with its fingerprint (its whole tree, by content; `io.ownership`) and unchanged. Anything else, a
@@ -39,7 +40,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from nnxprune import interrupt, multihost
 from nnxprune.errors import UserError
@@ -283,16 +284,23 @@ def _tmp_prefix(target: Path) -> str:
     return f".{target.name}{_TMP}{_host()}~{os.getpid()}-"
 
 
-def remove_stale_temporaries(target: Path) -> list[Path]:
-    """Removes the temporaries of `target` left by runs that are no longer alive."""
-    removed = []
+def stale_temporaries(target: Path) -> list[Path]:
+    """The temporaries of `target` on this host left by runs that are no longer alive."""
+    found = []
     pattern = re.compile(re.escape(f".{target.name}{_TMP}{_host()}~") + r"(\d+)-.+")
     with contextlib.suppress(OSError):
         for p in target.parent.iterdir():  # this host's only: a pid means nothing elsewhere
             m = pattern.fullmatch(p.name)
             if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-                removed.append(p)
+                found.append(p)
+    return found
+
+
+def remove_stale_temporaries(target: Path, keep: Iterable[Path] = ()) -> list[Path]:
+    """Removes the temporaries of `target` left by runs that are no longer alive (but `keep`)."""
+    removed = [p for p in stale_temporaries(target) if p not in set(keep)]
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     return removed
 
 
@@ -316,25 +324,36 @@ def _replace_with(path: Path, data: bytes) -> None:
 
 # -- writing ---------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
+               adopt: Callable[[list[Path]], Path | None] | None = None,
+               keep: bool = False) -> Iterator[Path]:
     """Yields a fresh temporary folder beside `out_dir`; on success it replaces `out_dir`.
 
     Refuses (UserError, before yielding) an existing `out_dir` nnxprune did not write, unless
     `overwrite`, and checks again just before the rename (a folder that appeared or changed in
     the meantime is not replaced); the folder written is recorded as nnxprune's own.
 
+    A resumable run (`io.resumable`) passes `adopt`: given the stale temporaries of `out_dir`, it
+    returns one to continue in (or None); that one is kept, renamed to this process's name and
+    yielded with what it holds, and the other stale ones are removed as usual. With `keep` an
+    interrupt (a signal at a safe point, Ctrl-C) leaves the temporary in place for a later run
+    to adopt; any other failure removes it.
+
     In a multi-process run (`multihost`) every process gets the same folder (process 0 makes it
     and its name is agreed; Orbax's multi-process save needs one directory), and process 0 alone
     checks, renames and records it once every process is done writing.
     """
     out_dir = _full(out_dir)
-    primary = multihost.is_primary()
+    primary, reuse = multihost.is_primary(), None
     if primary:
         _guard(out_dir, folder=True, overwrite=overwrite)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out_dir)
+        reuse = adopt(stale_temporaries(out_dir)) if adopt is not None else None
+        remove_stale_temporaries(out_dir, keep=[reuse] if reuse else [])
     with interrupt.handled():
         tmp = tempfile.mkdtemp(prefix=_tmp_prefix(out_dir), dir=out_dir.parent) if primary else None
+        if primary and reuse:
+            os.replace(reuse, tmp)  # onto the empty folder: now this live process's temporary
         tmp = Path(multihost.agree_text(tmp))  # process 0's name, in every process
         try:
             if primary:
@@ -351,8 +370,8 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterat
                 os.replace(tmp, out_dir)
                 _record(out_dir)
             multihost.barrier("nnxprune atomic_dir renamed")  # in place before anyone reads it
-        except BaseException:
-            if primary:
+        except BaseException as e:
+            if primary and not (keep and isinstance(e, (interrupt.Interrupted, KeyboardInterrupt))):
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
 

@@ -200,6 +200,14 @@ class HFLayerWriter:
             self.weight_map[key] = name
             self.total_size += array.nbytes
 
+    def state(self) -> dict[str, Any]:
+        """What was written so far (the shard index), for a resumable run to `restore`."""
+        return {"weight_map": dict(self.weight_map), "total_size": self.total_size}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continues a writer whose shards in `folder` an earlier run wrote (`state()`)."""
+        self.weight_map, self.total_size = dict(state["weight_map"]), int(state["total_size"])
+
     def write_layer(self, i: int, layer) -> None:
         """Decoder layer `i` (masks folded, cast to the writer's dtype) as its own shard."""
         from nnxprune.io.hf import layer_hf_tensors

@@ -29,7 +29,7 @@ from nnxprune.evaluate.perplexity import evaluate_perplexity
 from nnxprune.io import atomic
 from nnxprune.io.checkpoint import is_checkpoint, read_meta, save_checkpoint
 from nnxprune.io.load import load_model, peek_config, source_label
-from nnxprune.measure import count_params, measured_sparsity
+from nnxprune.measure import count_params, measured_sparsity, memory_peaks
 from nnxprune.recovery import sharding as sh
 from nnxprune.recovery.trainer import train
 
@@ -169,7 +169,9 @@ def run_train(model_name: str, recipe, *, out=None, report_path=None, teacher: s
               train_dir=None, data_dir=None, progress: bool = True, echo=print,
               overwrite: bool = False) -> dict[str, Any]:
     """`nnxprune train`: see the module docstring. In a multi-process run (`--distributed`) every
-    process runs it; process 0 alone prints, shows progress and writes the report."""
+    process runs it; process 0 alone prints, shows progress and writes the report. The report's
+    `peak_rss_gb` is this process's peak resident memory since it started and `device_peak_gb`
+    its first accelerator's peak bytes in use (None on CPU), in GB (`measure.memory_peaks`)."""
     if not multihost.is_primary():
         echo, progress = (lambda *a, **k: None), False
     cfg = recipe.recovery
@@ -221,6 +223,7 @@ def run_train(model_name: str, recipe, *, out=None, report_path=None, teacher: s
         report["checkpoint"] = str(out)
         echo(f"wrote     {out}")
     report["seconds"]["total"] = time.perf_counter() - t0
+    report.update(memory_peaks())  # after the save: the whole run's peak
     if report_path is not None:
         atomic.write_json(report_path, report)
         atomic.write_text(atomic.sibling(report_path, ".md"), markdown(report))
@@ -247,6 +250,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", *domain_table(rec["domains"])]
     if report.get("eval_protocol_text"):
         lines.append(f"Protocol: {report['eval_protocol_text']}.")
+    if report.get("peak_rss_gb") is not None:
+        lines.append(f"Peak memory {report['peak_rss_gb']:.2f} GB (the process's resident set).")
     return "\n".join(lines) + "\n"
 
 

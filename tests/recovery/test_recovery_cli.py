@@ -53,6 +53,15 @@ rank = 2
 """
 
 
+def assert_peak_rss(rep, report):
+    """The process's peak RSS in GB (`ru_maxrss`), in the JSON and the Markdown report."""
+    import resource
+
+    assert 0.05 < rep["peak_rss_gb"] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    assert "device_peak_gb" in rep  # None on CPU
+    assert f"{rep['peak_rss_gb']:.2f} GB" in report.with_suffix(".md").read_text()
+
+
 def test_train_command(capsys, tiny_folder, tmp_path):
     out, report = tmp_path / "ckpt", tmp_path / "rep.json"
     code, stdout, err = run(capsys, "train", tiny_folder, "--recipe", recipe(tmp_path, DISTILL),
@@ -63,6 +72,7 @@ def test_train_command(capsys, tiny_folder, tmp_path):
     assert rep["recovery"]["steps"] == 3 and len(rep["recovery"]["losses"]) == 3
     assert rep["recovery"]["strategy"]["strategy"] == "Distillation"
     assert rep["teacher"] == str(tiny_folder)
+    assert_peak_rss(rep, report)
     assert (out / "nnxprune.json").is_file() and report.with_suffix(".md").is_file()
     log = tmp_path / "rep.train"
     assert (log / "metrics.jsonl").is_file() and (log / "loss.png").is_file()
@@ -80,6 +90,8 @@ def test_prune_then_recover_keeps_the_sparsity(capsys, tiny_folder, tmp_path):
     rep = json.loads(report.read_text())
     assert rep["recovery"]["lora_merged"] == 2 * 3 and rep["recovery"]["steps"] == 2
     assert rep["recovered"]["sparsity"] == rep["pruned"]["sparsity"]
+    assert_peak_rss(rep, report)
+    assert rep["peak_memory_bytes"] / 1e9 <= rep["peak_rss_gb"]  # the pipeline's part of it
     model = load_model(out, with_tokenizer=False).model
     assert np.isclose(measured_sparsity(model)["overall"], 0.5)  # 2:4 held through LoRA + merge
 
