@@ -100,17 +100,20 @@ def _two_processes(cwd: Path, argv, meanwhile=lambda: None) -> list[tuple[str, s
     return outs
 
 
-_GLOO = re.compile(r"\[Gloo\] Rank \d+ is connected to \d+ peer ranks\. Expected number of "
-                   r"connected peer ranks is : ?\d*")
+# gloo's C++ prints "[Gloo] Rank R is connected to N peer ranks. Expected number of connected peer
+# ranks is : E" from several threads at once, a piece at a time (`std::cout << a << b ...`), so the
+# pieces of two messages interleave ("[Gloo] Rank [Gloo] Rank 2 is connected to 33 is ..."). Its
+# constant pieces are removed wherever they are; what is left of gloo is digits and blanks.
+_GLOO_PIECES = ("[Gloo] Rank ", " is connected to ",
+                " peer ranks. Expected number of connected peer ranks is : ")
 
 
 def _own_lines(text: str) -> list[str]:
-    """What nnxprune printed: gloo's C++ connection messages (which its threads write at once,
-    interleaved, so a message can end up cut from its number: "... is : [Gloo] ...\n1") and XLA's
-    warnings left out."""
-    text = _GLOO.sub("", text)
-    return [line for line in text.splitlines() if line.strip() and not line.strip().isdigit()
-            and not re.match(r"[WIEF]\d{4} ", line)]
+    """What nnxprune printed: gloo's connection messages (above) and XLA's warnings left out."""
+    for piece in _GLOO_PIECES:
+        text = text.replace(piece, " ")
+    return [line for line in text.splitlines() if line.strip()
+            and not line.replace(" ", "").isdigit() and not re.match(r"[WIEF]\d{4} ", line)]
 
 
 def _metrics(path: Path) -> list[dict]:
