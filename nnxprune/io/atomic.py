@@ -304,9 +304,13 @@ def remove_stale_temporaries(target: Path, keep: Iterable[Path] = ()) -> list[Pa
     return removed
 
 
-def sigterm_exits():
-    """Kept for callers of the earlier API: `interrupt.handled()`."""
-    return interrupt.handled()
+def _apply_umask(folder: Path) -> None:
+    """Gives every file under `folder` mode 0666 and every folder 0777, less the umask (as `open`
+    would): writers such as safetensors make their files 0600 whatever the umask."""
+    mask = _umask()
+    for path in (folder, *folder.rglob("*")):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _replace_with(path: Path, data: bytes) -> None:
@@ -356,13 +360,12 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
             os.replace(reuse, tmp)  # onto the empty folder: now this live process's temporary
         tmp = Path(multihost.agree_text(tmp))  # process 0's name, in every process
         try:
-            if primary:
-                os.chmod(tmp, 0o777 & ~_umask())
             yield tmp
             multihost.barrier("nnxprune atomic_dir written")  # every process wrote its part
             if primary:
                 interrupt.stop_if_requested()  # the safe point: the previous output is still whole
                 _guard(out_dir, folder=True, overwrite=overwrite)
+                _apply_umask(tmp)  # every file and folder of the output gets the user's umask
                 if out_dir.is_dir():
                     shutil.rmtree(out_dir)
                 elif out_dir.exists():

@@ -237,7 +237,6 @@ def export_hf(model: Llama, out_dir: str | os.PathLike, *, tokenizer=None,
             tokenizer.save_pretrained(str(tmp))
         for name, write in (extra_files or {}).items():
             write(tmp / name)
-        umask_modes(tmp)
     return out_dir
 
 
@@ -248,16 +247,6 @@ def weights_dtype(tensors: Mapping[str, np.ndarray]) -> str:
     for array in tensors.values():
         counts[array.dtype.name] = counts.get(array.dtype.name, 0) + array.size
     return max(counts, key=counts.get) if counts else "float32"
-
-
-def umask_modes(folder: Path) -> None:
-    """Gives every file under `folder` mode 0666 and every folder 0777, less the umask (as `open`
-    would): safetensors writes its file 0600 whatever the umask."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    for path in (folder, *folder.rglob("*")):
-        if not path.is_symlink():
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def load_in_transformers(folder: str | os.PathLike):

@@ -223,7 +223,6 @@ class HFLayerWriter:
 
     def finish(self, tokenizer=None) -> None:
         """The shard index, config.json (the config with this dtype) and the tokenizer."""
-        from nnxprune.io.hf import umask_modes
         from nnxprune.io.hf_config import config_to_hf
 
         written = set(self.weight_map.values())
@@ -236,4 +235,3 @@ class HFLayerWriter:
         (self.folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(self.folder))
-        umask_modes(self.folder)
