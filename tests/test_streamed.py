@@ -177,8 +177,8 @@ def test_command_streams_wanda(cli_folder, tmp_path, capsys, private_registry):
 
 
 @pytest.mark.parametrize("step, needle", [
-    ('kind = "depth"\ncount = 1\nmethod = "block_influence"', "magnitude, wanda or sparsegpt"),
-    ('kind = "owl"\nsparsity = 0.5', "magnitude, wanda or sparsegpt"),
+    ('kind = "drop_layers"\nlayers = [0]', "drop_layers does not stream"),
+    ('kind = "remove_query_heads"', "remove_query_heads does not stream"),
 ])
 def test_command_refuses_what_does_not_stream(step, needle, cli_folder, tmp_path, capsys):
     recipe = _recipe(tmp_path, step, f'\n[calibration]\ndataset = "{cli_folder / "calib.txt"}"\n'

@@ -41,16 +41,24 @@ def host_embeddings(source, tokens: np.ndarray, param_dtype=jnp.float32) -> np.n
 
 
 def run_streamed(source, tokens: np.ndarray | None, visit: Visit,
-                 collectors: Sequence[Collector] = (), *, write: Callable[[int, object], None],
+                 collectors: Sequence[Collector] = (), *,
+                 write: Callable[[int, object], None] | None = None,
                  param_dtype=jnp.float32, batch_size: int = 8, progress: bool = True,
                  desc: str = "stream", start: int = 0, x: np.ndarray | None = None,
-                 after_layer: Callable[[int, np.ndarray | None, dict], None] | None = None) -> dict:
+                 after_layer: Callable[[int, np.ndarray | None, dict], None] | None = None,
+                 edits: bool = True, read: Callable[[int], object] | None = None) -> dict:
     """Runs every layer of `source` through `visit` and `write` (module docstring). Returns
     timings in seconds, with `per_layer` (read + calibrate + visit + write of each layer).
 
     A resumed run starts at layer `start` with `x`, the host activations entering it (with
     calibration tokens); `after_layer(i, x, timings)` is called once layer `i` is written, with
-    the activations entering layer `i + 1` (`nnxprune.io.resumable` saves them)."""
+    the activations entering layer `i + 1` (`nnxprune.io.resumable` saves them).
+
+    `edits = False` promises, as for `run_sequential`, that the next layer's inputs are the
+    unedited layer's outputs (one forward per layer: an analysis pass over the dense model, or
+    surgery that `visit` does after the statistics). Without `write` nothing is written (an
+    analysis pass); `read(i)` replaces `source.layer(i, param_dtype)` (None: a pass that copies
+    tensors and onloads nothing)."""
     cfg = source.config
     timings = {"forward_stats": 0.0, "visit": 0.0, "forward_pruned": 0.0, "read": 0.0,
                "write": 0.0, "embed": 0.0, "per_layer": []}
@@ -70,7 +78,7 @@ def run_streamed(source, tokens: np.ndarray | None, visit: Visit,
                   leave=False, initial=start, total=cfg.num_layers):
         interrupt.stop_if_requested()  # a safe point: between layers
         begin = time.perf_counter()
-        layer = source.layer(i, param_dtype)
+        layer = source.layer(i, param_dtype) if read is None else read(i)
         timings["read"] += time.perf_counter() - begin
         if x is None:
             t0 = time.perf_counter()
@@ -78,10 +86,11 @@ def run_streamed(source, tokens: np.ndarray | None, visit: Visit,
             timings["visit"] += time.perf_counter() - t0
         else:
             x = calibrate_layer(i, layer, x, inv_freq, visit, collectors, batch_size=bs,
-                                timings=timings, to_host=True)
-        t0 = time.perf_counter()
-        write(i, layer)
-        timings["write"] += time.perf_counter() - t0
+                                timings=timings, to_host=True, edits=edits)
+        if write is not None:
+            t0 = time.perf_counter()
+            write(i, layer)
+            timings["write"] += time.perf_counter() - t0
         del layer
         timings["per_layer"].append(time.perf_counter() - begin)
         if after_layer is not None:

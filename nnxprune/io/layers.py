@@ -8,7 +8,9 @@ dtype, built from that layer's tensors alone. `HFLayerWriter` writes an HF folde
 one safetensors shard per decoder layer as soon as it is finished, one for the embedding, norm
 and head, then `model.safetensors.index.json` and `config.json`, in the dtype asked for (the
 input's own, usually), masks folded into the kernels. Use it inside `atomic_dir`, so the folder
-appears whole or not at all.
+appears whole or not at all. `KeptLayers` sees some layers of a source as a model of their own,
+renumbered (a depth cut), and `HFLayerWriter.copy_layer` writes a layer's tensors as stored,
+without building it.
 
 Example:
     >>> source = open_layers("smollm2-135m")
@@ -163,6 +165,35 @@ class GGUFSource(LayerSource):
         return {k: dequantize_tensor(self._table[k], self._hf_config) for k in keys}
 
 
+class KeptLayers(LayerSource):
+    """The layers `keep` of `source`, renumbered `0 .. len(keep) - 1` (a depth cut seen as a model
+    of its own: its config has the kept layers' shapes, its keys the new numbers). Nothing is
+    read until asked for; the globals are the source's."""
+
+    def __init__(self, source: LayerSource, keep):
+        import dataclasses
+
+        self.source, self.keep = source, [int(i) for i in keep]
+        self.config = dataclasses.replace(source.config, layers=tuple(
+            source.config.layers[i] for i in self.keep))
+        self.path, self.kind, self.dtype = source.path, source.kind, source.dtype
+        self._old: dict[str, str] = {}
+        new_index = {old: new for new, old in enumerate(self.keep)}
+        for key in source.keys():
+            m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", key)
+            if m is None:
+                self._old[key] = key
+            elif int(m.group(1)) in new_index:
+                self._old[f"model.layers.{new_index[int(m.group(1))]}.{m.group(2)}"] = key
+
+    def keys(self) -> list[str]:
+        return list(self._old)
+
+    def _read(self, keys: list[str]) -> dict[str, np.ndarray]:
+        found = self.source._read([self._old[k] for k in keys])
+        return {k: found[self._old[k]] for k in keys}
+
+
 def open_layers(name_or_path) -> LayerSource:
     """The lazy layer source of `MODEL` (an HF folder, a GGUF file, or a card naming one)."""
     from nnxprune.io.load import _resolve, model_kind
@@ -213,6 +244,15 @@ class HFLayerWriter:
         from nnxprune.io.hf import layer_hf_tensors
 
         self._save(i, layer_hf_tensors(i, layer, jnp.dtype(self.dtype)))
+
+    def copy_layer(self, i: int, source: LayerSource) -> None:
+        """Decoder layer `i` of `source` as its own shard, its tensors as stored (cast to the
+        writer's dtype), nothing onloaded (a depth cut copies the kept layers so)."""
+        prefix = f"model.layers.{i}."
+        keys = [k for k in source.keys() if k.startswith(prefix) and not _IGNORED.fullmatch(k)]
+        dtype = jnp.dtype(self.dtype)
+        self._save(i, {k: np.ascontiguousarray(np.asarray(v).astype(dtype, copy=False))
+                       for k, v in source._read(keys).items()})
 
     def write_globals(self, tensors: dict[str, np.ndarray]) -> None:
         """The embedding, final norm and head (HF names and layouts) as the last shard."""

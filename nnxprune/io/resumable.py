@@ -3,8 +3,10 @@
 A streamed run writes its HF folder inside the temporary folder of `atomic_dir`, one shard per
 finished layer. After each layer it also saves, in `.resume/` there, the host activations entering
 the next layer (`x-NNNNN.npy`, float32 `[N, T, D]`; none without calibration) and then
-`manifest.json`: the run's key, how many layers are done, the writer's shard index so far and the
-per-layer log. The manifest is replaced last (write, then rename), so it always names a complete
+`manifest.json`: the run's key, which pass over the layers it is in and how many layers of that
+pass are done, the writer's shard index so far, the pass's log and the results of the passes
+already finished (a multi-pass method: OWL's outlier pass, ShortGPT's block influence, Minitron's
+width statistics, before the pass that writes). The manifest is replaced last (write, then rename), so it always names a complete
 state: a run killed anywhere (SIGKILL, power loss) or interrupted (SIGINT, SIGTERM, SIGHUP under
 `--resume`) is resumed at the first layer it does not record, and the layers before are neither
 read nor computed again. `.resume/` is removed before the folder is renamed into place.
@@ -35,7 +37,7 @@ import numpy as np
 
 from nnxprune.errors import UserError
 
-FORMAT = 1
+FORMAT = 2
 _DIR = ".resume"
 
 
@@ -107,8 +109,22 @@ class StreamState:
 
     @property
     def done(self) -> int:
-        """How many layers an earlier run finished (0 for a fresh run)."""
+        """How many layers of pass `pass_index` an earlier run finished (0 for a fresh run)."""
         return int(self.manifest["done"]) if self.manifest else 0
+
+    @property
+    def pass_index(self) -> int:
+        """The pass an earlier run was in (0 for a fresh run)."""
+        return int(self.manifest["pass"]) if self.manifest else 0
+
+    @property
+    def results(self) -> list[Any]:
+        """The results of the passes an earlier run finished, in order."""
+        return list(self.manifest["results"]) if self.manifest else []
+
+    def resumed(self, index: int) -> dict[str, Any] | None:
+        """The manifest when pass `index` is the one an earlier run was in, else None."""
+        return self.manifest if self.manifest and self.pass_index == index else None
 
     def activations(self) -> np.ndarray | None:
         """The host activations entering layer `done` (None without calibration)."""
@@ -125,9 +141,21 @@ class StreamState:
             with open(self.folder / (name + ".partial"), "wb") as f:
                 np.save(f, np.asarray(x, np.float32))
             os.replace(self.folder / (name + ".partial"), self.folder / name)
-        old = self.manifest and self.manifest.get("x")
-        self.manifest = {"format": FORMAT, "key": self.key, "done": done, "x": name,
-                         "writer": writer, "log": log, "per_layer": list(per_layer)}
+        self._commit({"format": FORMAT, "key": self.key, "pass": self.pass_index, "done": done,
+                      "x": name, "writer": writer, "log": log, "per_layer": list(per_layer),
+                      "results": self.results})
+
+    def finish_pass(self, result: Any) -> None:
+        """Records that pass `pass_index` is finished with `result` (JSON-able); the next pass
+        starts at its layer 0."""
+        self.folder.mkdir(exist_ok=True)
+        self._commit({"format": FORMAT, "key": self.key, "pass": self.pass_index + 1, "done": 0,
+                      "x": None, "writer": {}, "log": {}, "per_layer": [],
+                      "results": self.results + [result]})
+
+    def _commit(self, manifest: dict[str, Any]) -> None:
+        old, name = self.manifest and self.manifest.get("x"), manifest["x"]
+        self.manifest = manifest
         partial = self.folder / "manifest.json.partial"
         partial.write_text(json.dumps(self.manifest) + "\n")
         os.replace(partial, self.folder / "manifest.json")  # the commit point

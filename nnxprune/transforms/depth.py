@@ -7,8 +7,10 @@
 - `method = "block_search"` (Minitron: Muralidharan et al., arXiv 2407.14679; the search of
   zlab-princeton/llm-pruning-collection, `pruning/minitron/prune_depth.py`): remove each
   contiguous block of `count` layers in turn, score the model by perplexity on held-out
-  calibration text, keep the removal that costs least. The collection scores with an lm-eval
-  task and keeps the block whose score is closest to the dense model's; we score by next-token
+  calibration text, keep the removal that costs least. The collection scores either by
+  perplexity (`get_ppl` on c4, wikitext, wikitext2, cnn_dailymail or pg19 text, `calib_size`
+  windows of `seq_len`, one per batch) or by an lm-eval task's accuracy (winogrande), and keeps
+  the block whose score is closest to the dense model's; we score by next-token
   NLL on the first `search_samples` calibration sequences (drawn by the recipe's sampler, never
   the evaluation set) and keep the lowest. Candidates share work: the dense hidden states entering
   every layer are computed once, so candidate `s` runs only the layers after its block.
@@ -55,8 +57,13 @@ def block_influences(model, tokens: np.ndarray, *, batch_size: int = 8, progress
     score = get_score("block_influence")
     stats = collect_statistics(model, tokens, score.collectors(), batch_size=batch_size,
                                progress=progress, desc="block influence")
-    return [float(score(model, graph.find_group(model, "layer", i), stats)[0])
-            for i in range(len(model.layers))]
+    return [layer_block_influence(model, i, stats) for i in range(len(model.layers))]
+
+
+def layer_block_influence(model, i: int, stats) -> float:
+    """The BI of decoder layer `i` from its statistics (`stats[i]`); `model` may be a view of that
+    one layer (the streamed run)."""
+    return float(get_score("block_influence")(model, graph.find_group(model, "layer", i), stats)[0])
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -135,16 +142,21 @@ class Depth(Transform):
         # against the first n - count shapes and again when they run
         return dataclasses.replace(config, layers=config.layers[:n - self.count])
 
+    def drop_lowest(self, scores: list[float], ctx: Context) -> list[int]:
+        """The `count` layers of lowest block influence `scores` (ties: the earlier layer goes),
+        logged in `ctx` (shared with the streamed run, `nnxprune.streamed_passes`)."""
+        drop = sorted(int(i) for i in np.argsort(scores, kind="stable")[:self.count])
+        ctx.log(self.kind, method=self.method, block_influence=scores, dropped=drop)
+        return drop
+
     def __call__(self, model, ctx: Context):
         self.check(model.config)
         tokens = ctx.calibration_tokens()
         if tokens is None:
             raise UserError("depth pruning needs calibration data: add a [calibration] section")
         if self.method == "block_influence":
-            scores = block_influences(model, tokens, batch_size=self.batch_size,
-                                      progress=ctx.progress)
-            drop = sorted(int(i) for i in np.argsort(scores, kind="stable")[:self.count])
-            ctx.log(self.kind, method=self.method, block_influence=scores, dropped=drop)
+            drop = self.drop_lowest(block_influences(model, tokens, batch_size=self.batch_size,
+                                                     progress=ctx.progress), ctx)
         else:
             ppl = block_search(model, tokens[:self.search_samples], self.count,
                                batch_size=self.batch_size, progress=ctx.progress)

@@ -75,18 +75,29 @@ class OWL(Sparsify):
         names = by_layer(self.selected(model.config))
 
         def visit(i, layer, calib):
-            sumsq = calib.stats[InputSumSq.name]
-            ratios[i] = outlier_ratio([wanda(node(layer, n).effective_kernel(), sumsq[n])
-                                       for n in names[i]], self.outlier_m)
+            ratios[i] = self.layer_outlier_ratio(layer, calib, names[i])
 
-        run_sequential(model, calibration_tokens(ctx), visit, [InputSumSq.for_layers(names)],
+        run_sequential(model, calibration_tokens(ctx), visit, self.outlier_collectors(names),
                        batch_size=self.batch_size, progress=ctx.progress, desc="owl outliers")
         return np.asarray([ratios[i] for i in sorted(ratios)]), sorted(ratios)
 
-    def __call__(self, model, ctx: Context):
-        ratios, layers = self.outlier_ratios(model, ctx)
+    # -- the per-layer parts, shared with the streamed run (`nnxprune.streamed_passes`)
+    @staticmethod
+    def outlier_collectors(names: dict[int, list[str]]) -> list:
+        """The statistics of the outlier pass, for the projections `{layer: [names]}`."""
+        return [InputSumSq.for_layers(names)]
+
+    def layer_outlier_ratio(self, layer, calib, names: list[str]) -> float:
+        """The outlier ratio of one dense decoder layer (its projections `names`)."""
+        sumsq = calib.stats[InputSumSq.name]
+        return outlier_ratio([wanda(node(layer, n).effective_kernel(), sumsq[n]) for n in names],
+                             self.outlier_m)
+
+    def pruning_step(self, ratios, layers: list[int], num_layers: int, ctx: Context) -> Sparsify:
+        """The step that prunes each layer at its OWL sparsity, from the outlier `ratios` of
+        `layers` (logged in `ctx`)."""
         sparsities = owl_allocation(ratios, self.sparsity, self.lam)
-        per_layer = [self.sparsity] * model.config.num_layers
+        per_layer = [self.sparsity] * num_layers
         for i, s in zip(layers, sparsities):
             per_layer[i] = float(s)
         ctx.log(self.kind, outlier_ratios=[float(r) for r in ratios],
@@ -94,8 +105,12 @@ class OWL(Sparsify):
         kwargs = dict(sparsity=self.sparsity, targets=self.targets, ignore=self.ignore,
                       layer_sparsity=tuple(per_layer))
         if self.method == "wanda":
-            return Wanda(batch_size=self.batch_size, **kwargs)(model, ctx)
+            return Wanda(batch_size=self.batch_size, **kwargs)
         if self.method == "sparsegpt":
             return SparseGPT(batch_size=self.batch_size, blocksize=self.blocksize,
-                             percdamp=self.percdamp, **kwargs)(model, ctx)
-        return Magnitude(**kwargs)(model, ctx)
+                             percdamp=self.percdamp, **kwargs)
+        return Magnitude(**kwargs)
+
+    def __call__(self, model, ctx: Context):
+        ratios, layers = self.outlier_ratios(model, ctx)
+        return self.pruning_step(ratios, layers, model.config.num_layers, ctx)(model, ctx)

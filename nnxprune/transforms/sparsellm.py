@@ -164,60 +164,85 @@ class SparseLLM(Sparsify):
                                 "ignore)")
         return config
 
+    # -- the per-layer protocol of `Sparsify`, shared with the streamed run (`nnxprune.streamed`)
+    streamable: ClassVar[bool] = True
+
+    def _prune_kw(self) -> dict:
+        nm = self.nm()
+        return dict(sparsity=None if nm else self.sparsity, n=nm[0] if nm else 0,
+                    m=nm[1] if nm else 0, blocksize=self.blocksize, percdamp=self.percdamp)
+
+    def layer_collectors(self, names):
+        """X^T X of every chosen attention projection, of the MLP's input (up) and of down's
+        input; the MLP's dense input X itself (gate's input, the same tensor as up's)."""
+        mlp_layers = [i for i in sorted(names) if set(names[i]) & set(MLP_NAMES)]
+        xtx = {i: [n for n in names[i] if n not in MLP_NAMES]
+               + (["mlp.up_proj", "mlp.down_proj"] if i in mlp_layers else []) for i in sorted(names)}
+        return [InputXtX.for_layers(xtx),
+                Activations.for_layers({i: ["mlp.gate_proj"] for i in mlp_layers})]
+
+    def start_log(self, config: LlamaConfig) -> dict:
+        """What `prune_layer` fills (JSON-able, so a streamed run can resume from it)."""
+        names, n = by_layer(self.selected(config)), config.num_layers
+        return {"per_matrix": {}, "retries": {}, "errors": {}, "layers": {},
+                "mlp_layers": [i for i in sorted(names) if set(names[i]) & set(MLP_NAMES)],
+                "num_pruned_layers": first_layers(n, self.fraction),
+                "rounds": [self.rounds(i, n) for i in range(n)],
+                "solve": {"mlp_io": 0.0, "attention": 0.0, "mlp_solve": 0.0}}
+
+    def prune_layer(self, i, layer, calib, names, log):
+        X = Y = None
+        timings = log["solve"]
+        if set(names) & set(MLP_NAMES):  # dense MLP input/output, before anything is pruned
+            t0 = time.perf_counter()
+            X = calib.stats[Activations.name]["mlp.gate_proj"]
+            Y = mlp_output(layer.mlp, X)
+            jax.block_until_ready(Y)
+            if not bool(jnp.all(jnp.isfinite(X)) & jnp.all(jnp.isfinite(Y))):
+                raise UserError(f"SparseLLM: layers.{i}: the MLP's calibration inputs/outputs "
+                                "contain NaN/Inf; stopping")
+            timings["mlp_io"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self._attention(i, layer, calib, [n for n in names if n not in MLP_NAMES],
+                        self._prune_kw(), log)
+        timings["attention"] += time.perf_counter() - t0
+        if X is not None:
+            t0 = time.perf_counter()
+            self._mlp(i, layer, calib, X, Y, self._prune_kw(), log, log["rounds"][i])
+            timings["mlp_solve"] += time.perf_counter() - t0
+
+    def finish_log(self, ctx: Context, log: dict, *, timings: dict, tokens, total: float,
+                   **extra) -> None:
+        """Records the run from `log` and the driver's `timings`. `timings` keeps the driver's
+        meaning (every key but "visit" is a forward pass, as the runner reads it): the MLP forward
+        inside `visit` is moved out of it."""
+        solve = log["solve"]
+        timings = {"mlp_io": solve["mlp_io"], **timings}
+        timings["visit"] -= solve["mlp_io"]
+        record(ctx, self.kind, log["per_matrix"], pattern=self.pattern or "unstructured",
+               timings=timings, seconds={"attention": solve["attention"], "mlp": solve["mlp_solve"],
+                                         "total": total},
+               calibration_tokens=int(np.asarray(tokens).size), damping_retries=log["retries"],
+               reconstruction_error=log["errors"],
+               layers={int(k): v for k, v in log["layers"].items()}, mlp_layers=log["mlp_layers"],
+               num_pruned_layers=log["num_pruned_layers"],
+               hyperparameters={k: getattr(self, k) for k in (
+                   "alpha", "beta", "gamma", "iterations", "layer_iterations", "s_steps", "s_lr",
+                   "refit_damp", "keep_best", "fraction", "blocksize", "percdamp")}, **extra)
+
     def __call__(self, model, ctx: Context):
         tokens = np.asarray(calibration_tokens(ctx))
-        nm = self.nm()
-        prune_kw = dict(sparsity=None if nm else self.sparsity, n=nm[0] if nm else 0,
-                        m=nm[1] if nm else 0, blocksize=self.blocksize, percdamp=self.percdamp)
-        selected = self.selected(model.config)
-        mlp_layers = sorted({i for i, n in selected if n in MLP_NAMES})
-        attention = by_layer([(i, n) for i, n in selected if n not in MLP_NAMES])
-        # X^T X of every chosen attention projection, of the MLP's input (up) and of down's input;
-        # the MLP's dense input X itself (gate's input, the same tensor as up's)
-        xtx = {i: attention.get(i, []) + (["mlp.up_proj", "mlp.down_proj"] if i in mlp_layers else [])
-               for i in sorted(set(attention) | set(mlp_layers))}
-        collectors = [InputXtX.for_layers(xtx),
-                      Activations.for_layers({i: ["mlp.gate_proj"] for i in mlp_layers})]
-        result = {"per_matrix": {}, "retries": {}, "errors": {}, "layers": {}}
-        timings = {"mlp_io": 0.0, "attention": 0.0, "mlp_solve": 0.0}
+        names = by_layer(self.selected(model.config))
+        log = self.start_log(model.config)
 
         def visit(i, layer, calib):
-            X = Y = None
-            if i in mlp_layers:  # dense MLP input/output, before anything in the layer is pruned
-                t0 = time.perf_counter()
-                X = calib.stats[Activations.name]["mlp.gate_proj"]
-                Y = mlp_output(layer.mlp, X)
-                jax.block_until_ready(Y)
-                if not bool(jnp.all(jnp.isfinite(X)) & jnp.all(jnp.isfinite(Y))):
-                    raise UserError(f"SparseLLM: layers.{i}: the MLP's calibration inputs/outputs "
-                                    "contain NaN/Inf; stopping")
-                timings["mlp_io"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            self._attention(i, layer, calib, attention.get(i, []), prune_kw, result)
-            timings["attention"] += time.perf_counter() - t0
-            if X is not None:
-                t0 = time.perf_counter()
-                self._mlp(i, layer, calib, X, Y, prune_kw, result,
-                          self.rounds(i, model.config.num_layers))
-                timings["mlp_solve"] += time.perf_counter() - t0
+            self.prune_layer(i, layer, calib, names[i], log)
 
         t_start = time.perf_counter()
-        driver = run_sequential(model, tokens, visit, collectors, batch_size=self.batch_size,
-                                progress=ctx.progress, desc="sparsellm")
-        # `timings` keeps the driver's meaning (every key but "visit" is a forward pass, as the
-        # runner reads it): the MLP forward inside `visit` is moved out of it.
-        solve = {"attention": timings.pop("attention"), "mlp": timings.pop("mlp_solve"),
-                 "total": time.perf_counter() - t_start}
-        timings.update(driver)
-        timings["visit"] -= timings["mlp_io"]
-        record(ctx, self.kind, result["per_matrix"], pattern=self.pattern or "unstructured",
-               timings=timings, seconds=solve, calibration_tokens=int(tokens.size),
-               damping_retries=result["retries"], reconstruction_error=result["errors"],
-               layers=result["layers"], mlp_layers=mlp_layers,
-               num_pruned_layers=first_layers(model.config.num_layers, self.fraction),
-               hyperparameters={k: getattr(self, k) for k in (
-                   "alpha", "beta", "gamma", "iterations", "layer_iterations", "s_steps", "s_lr", "refit_damp",
-                   "keep_best", "fraction", "blocksize", "percdamp")})
+        driver = run_sequential(model, tokens, visit, self.layer_collectors(names),
+                                batch_size=self.batch_size, progress=ctx.progress, desc="sparsellm")
+        self.finish_log(ctx, log, timings=driver, tokens=tokens,
+                        total=time.perf_counter() - t_start)
         return model
 
     @staticmethod

@@ -114,23 +114,37 @@ class Width(Scored):
         before = model.config
         plan = []  # (group, keep) in the order the edits run; every ranking on the dense model
         for i, (old, new) in enumerate(zip(before.layers, shapes)):
-            plan.extend(self._attention_plan(model, stats, i, old, new))
-            if new.intermediate_size < old.intermediate_size:
-                group = graph.find_group(model, "mlp", i)
-                plan.append(("mlp", i, lowest(self.rank(model, group, stats),
-                                              group.size - new.intermediate_size)))
+            plan.extend(self.layer_plan(model, stats, i, old, new))
         if hidden < before.hidden_size:
-            group = graph.find_group(model, "embed")
-            plan.append(("embed", None, lowest(self.rank(model, group, stats),
-                                               group.size - hidden)))
+            plan.append(("embed", None, self.hidden_keep(model, stats, hidden)))
         for kind, i, keep in plan:
             edit(model, graph.find_group(model, kind, i), keep, self.soft)
+        self.record(ctx, before, hidden, shapes)
+        return model
+
+    # -- the parts shared with the streamed run (`nnxprune.streamed_passes`), where `model` is a
+    # view of one dense decoder layer (per-layer plans) or the abstract model (hidden channels)
+    def layer_plan(self, model, stats, i: int, old: LayerShape, new: LayerShape) -> list:
+        """The edits of layer `i` (KV groups, query heads, MLP neurons): `[(kind, layer, keep)]`,
+        ranked on the dense layer."""
+        plan = self._attention_plan(model, stats, i, old, new)
+        if new.intermediate_size < old.intermediate_size:
+            group = graph.find_group(model, "mlp", i)
+            plan.append(("mlp", i, lowest(self.rank(model, group, stats),
+                                          group.size - new.intermediate_size)))
+        return plan
+
+    def hidden_keep(self, model, stats, hidden: int):
+        """The `hidden` hidden channels to keep, ranked on the dense model."""
+        group = graph.find_group(model, "embed")
+        return lowest(self.rank(model, group, stats), group.size - hidden)
+
+    def record(self, ctx: Context, before: LlamaConfig, hidden: int, shapes) -> None:
         ctx.log(self.kind, score=self.score, soft=self.soft,
                 hidden=[before.hidden_size, hidden],
                 layers=[[[o.num_heads, o.num_kv_heads, o.intermediate_size],
                          [s.num_heads, s.num_kv_heads, s.intermediate_size]]
                         for o, s in zip(before.layers, shapes)])
-        return model
 
     def _attention_plan(self, model, stats, i: int, old: LayerShape, new: LayerShape) -> list:
         """The KV-group and query-head edits of layer `i`: `[(kind, layer, keep)]`."""
