@@ -8,12 +8,18 @@ WikiText-2 at `--eval-seqlen` (first `--eval-windows` windows) and LLM-Pruner's 
 (first `--eval128-windows` windows). The gradient pass is timed against one evaluation forward
 (logits and the mean cross-entropy) of the same calibration tokens, both jitted and compiled
 first, medians of `--repeats`. With `--lora-steps N` > 0 (default 20), element1 is then
-recovered with LoRA (rank 8, alpha 16, dropout 0.05 on the seven projections, lr 1e-4; plain C4
-text, or with `--lora-data FILE.jsonl` instruction records in the Alpaca template, prompt masked)
-and scored again (`element1-lora`, `ppl_after`).
+recovered with LoRA (rank 8, alpha 16, dropout 0.05 on the seven projections, lr 1e-4, AdamW
+beta2 0.999, linear decay to 0, with `--lora-eval-every N` the best held-out evaluation kept: LLM-Pruner's
+`post_training.py` settings; plain C4 text, or with `--lora-data FILE.jsonl` instruction records
+in the Alpaca template, prompt masked) and scored again (`element1-lora`, `ppl_after`).
+`--lora-inits` only prunes element1 and recovers it twice, from PEFT's LoRA initialization and
+from the earlier he_uniform one (sqrt(6) = 2.45x larger `A`), everything else equal, and adds the
+rows `element1-lora-peft` / `element1-lora-he_uniform` (with `lora_init` and the step budget) to
+the existing results.
 
     python benchmarks/llm_pruner.py                              # ~10 min on 2 cores
     python benchmarks/llm_pruner.py --variants element1,random --eval-windows 4   # a quick look
+    python benchmarks/llm_pruner.py --lora-inits --lora-steps 15     # the two inits
 
 Writes benchmarks/results/llm_pruner.json and llm_pruner.md (`rows`: variant, params, ppl,
 ppl_128, gradient-pass seconds; ppl_after for the LoRA row).
@@ -62,17 +68,59 @@ def time_passes(model, tokens, repeats: int) -> dict:
     return out
 
 
-def lora_after(model, args, tokenizer, data_dir) -> dict:
+def lora_settings(args, init: str = "peft") -> dict:
+    """The LoRA recovery of recipes/llm-pruner-element1-lora.toml at `--lora-steps` steps:
+    LLM-Pruner's optimizer (AdamW beta2 0.999, linear decay to 0, dropout 0.05, the best
+    held-out evaluation kept when `--lora-eval-every` > 0), warmup a tenth of the steps (the
+    reference's 100 of ~1,560)."""
+    data = {"dataset": args.lora_data, "prompt_template": "alpaca"} if args.lora_data else {"dataset": "c4"}
+    every = args.lora_eval_every
+    return {"kind": "lora", **data, "steps": args.lora_steps, "batch_size": 4,
+            "grad_accum": args.lora_grad_accum, "seqlen": 256,
+            "lr": 1e-4, "warmup_steps": max(args.lora_steps // 10, 1), "schedule": "linear",
+            "min_lr_ratio": 0.0, "beta2": 0.999, "eval_every": every, "eval_batches": 1 if every else 0,
+            "keep_best": every > 0, "lora": {"rank": 8, "alpha": 16.0, "dropout": 0.05, "init": init}}
+
+
+def lora_after(model, args, tokenizer, data_dir, init: str = "peft") -> dict:
     from nnxprune.recovery.config import RecoveryConfig
     from nnxprune.recovery.run import recover
 
-    data = {"dataset": args.lora_data, "prompt_template": "alpaca"} if args.lora_data else {"dataset": "c4"}
-    cfg = RecoveryConfig.from_dict({
-        "kind": "lora", **data, "steps": args.lora_steps, "batch_size": 4, "seqlen": 256,
-        "lr": 1e-4, "warmup_steps": 2, "eval_every": 0, "eval_batches": 1,
-        "lora": {"rank": 8, "alpha": 16.0, "dropout": 0.05}})
-    entry = recover(model, cfg, tokenizer=tokenizer, data_dir=data_dir, progress=False)
-    return entry
+    cfg = RecoveryConfig.from_dict(lora_settings(args, init))
+    return recover(model, cfg, tokenizer=tokenizer, data_dir=data_dir, progress=False)
+
+
+def lora_row(before: dict, after: dict, entry: dict, args, init: str, params: int) -> dict:
+    return {"variant": f"element1-lora-{init}", "params": params, "ppl": before["ppl"],
+            "ppl_128": before["ppl_128"], "ppl_after": after["ppl"], "ppl_128_after": after["ppl_128"],
+            "lora_init": init, "lora_steps": args.lora_steps,
+            "lora_budget": f"{args.lora_steps} steps x 4 x 256 tokens",
+            "lora_settings": entry["settings"], "lora_first_loss": entry.get("first_loss"),
+            "lora_final_loss": entry.get("final_loss"), "lora_best": entry.get("best"),
+            "lora_evals": entry.get("evals"), "lora_seconds": entry.get("wall_seconds"),
+            "lora_data": args.lora_data or "c4"}
+
+
+def compare_inits(dense, calib, args, scores, tokenizer, data_dir, protocols) -> list[dict]:
+    """element1 pruned once, then LoRA from PEFT's initialization and from the earlier
+    he_uniform one, each on its own copy with everything else equal; each row is added to
+    `--out` as soon as it is measured."""
+    from nnxprune.measure import count_params
+    from nnxprune.transforms import Context, from_dict
+
+    pruned = nnx.clone(dense)
+    from_dict({"kind": "llm_pruner", "score": "taylor", "ratio": args.ratio, "heads": args.heads})(
+        pruned, Context(tokens=calib.tokens, progress=False))
+    before = scores(pruned)
+    print(f"element1 before LoRA {before}", flush=True)
+    rows = []
+    for init in ("he_uniform", "peft"):
+        model = nnx.clone(pruned)
+        entry = lora_after(model, args, tokenizer, data_dir, init)
+        rows.append(lora_row(before, scores(model), entry, args, init, count_params(model)))
+        print({k: v for k, v in rows[-1].items() if k not in ("lora_settings", "lora_evals")}, flush=True)
+        append_rows(args, rows[-1:], protocols)
+    return rows
 
 
 def variant_rows(dense, calib, args, scores, tokenizer, data_dir) -> list[dict]:
@@ -106,7 +154,8 @@ def variant_rows(dense, calib, args, scores, tokenizer, data_dir) -> list[dict]:
                      "ppl_128": before["ppl_128"], "ppl_after": after["ppl"],
                      "ppl_128_after": after["ppl_128"], "lora_steps": args.lora_steps,
                      "lora_first_loss": entry.get("first_loss"),
-                     "lora_final_loss": entry.get("final_loss"), "lora_data": args.lora_data or "c4"})
+                     "lora_final_loss": entry.get("final_loss"), "lora_data": args.lora_data or "c4",
+                     "lora_init": "peft", "lora_budget": f"{args.lora_steps} steps x 4 x 256 tokens"})
         print(rows[-1], flush=True)
     return rows
 
@@ -125,7 +174,14 @@ def main(argv=None) -> int:
     p.add_argument("--eval128-windows", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--lora-steps", type=int, default=20)
+    p.add_argument("--lora-grad-accum", type=int, default=1,
+                   help="micro-batches per LoRA step (4: one sequence per forward, less memory)")
+    p.add_argument("--lora-eval-every", type=int, default=0,
+                   help="held-out evaluations every N LoRA steps, keeping the best (0: off)")
     p.add_argument("--lora-data", default=None, help="a JSONL of instruction records (default: C4 text)")
+    p.add_argument("--lora-inits", action="store_true",
+                   help="only prune element1 and compare LoRA from PEFT's init and from he_uniform; "
+                        "the two rows are added to --out, its other rows kept")
     p.add_argument("--out", default=str(RESULTS / "llm_pruner.json"))
     args = p.parse_args(argv)
     bad = [v for v in args.variants.split(",") if v not in SCORES]
@@ -154,6 +210,9 @@ def main(argv=None) -> int:
         return {k: score_windows(model, windows[k], pr, progress=False).ppl for k, pr in protocols.items()}
 
     dense = loaded.model
+    if args.lora_inits:
+        compare_inits(dense, calib, args, scores, loaded.tokenizer, data_dir, protocols)
+        return 0
     timing = time_passes(dense, calib.tokens, args.repeats)
     print(f"gradient pass {timing['gradient_seconds']:.3f} s, forward {timing['forward_seconds']:.3f} s "
           f"({timing['gradient_over_forward']:.2f}x); second order {timing['gradient_sq_seconds']:.3f} s",
@@ -174,6 +233,22 @@ def main(argv=None) -> int:
     return 0
 
 
+def append_rows(args, rows: list[dict], protocols) -> int:
+    """Adds `rows` to the report at `--out` (replacing rows of the same variant), keeps the rest,
+    and records this run's machine and date beside them."""
+    import datetime
+    import json
+
+    report = json.loads(Path(args.out).read_text())
+    names = {r["variant"] for r in rows}
+    report["rows"] = [r for r in report["rows"] if r["variant"] not in names] + rows
+    report.setdefault("lora_init_runs", []).append({
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(), "variants": sorted(names)})
+    write_results(args.out, report, markdown(report, protocols))
+    return 0
+
+
 def markdown(report: dict, protocols) -> str:
     dense = report["rows"][0]["params"]
     md = ["| variant | params | removed | ppl | ppl (seqlen 128) | ppl after LoRA | gradient pass s |",
@@ -183,6 +258,8 @@ def markdown(report: dict, protocols) -> str:
         if r.get("gradient_sq_seconds"):
             grad = grad + r["gradient_sq_seconds"]
         after = f"{r['ppl_after']:.2f} / {r['ppl_128_after']:.2f}" if "ppl_after" in r else ""
+        if r.get("lora_budget"):
+            after += f" ({r['lora_budget']}, init {r['lora_init']})"
         md.append(f"| {r['variant']} | {r['params']:,} | {1 - r['params'] / dense:.2%} | {r['ppl']:.2f} | "
                   f"{r['ppl_128']:.2f} | {after} | {'' if grad is None else f'{grad:.2f}'} |")
     t, c = report["timing"], report["calibration"]

@@ -112,23 +112,32 @@ def add_tokenizer(folder: Path) -> None:
 
 
 def predict(c: dict, nsamples: int, seqlen: int, method: str) -> float:
-    """Predicted peak RSS in GB: fixed overhead + max(one layer, the embedding) + activations.
-    One layer costs 14 bytes per weight (bf16 as read 2, fp32 onloaded 4, the bool mask 1, the
-    fp32 score 4, the NumPy keep mask 1, the bf16 copy written 2), SparseGPT 3 fp32 copies of
-    each projection's Hessian besides; the embedding phase reads it once (bf16) before any
-    layer; the host activations are inputs and outputs, `2 N T D` fp32; the fixed overhead
-    (Python, JAX, the tokenizer and the calibration text) is taken as 1.0 GB."""
-    per_layer = sum(int(np.prod(s)) for s in layer_shapes(c).values())
-    layer = per_layer * 14
-    if method.startswith("sparsegpt"):
-        d, f = c["hidden_size"], c["intermediate_size"]
-        layer += 3 * 4 * (6 * d * d + f * f)
-    acts = 2 * nsamples * seqlen * c["hidden_size"] * 4
-    embed = c["vocab_size"] * c["hidden_size"] * 2
-    return (max(layer, embed) + acts) / 1e9 + 1.0
+    """Predicted peak RSS in GB: fixed overhead + max(one layer, the embedding) + activations,
+    from the config alone (`nnxprune.plan.streamed_memory`, whose docstring states the terms:
+    the layer read in bf16 and mapped while read, onloaded in fp32, its masks, a matrix's fp32
+    score and keep mask, the bf16 copy written; SparseGPT's Hessians and factors; the host
+    activations `3 N T D` fp32; the overhead measured on a tiny model)."""
+    from nnxprune import plan
+    from nnxprune.io.hf_config import config_from_hf
+
+    kind = method.split("@")[0]
+    p = plan.streamed_memory(config_from_hf(c), kind, nsamples=nsamples if kind != "magnitude"
+                             else 0, seqlen=seqlen, dtype="float32", input_dtype="bfloat16")
+    return p.host_bytes / 1e9
 
 
-def run_one(shape: str, method: str, nsamples: int, seqlen: int, work: Path, data_dir) -> dict:
+def make_model(shape: str, work: Path) -> tuple[Path, float]:
+    """The shape's random bf16 checkpoint with SmolLM2's tokenizer, and the seconds it took."""
+    model = work / "model"
+    model.mkdir()
+    t0 = time.perf_counter()
+    write_checkpoint(model, hf_config(shape))
+    add_tokenizer(model)
+    return model, time.perf_counter() - t0
+
+
+def run_one(shape: str, method: str, nsamples: int, seqlen: int, work: Path, data_dir,
+            model: Path, made: float) -> dict:
     c = hf_config(shape)
     kind, amount = method.split("@")
     setting = f'pattern = "{amount}"' if ":" in amount else f"sparsity = {float(amount)}"
@@ -136,12 +145,9 @@ def run_one(shape: str, method: str, nsamples: int, seqlen: int, work: Path, dat
     recipe.write_text(f'[recipe]\nname = "scale"\n\n[[prune]]\nkind = "{kind}"\n{setting}\n\n'
                       f'[calibration]\ndataset = "c4"\nnsamples = {nsamples}\nseqlen = {seqlen}\n'
                       f'seed = 0\n')
-    model, out, report = work / "model", work / "out", work / "report.json"
-    model.mkdir()
-    t0 = time.perf_counter()
-    write_checkpoint(model, c)
-    add_tokenizer(model)
-    made = time.perf_counter() - t0
+    out, report = work / "out", work / "report.json"
+    shutil.rmtree(out, ignore_errors=True)
+    report.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "nnxprune.cli", "prune", str(recipe), "--model", str(model),
            "--out", str(out), "--stream", "--json", str(report), "--no-progress",
            "--data-dir", str(data_dir)]
@@ -182,20 +188,26 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from common import machine_info
 
-    rows = []
-    for shape in args.shapes.split(","):
-        for method in args.methods.split(","):
-            work = Path(tempfile.mkdtemp(prefix=f"nnxprune-scale-{shape}-"))
-            try:
-                row = run_one(shape, method, args.nsamples, args.seqlen, work, args.data_dir)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
     from nnxprune.io.atomic import write_json
 
-    write_json(args.out, {"benchmark": "scale", "machine": machine_info(), "rows": rows,
-                          "formula": predict.__doc__.split("\n")[0] + " ..."})
+    out = Path(args.out)  # rows of other (shape, method) pairs are kept: runs accumulate
+    old = json.loads(out.read_text()).get("rows", []) if out.exists() else []
+    machine = machine_info()
+    for shape in args.shapes.split(","):
+        work = Path(tempfile.mkdtemp(prefix=f"nnxprune-scale-{shape}-"))
+        try:  # one checkpoint per shape, pruned by every method
+            model, made = make_model(shape, work)
+            for method in args.methods.split(","):
+                row = run_one(shape, method, args.nsamples, args.seqlen, work, args.data_dir,
+                              model, made)
+                row["loadavg_end"] = list(os.getloadavg())  # the machine is shared: say how busy
+                print(json.dumps(row), flush=True)
+                old = [r for r in old if (r["shape"], r["method"]) != (row["shape"], method)]
+                old.append(row)
+                write_json(out, {"benchmark": "scale", "machine": machine, "rows": old,
+                                 "formula": predict.__doc__.split("\n")[0] + " ..."})
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -16,6 +16,16 @@ activation statistics, against the evaluation forward of the same calibration to
 
 Writes `benchmarks/results/structured.json` (`rows`, one per recipe, each with `recipe`, `params`,
 `ppl`, `ppl_after` where a distillation ran, `tokens_per_s`) and a Markdown table beside it.
+
+`--compare-distill` (issue 30) instead adds rows to the existing results, keeping every row there:
+Minitron width and depth, each pruned once, then distilled twice from the same pruned model at
+the same token budget, logit-only (`recovery.distill.intermediate = false`) and logit +
+intermediate (ModelOpt's cosine loss on paired norm outputs, rescaled to the logit loss; the
+width student through its projections), teacher correction off in both; each row has a `distill`
+key, `"logit"` or `"logit+intermediate"`, and its `distill_tokens`.
+
+    nice -n 10 python benchmarks/structured.py --compare-distill --steps 6 --nsamples 8 \
+        --eval-windows 8 --dense-from-sparsity
 """
 
 from __future__ import annotations
@@ -101,14 +111,14 @@ def prune(setup, name: str):
     return model, time.perf_counter() - t0, ctx.report.get("transforms", [])
 
 
-def distill(setup, model, recipe_name: str, steps: int | None, log_dir: Path):
+def distill(setup, model, recipe_name: str, steps: int | None, log_dir: Path, extra=()):
     from flax import nnx
 
     from nnxprune import data as data_lib
     from nnxprune.recipes import load_recipe
     from nnxprune.recovery import train
 
-    overrides = [f"recovery.steps={steps}"] if steps else []
+    overrides = ([f"recovery.steps={steps}"] if steps else []) + list(extra)
     cfg = load_recipe(RECIPES / f"{recipe_name}.toml", overrides).recovery
     student = nnx.clone(model)
     result = train(student, cfg, tokenizer=setup.loaded.tokenizer, teacher=setup.loaded.model,
@@ -117,8 +127,107 @@ def distill(setup, model, recipe_name: str, steps: int | None, log_dir: Path):
     return student, result, cfg
 
 
+MODES = {"logit": "false", "logit+intermediate": "true"}
+
+
+def recorded_depth(setup, prior: dict, check: bool = False):
+    """Minitron depth as the earlier `minitron-depth` row of `prior` pruned it: the dense model
+    without the layers its block search dropped (the search, 23 candidates x 8 sequences, is the
+    dearest step on a loaded 2-core machine). With `check`: whether such a row exists."""
+    from flax import nnx
+
+    from nnxprune import graph
+
+    dropped = next((t["dropped"] for r in prior.get("rows", []) if r.get("recipe") ==
+                    "minitron-depth" and "distill" not in r for t in r.get("transforms", [])
+                    if t.get("kind") == "depth"), None)
+    if check:
+        return dropped is not None
+    model = nnx.clone(setup.loaded.model)
+    graph.drop_layers(model, dropped)
+    return model, 0.0, (f"layers {dropped} dropped, as the block search of the minitron-depth "
+                        f"row (calibration {prior['calibration']['nsamples']} x "
+                        f"{prior['calibration']['seqlen']}) chose them")
+
+
+def compare_distill(args, setup, prior: dict) -> list[dict]:
+    """The issue-30 rows: Minitron width and depth, each distilled logit-only and logit +
+    intermediate from the same pruned model at the same token budget."""
+    import jax
+
+    from nnxprune.evaluate.perplexity import score_windows
+    from nnxprune.io import atomic
+    from nnxprune.measure import count_params
+
+    rows = []
+    for name in ("minitron-width", "minitron-depth"):
+        if name == "minitron-depth" and recorded_depth(setup, prior, check=True):
+            model, seconds, how = recorded_depth(setup, prior)
+        else:
+            model, seconds, _ = prune(setup, name)
+            how = "pruned here"
+        before = score_windows(model, setup.windows, setup.protocol, progress=False).ppl
+        print(f"{name}: ppl {before:.3f}, {how} ({seconds:.0f} s)", flush=True)
+        for mode, flag in MODES.items():
+            extra = [f"recovery.distill.intermediate={flag}",
+                     "recovery.distill.teacher_correction_steps=0",
+                     f"recovery.grad_accum={args.grad_accum}"]  # memory, not the budget
+            log_dir = Path(args.out).with_suffix("") / f"{name}-distill-{mode.replace('+', '-')}"
+            student, res, cfg = distill(setup, model, f"{name}-distill", args.steps, log_dir,
+                                        extra)
+            after = score_windows(student, setup.windows, setup.protocol, progress=False).ppl
+            rows.append({
+                "recipe": name, "distill": mode, "params": count_params(student),
+                "layers": student.config.num_layers, "hidden": student.config.hidden_size,
+                "ppl": before, "ppl_after": after, "distill_recipe": f"{name}-distill",
+                "distill_overrides": extra, "distill_steps": res.steps,
+                "distill_tokens": res.tokens, "batch_size": cfg.batch_size, "seqlen": cfg.seqlen,
+                "lr": cfg.lr, "distill_seconds": res.seconds,
+                "distill_tokens_per_s": res.tokens_per_second, "strategy": res.strategy,
+                "distill_first_loss": res.losses[0], "distill_final_loss": res.losses[-1],
+                "heldout": res.evals[-1] if res.evals else None,  # kl, ce (and intermediate)
+                "prune_seconds": seconds, "pruning": how, "teacher_correction_steps": 0,
+                "calibration": {"nsamples": args.nsamples, "seqlen": args.seqlen,
+                                "seed": args.seed},
+                "protocol": setup.protocol.to_dict(), "protocol_text": setup.protocol.describe(),
+                "device": jax.devices()[0].device_kind})
+            print(f"  {mode}: ppl {after:.3f} after {res.steps} steps ({res.tokens:,} tokens, "
+                  f"{res.seconds:.0f} s)", flush=True)
+            atomic.write_json(Path(args.out).with_suffix(".compare.partial.json"), {"rows": rows})
+            del student
+    return rows
+
+
+def comparison_markdown(rows: list[dict]) -> list[str]:
+    """The logit vs logit + intermediate table (rows with a `distill` key)."""
+    if not rows:
+        return []
+    md = ["", "Minitron distillation, logit-only against logit + intermediate (issue 30):", "",
+          "| recipe | distill | params | WikiText-2 ppl pruned | after distillation | "
+          "student tokens | distill s | held-out KL | held-out CE | held-out cosine loss |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        h = r.get("heldout") or {}
+        cos = f"{h['intermediate']:.4f}" if "intermediate" in h else "-"
+        md.append(f"| {r['recipe']} | {r['distill']} | {r['params'] / 1e6:.1f}M | {r['ppl']:.2f} | "
+                  f"{r['ppl_after']:.2f} | {r['distill_tokens']:,} | {r['distill_seconds']:.0f} | "
+                  f"{h.get('kl', float('nan')):.4f} | {h.get('ce', float('nan')):.4f} | {cos} |")
+    r = rows[0]
+    md += ["", f"Same budget in every row: {r['distill_steps']} steps x {r['batch_size']} x "
+           f"{r['seqlen']} tokens of C4 validation, AdamW lr {r['lr']:g}, teacher = the dense "
+           f"model, no teacher correction. Perplexity: {r['protocol_text']}. Width pruned here "
+           f"(calibration c4 {r['calibration']['nsamples']} x {r['calibration']['seqlen']}); "
+           f"depth: {rows[-1]['pruning']}. logit: forward KL T=1; logit+intermediate: plus the "
+           "cosine loss between the norm outputs of every kept layer and the final norm and "
+           "their teacher layers (ModelOpt's pairs), rescaled to the KL by the detached ratio. "
+           "The rows of the first table (no `distill` key) come from an earlier run, with the "
+           "settings stated under it.", ""]
+    return md
+
+
 def markdown(report: dict) -> str:
-    rows = report["rows"]
+    compared = [r for r in report["rows"] if "distill" in r]
+    rows = [r for r in report["rows"] if "distill" not in r]
     dense = rows[0]
     md = ["| recipe | params | layers | hidden | WikiText-2 ppl | after distillation | "
           "prune s | eval tokens/s | speed-up | FLOP ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -144,7 +253,7 @@ def markdown(report: dict) -> str:
            f"the evaluation forward of the same tokens ({imp['ratio']:.2f}x).",
            f"Machine: {report['machine']['cpu']}, {report['machine']['cpu_count']} cores; "
            f"whole benchmark {report['wall_seconds'] / 60:.1f} min.", ""]
-    return "\n".join(md)
+    return "\n".join(md + comparison_markdown(compared))
 
 
 def main() -> None:
@@ -157,6 +266,10 @@ def main() -> None:
     parser.add_argument("--speed-rounds", type=int, default=5)
     parser.add_argument("--no-importance-cost", action="store_true",
                         help="skip timing the importance pass against the evaluation forward")
+    parser.add_argument("--compare-distill", action="store_true",
+                        help="add the logit vs logit+intermediate Minitron rows to --out")
+    parser.add_argument("--grad-accum", type=int, default=2,
+                        help="--compare-distill: micro-batches per step (peak memory)")
     parser.add_argument("--dense-from-sparsity", action="store_true",
                         help="quote the dense perplexity from results/sparsity.json (same model "
                              "and protocol) instead of scoring it here")
@@ -174,6 +287,17 @@ def main() -> None:
     else:
         setup = prepare_pruning(args)
     dense_model = setup.loaded.model
+    if args.compare_distill:
+        import json
+
+        report = json.loads(Path(args.out).read_text())  # every existing row is kept
+        new = compare_distill(args, setup, report)
+        report["rows"] = [r for r in report["rows"] if "distill" not in r] + new
+        report["distill_comparison"] = {"wall_seconds": time.perf_counter() - t_start,
+                                        "loadavg_end": list(os.getloadavg()),
+                                        "date": time.strftime("%Y-%m-%d")}
+        write_results(args.out, report, markdown(report))
+        return
 
     def row(name, model, ppl):
         cfg = model.config

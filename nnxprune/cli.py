@@ -48,31 +48,63 @@ def _load(args, *, with_tokenizer: bool = True):
 # -- commands --------------------------------------------------------------------------------------
 def cmd_eval(args) -> int:
     from nnxprune import data as data_lib
-    from nnxprune.evaluate.perplexity import evaluate_perplexity
     from nnxprune.evaluate.protocol import protocol_for
     from nnxprune.io import atomic
+    from nnxprune.measure import memory_peaks
 
     overrides = {"seqlen": args.seqlen, "max_windows": args.max_windows, "batch_size": args.batch_size}
     if args.split:
         overrides["split"] = args.split
     protocol = protocol_for(args.dataset, **overrides)
+    if args.host_memory_gb is not None and (not args.stream or not args.host_memory_gb > 0):
+        raise UserError("--host-memory-gb takes a positive number of GB, with --stream")
     data_dir = data_lib.resolve_data_dir(args.data_dir)
     data_lib.check_available(protocol.dataset, protocol.split, data_dir)
     atomic.check_outputs(files=[args.json], overwrite=args.overwrite)
     preflight.check_eval(args, protocol)
-    loaded = _load(args)
-    print(f"protocol  {protocol.describe()}", flush=True)
-    result = evaluate_perplexity(loaded.model, loaded.tokenizer, protocol, data_dir=data_dir,
-                                 progress=not args.no_progress)
+    result, source = (_eval_streamed if args.stream else _eval_in_memory)(args, protocol, data_dir)
+    peaks = memory_peaks()
     print(f"ppl       {result.ppl:.4f}  (mean NLL {result.nll:.5f} over {result.predicted_tokens:,} "
           f"predicted tokens, {result.windows} windows)")
     print(f"speed     {result.tokens_per_second:,.0f} tokens/s ({result.tokens:,} tokens in "
-          f"{result.seconds:.1f} s; compile {result.compile_seconds:.1f} s)")
+          f"{result.seconds:.1f} s; compile {result.compile_seconds:.1f} s); peak RSS "
+          f"{peaks['peak_rss_gb']:.2f} GB")
     if args.json:
-        report = {"model": args.model, "source": loaded.source, **result.to_dict()}
+        report = {"model": args.model, "source": source, "dtype": args.dtype,
+                  "streamed": args.stream, **result.to_dict(), **peaks}
         atomic.write_json(args.json, report)
         print(f"wrote     {args.json}")
     return 0
+
+
+def _eval_in_memory(args, protocol, data_dir):
+    from nnxprune.evaluate.perplexity import evaluate_perplexity
+
+    loaded = _load(args)
+    print(f"protocol  {protocol.describe()}", flush=True)
+    return evaluate_perplexity(loaded.model, loaded.tokenizer, protocol, data_dir=data_dir,
+                               progress=not args.no_progress), loaded.source
+
+
+def _eval_streamed(args, protocol, data_dir):
+    """`eval --stream`: one decoder layer in memory at a time (`nnxprune.evaluate.streamed`)."""
+    import jax.numpy as jnp
+
+    from nnxprune.evaluate.streamed import HOST_MEMORY_BYTES, evaluate_streamed
+    from nnxprune.io.layers import open_layers
+    from nnxprune.io.load import load_tokenizer
+
+    preflight.check_model(args.model)
+    source = open_layers(args.model)
+    cfg = source.config
+    print(f"model     {source.path} ({source.kind}, {source.dtype}): {cfg.num_layers} layers, "
+          f"hidden {cfg.hidden_size}, streamed one layer at a time in {args.dtype}", flush=True)
+    print(f"protocol  {protocol.describe()}", flush=True)
+    budget = HOST_MEMORY_BYTES if args.host_memory_gb is None else int(args.host_memory_gb * 1e9)
+    result = evaluate_streamed(source, load_tokenizer(source.path, source.kind), protocol,
+                               data_dir=data_dir, param_dtype=jnp.dtype(args.dtype),
+                               progress=not args.no_progress, host_memory_bytes=budget)
+    return result, str(source.path)
 
 
 def cmd_generate(args) -> int:
@@ -117,7 +149,8 @@ def cmd_prune(args) -> int:
     cluster = multihost.cluster_from(args)  # --distributed's options, before any work
     recipe = load_recipe(args.recipe, args.set or [])
     if args.check:  # dry run: the recipe against the model's config, no weights, nothing written
-        check_recipe(recipe, model=args.model)
+        check_recipe(recipe, model=args.model, stream=args.stream, dtype=args.dtype,
+                     memory_budget=args.memory_budget)
         return 0
     if args.resume and not args.stream:
         raise UserError("--resume continues an unfinished --stream run: pass --stream too")
@@ -220,9 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return func(args)
     except UserError as e:
         print(f"nnxprune {args.command}: error: {e}", file=sys.stderr)
+        multihost.fail(str(e), EXIT_USER_ERROR)  # --distributed: the other processes stop too
         return EXIT_USER_ERROR
     except Interrupted as e:
         print(f"nnxprune: {e}; outputs not finished were not written", file=sys.stderr)
+        multihost.fail(str(e), int(e.code))
         return int(e.code)
     except KeyboardInterrupt:
         print("nnxprune: interrupted", file=sys.stderr)

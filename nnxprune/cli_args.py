@@ -53,6 +53,13 @@ def _add_eval(sub) -> None:
     p.add_argument("--json", metavar="OUT", default=None,
                    help="also write the result (ppl, protocol, tokens, seconds, ...) as JSON")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--stream", action="store_true",
+                   help="one decoder layer in memory at a time, read from the model's files (HF "
+                        "folder or GGUF); the windows' hidden states stay on the host; same number")
+    p.add_argument("--host-memory-gb", type=float, default=None,
+                   help="with --stream: host memory for the windows' hidden states (float32); "
+                        "more windows than fit go in chunks, each reading every layer again "
+                        "(default: 4 GiB)")
     _add_overwrite(p)
     p.set_defaults(handler="cmd_eval")
 
@@ -118,6 +125,10 @@ def _add_prune(sub) -> None:
     p.add_argument("--check", action="store_true",
                    help="dry run: validate the recipe against the model's config, print the "
                         "predicted shapes and parameter count; loads no weights, writes nothing")
+    p.add_argument("--memory-budget", type=float, metavar="GB", default=None,
+                   help="with --check: the memory the run may use (default: what this machine "
+                        "has available); a predicted peak above it is reported with settings "
+                        "that fit")
     streamed.add_stream_arguments(p)  # --stream, --resume, --dtype
     _add_overwrite(p)
     p.set_defaults(handler="cmd_prune")

@@ -2,7 +2,9 @@
 
 Every prunable projection of a model is the same `Linear`: a kernel `[in, out]` that may hold a
 `Mask` of the kernel's shape. The forward computes `x @ (kernel * mask)`; with no mask (the
-default) it is a plain matmul, so masks cost nothing when absent.
+default) it is a plain matmul, so masks cost nothing when absent. Kernels may be bfloat16: the
+product accumulates in float32 and the activations stay float32 (`matmul`), so bf16 weights halve
+the weight memory without a float32 copy of them and without bf16 rounding of the residual stream.
 
 Each layer names the channel space of its input and output (`embed`, `q_heads`, `kv_heads`,
 `mlp`, `vocab`) and the unit of that space (`head_dim` columns make one head). The dependency
@@ -30,7 +32,7 @@ _default_init = nnx.initializers.normal(stddev=0.02)
 
 
 class Linear(nnx.Module):
-    """`y = x @ (kernel * mask)` with kernel `[in, out]`; the mask is optional."""
+    """`y = x @ (kernel * mask) + bias` with kernel `[in, out]`; mask and bias are optional."""
 
     def __init__(
         self,
@@ -49,6 +51,7 @@ class Linear(nnx.Module):
             raise ValueError(f"unknown channel space {in_space!r} -> {out_space!r}; known: {SPACES}")
         self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
         self.mask: Mask | None = nnx.data(None)  # data, so a Mask can be attached later
+        self.bias: nnx.Param | None = nnx.data(None)  # optional `[out]` (FLAP's compensation)
         self.in_space, self.out_space = in_space, out_space
         self.in_unit, self.out_unit = in_unit, out_unit
         # Static switch: when True, the forward sows its input as a `ProjectionInput` (collected
@@ -77,11 +80,44 @@ class Linear(nnx.Module):
             kernel = jnp.where(self.mask[...], kernel, jnp.zeros((), kernel.dtype))
         return kernel
 
+    def set_bias(self, bias) -> None:
+        """Attach (or replace) a bias `[out]`, stored in the kernel's dtype."""
+        bias = jnp.asarray(bias, self.kernel.dtype)
+        if bias.shape != (self.out_features,):
+            raise ValueError(f"bias shape {bias.shape} != ({self.out_features},)")
+        self.bias = nnx.Param(bias)
+
+    def effective_bias(self) -> jax.Array:
+        """The bias the forward adds: zero on an output channel whose kernel column is wholly
+        masked, so a soft-removed channel emits nothing, as its hard slice does."""
+        bias = self.bias[...]
+        if self.mask is not None:
+            bias = jnp.where(self.mask[...].any(axis=0), bias, jnp.zeros((), bias.dtype))
+        return bias
+
     def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.product(x)
+        return y if self.bias is None else y + self.effective_bias().astype(y.dtype)
+
+    def product(self, x: jax.Array) -> jax.Array:
+        """`x @ (kernel * mask)`, without the bias."""
         if self.record_inputs:
             self.sow(ProjectionInput, "inputs", x)
-        kernel = self.effective_kernel()
-        return jnp.dot(x.astype(kernel.dtype), kernel)
+        # A program over many masked layers makes every layer's masked kernel up front and holds
+        # them all (XLA schedules them first; an optimization barrier tying them to `x` is
+        # dropped): the evaluators therefore run layer by layer on folded kernels
+        # (`nnxprune.evaluate.layerwise`).
+        return matmul(x, self.effective_kernel())
+
+
+def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`x @ kernel` with `x` in the kernel's dtype. A kernel narrower than float32 (bf16)
+    accumulates in float32 and gives float32 (`preferred_element_type`), so activations stay
+    float32 while the weights take half the memory; a float32 kernel is a plain float32 dot."""
+    x = x.astype(kernel.dtype)
+    if jnp.finfo(kernel.dtype).bits >= 32:
+        return jnp.dot(x, kernel)
+    return jnp.dot(x, kernel, preferred_element_type=jnp.float32)
 
 
 def _channel_mask(features: int, mask) -> Mask:
@@ -113,12 +149,14 @@ class Embed(nnx.Module):
         return embedding
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.effective_embedding(), tokens, axis=0)
+        """Rows `[..., D]`, float32 (exactly) when the embedding is narrower (bf16): the residual
+        stream stays float32, as `matmul`'s outputs."""
+        rows = jnp.take(self.effective_embedding(), tokens, axis=0)
+        return rows.astype(jnp.promote_types(rows.dtype, jnp.float32))
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Logits against the embedding matrix (tied `lm_head`): `[..., D] -> [..., V]`."""
-        embedding = self.effective_embedding()
-        return jnp.dot(x.astype(embedding.dtype), embedding.T)
+        return matmul(x, self.effective_embedding().T)
 
 
 class RMSNorm(nnx.Module):

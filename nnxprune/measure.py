@@ -46,13 +46,9 @@ class PeakMemory:
 
     @staticmethod
     def current() -> int:
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
+        rss = _proc_status("VmRSS")
+        if rss is not None:
+            return rss
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -94,13 +90,30 @@ def measured_sparsity(model) -> dict[str, Any]:
     return {"overall": zeros / total if total else 0.0, "per_matrix": per_matrix}
 
 
+def _proc_status(field: str) -> int | None:
+    """A `/proc/self/status` memory field (`VmRSS`, `VmHWM`) in bytes; None without /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_bytes() -> int:
-    """The process's peak resident memory since it started (`ru_maxrss`: KiB on Linux, bytes on
-    macOS). It cannot be reset: it covers everything the process did (loading, evaluation,
-    saving, every thread), and in a process that ran other work first, that work too."""
+    """The process's peak resident memory since it started: `VmHWM` from /proc on Linux, else
+    `ru_maxrss` (KiB on Linux, bytes on macOS). It cannot be reset: it covers everything the
+    process did (loading, evaluation, saving, every thread). `VmHWM` belongs to the program's own
+    address space; `ru_maxrss` also carries the peak of whatever ran in the process before its
+    exec (with `subprocess`'s vfork, the parent's peak), so it is only the fallback."""
     import resource
     import sys
 
+    hwm = _proc_status("VmHWM")
+    if hwm is not None:
+        return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 

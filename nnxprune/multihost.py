@@ -13,7 +13,11 @@ processes under one agreed temporary name, `agree_text`, then renamed by process
 
 A process that stops (killed, crashed, its machine gone) is noticed by the others within
 `HEARTBEAT_SECONDS`; each of them then prints one line and exits with `EXIT_PEER_LOST`, instead
-of hanging in a collective or aborting with JAX's stack trace.
+of hanging in a collective or aborting with JAX's stack trace. A process that stops on an error
+it can name (bad input seen by it alone: a `UserError`, an interruption, an uncaught exception)
+says so first (`fail`): every other process then prints one line naming it and its reason and
+exits with its exit status within about a second, and the failing process exits at once instead
+of waiting in JAX's shutdown barrier for peers that will never reach it.
 
 Example (two processes on one machine):
     XLA_FLAGS=--xla_force_host_platform_device_count=2 nnxprune train CKPT --recipe R --out OUT \\
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import traceback
 import sys
 import threading
 import time
@@ -33,10 +38,15 @@ from nnxprune.errors import UserError
 ENV = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
        "process_id": "JAX_PROCESS_ID"}
 HEARTBEAT_SECONDS = 10  # a silent peer is declared dead after this long (`_watch`)
-SHUTDOWN_SECONDS = 30  # at exit, how long a process waits for the others to finish too
+# At exit, how long a process waits in JAX's shutdown barrier for the others to finish too:
+# process 0 alone writes the report and renders its views, which can take minutes for a big
+# model while the others already wait (30 s was seen to run out on a loaded 2-core machine,
+# aborting both). A peer that dies meanwhile is still caught by `_watch`.
+SHUTDOWN_SECONDS = 900
 EXIT_PEER_LOST = 1
 _TEXT_BYTES = 4096  # agree_text's buffer
 _joined = False
+_failing = False  # this process called `fail`: its watchdog says nothing more
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,18 +119,37 @@ def cluster_from(args, environ=None) -> Cluster | None:
 
 
 def _lost(label: str, reason: str) -> None:
-    sys.stderr.write(f"{label}: error: another process of this --distributed run stopped ({reason}); "
-                     f"the last checkpoint in the train dir is kept, rerun all processes to resume\n")
+    _stop(label, f"another process of this --distributed run stopped ({reason}); nothing was "
+                 f"written but a training run's checkpoints: rerun all processes (training resumes "
+                 f"from the last one)", EXIT_PEER_LOST)
+
+
+def _stop(label: str, message: str, code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.write(f"{label}: error: {message}\n")
     sys.stderr.flush()
-    os._exit(EXIT_PEER_LOST)
+    os._exit(code)
+
+
+def _peer_failed(client, i: int, me: int, label: str) -> None:
+    """Ends this process with one line if process `i` said it failed (`fail`); acknowledges it
+    first, so that a failing coordinator knows it may go."""
+    said = _try_get(client, f"nnxprune/failed/{i}")
+    if said is None or _failing:
+        return
+    code, _, reason = said.partition("\n")
+    client.key_value_set(f"nnxprune/seen/{me}", "1", allow_overwrite=True)
+    _let_others_see(client, me)
+    _stop(label, f"process {i} of this --distributed run stopped: {reason}",
+          int(code) if code.isdigit() else EXIT_PEER_LOST)
 
 
 def _watch(client, me: int, count: int, label: str) -> None:
     """Every second: bumps this process's counter in the coordinator's key-value store and reads
-    the others'. A peer whose counter stood still for `HEARTBEAT_SECONDS` (and that did not call
-    `done`), or a coordinator that stopped answering as long, ends this process with one line.
-    (JAX's own heartbeat, set longer, would abort with a stack trace; its C++ callback cannot be
-    replaced from Python in jaxlib 0.10.)"""
+    the others'. A peer that said it failed (`fail`), a peer whose counter stood still for
+    `HEARTBEAT_SECONDS` (and that did not call `done`), or a coordinator that stopped answering as
+    long, ends this process with one line. (JAX's own heartbeat, set longer, would abort with a
+    stack trace; its C++ callback cannot be replaced from Python in jaxlib 0.10.)"""
     seen = {i: (None, time.monotonic()) for i in range(count) if i != me}
     last_ok, beat = time.monotonic(), 0
     while True:
@@ -129,19 +158,69 @@ def _watch(client, me: int, count: int, label: str) -> None:
         try:
             client.key_value_set(f"nnxprune/alive/{me}", str(beat), allow_overwrite=True)
             for i, (value, since) in list(seen.items()):
+                _peer_failed(client, i, me, label)
                 if _has(client, i):  # finished: its silence is no failure
                     seen.pop(i)
                     continue
                 current = _try_get(client, f"nnxprune/alive/{i}")
                 if current != value:
                     seen[i] = (current, now)
-                elif now - since > HEARTBEAT_SECONDS:
+                elif now - since > HEARTBEAT_SECONDS and not _failing:
                     _lost(label, f"process {i} sent no heartbeat for {now - since:.0f} s")
             last_ok = now
         except Exception as e:  # noqa: BLE001 - the coordinator (process 0) is gone
-            if now - last_ok > HEARTBEAT_SECONDS:
+            if now - last_ok > HEARTBEAT_SECONDS and not _failing:
                 _lost(label, f"the coordinator stopped answering: {str(e).splitlines()[0][:120]}")
         time.sleep(1.0)
+
+
+def _let_others_see(client, me: int) -> None:
+    """Process 0 may hold the key-value store (JAX's coordination service runs inside it unless
+    it is detached, `_detached_service`): before it exits, it waits until every other process saw
+    a failure, failed or finished (at most `HEARTBEAT_SECONDS`), so that they stop with one line,
+    not with JAX's fatal "the coordinator died". Any other process may go at once."""
+    if me != 0:
+        return
+    import jax
+
+    deadline = time.monotonic() + HEARTBEAT_SECONDS
+    others = list(range(1, jax.process_count()))
+    while others and time.monotonic() < deadline:
+        others = [i for i in others if not any(_try_get(client, f"nnxprune/{k}/{i}") is not None
+                                                for k in ("seen", "failed", "done"))]
+        time.sleep(0.2)
+
+
+def fail(reason: str, code: int) -> None:
+    """This process stops on an error (`reason`, one line, already shown to the user): in a
+    multi-process run, tells the others (each prints one line naming this process and `reason`
+    and exits with `code`) and exits with `code` now (process 0 once the others saw it,
+    `_let_others_see`), instead of waiting in JAX's shutdown barrier for peers that will never
+    reach it. No-op in a 1-process run."""
+    global _failing
+    client = _client()
+    if not _joined or client is None:
+        return
+    import jax
+
+    _failing = True
+    reason = " ".join(str(reason).split())[:_TEXT_BYTES]
+    try:
+        me = jax.process_index()
+        client.key_value_set(f"nnxprune/failed/{me}", f"{code}\n{reason}", allow_overwrite=True)
+        _let_others_see(client, me)
+    except Exception:  # noqa: BLE001 - the coordinator is gone: nobody left to tell
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _excepthook(kind, value, tb) -> None:
+    """An uncaught exception in a multi-process run: the traceback as usual, then `fail`."""
+    traceback.print_exception(kind, value, tb)
+    first = (str(value).strip().splitlines() or [""])[0][:200]
+    fail(f"{kind.__name__}: {first}" if first else kind.__name__, 1)
 
 
 def _try_get(client, key: str):
@@ -174,12 +253,65 @@ def _client():
 
 def _initialize(cluster: Cluster) -> None:
     """`jax.distributed.initialize` with bounded timeouts; JAX's heartbeat is the fallback of
-    `_watch` (longer, so that the one-line exit comes first)."""
+    `_watch` (longer, so that the one-line exit comes first). Process 0 of a cluster given by
+    address serves the coordination service from its own process (`_detached_service`)."""
     import jax
 
+    bind = None
+    if cluster.process_id == 0 and cluster.coordinator and (cluster.num_processes or 0) > 1:
+        _detached_service(cluster)
+        bind = "127.0.0.1:0"  # JAX still starts one in process 0: unused, on a free port
     jax.distributed.initialize(
         cluster.coordinator, num_processes=cluster.num_processes, process_id=cluster.process_id,
-        heartbeat_timeout_seconds=4 * HEARTBEAT_SECONDS, shutdown_timeout_seconds=SHUTDOWN_SECONDS)
+        coordinator_bind_address=bind, heartbeat_timeout_seconds=4 * HEARTBEAT_SECONDS,
+        shutdown_timeout_seconds=SHUTDOWN_SECONDS)
+
+
+def _detached_service(cluster: Cluster) -> None:
+    """Starts JAX's coordination service (the key-value store and barriers every process talks
+    to) in a process of its own, in a session of its own, so that it outlives process 0: when
+    process 0 is killed, the others' watchdogs then see its heartbeat stop and exit with one
+    line, where a service inside process 0 would die with it and JAX would abort every other
+    process at once with a fatal C++ error and stack trace (jaxlib 0.10 gives Python no say
+    there). The service ends when process 0 does: 2 s after a clean exit, `2 *
+    HEARTBEAT_SECONDS` after any other (time for the others to notice). A port in use is a
+    UserError."""
+    import atexit
+    import subprocess
+    import tempfile
+
+    port = cluster.coordinator.rpartition(":")[2]
+    log = tempfile.TemporaryFile()  # the service's own log lines, shown only if it cannot start
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nnxprune.multihost", f"[::]:{port}", str(cluster.num_processes)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+    if proc.stdout.readline().strip() != b"ready":
+        proc.wait()
+        log.seek(0)
+        said = [line for line in log.read().decode(errors="replace").splitlines() if line.strip()]
+        raise UserError(f"--coordinator {cluster.coordinator}: cannot serve on port {port} "
+                        f"({(said or ['no reason given'])[-1].strip()[:200]}); is it in use?")
+
+    def clean_exit():  # registered before JAX's own shutdown, so it runs after it
+        try:
+            proc.stdin.write(b"done\n")
+            proc.stdin.flush()
+        except OSError:
+            pass
+    atexit.register(clean_exit)
+
+
+def _serve(address: str, count: int) -> None:
+    """`python -m nnxprune.multihost ADDRESS N`: the detached coordination service."""
+    from jax._src.lib import _jax
+
+    service = _jax.get_distributed_runtime_service(
+        address, count, heartbeat_timeout=4 * HEARTBEAT_SECONDS, shutdown_timeout=SHUTDOWN_SECONDS)
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    clean = sys.stdin.readline().strip() == "done"  # blocks until process 0 is gone
+    time.sleep(2 if clean else 2 * HEARTBEAT_SECONDS)
+    service.shutdown()
 
 
 def join(cluster: Cluster, *, label: str = "nnxprune", echo=print) -> None:
@@ -197,6 +329,8 @@ def join(cluster: Cluster, *, label: str = "nnxprune", echo=print) -> None:
                         f"--num-processes and --process-id (or run under SLURM, Open MPI or on a "
                         f"TPU pod slice, where they are found), or drop --distributed") from None
     _joined = jax.process_count() > 1
+    if _joined:
+        sys.excepthook = _excepthook
     if _joined and _client() is not None:
         threading.Thread(target=_watch, args=(_client(), jax.process_index(), jax.process_count(),
                                               label), daemon=True, name="nnxprune-peers").start()
@@ -259,3 +393,7 @@ def local_copy(tree):
             return x
         return jnp.asarray(multihost_utils.process_allgather(x, tiled=True))
     return jax.tree.map(one, tree)
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1], int(sys.argv[2]))

@@ -146,6 +146,8 @@ def _changes(step, config: LlamaConfig) -> bool:
             return any(s > 0 for s in step.layer_sparsity)
         return step.target_sparsity() > 0
     hard = dataclasses.replace(step, soft=False) if getattr(step, "soft", False) else step
+    if getattr(hard, "shapes_from_scores", False):  # a global allocation (FLAP): `check` cannot
+        return True  # tell the shapes, but a ratio in (0, 1) removes something
     return hard.check(config) != config
 
 

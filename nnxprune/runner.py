@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nnxprune import data as data_lib
+from nnxprune import multihost
 from nnxprune.errors import UserError
 from nnxprune.evaluate.perplexity import evaluate_perplexity
 from nnxprune.inspect import inspect_model
@@ -234,7 +235,8 @@ def _prune(recipe: Recipe, model, ctx: Context, predicted, report: dict[str, Any
         report["target_sparsity"] = methods[-1].target_sparsity()
     pruned_config = model.config
     if pruned_config.layers != predicted.layers or pruned_config.hidden_size != predicted.hidden_size:
-        if not any(s.kind == "fold_masks" for s in recipe.pipeline.steps):
+        if not any(s.kind == "fold_masks" or getattr(s, "shapes_from_scores", False)
+                   for s in recipe.pipeline.steps):
             raise AssertionError(f"pipeline produced {pruned_config}, its check predicted {predicted}")
     report["sparsity"] = measured_sparsity(model)
     report["pruned"] = {"params": count_params(model), "hidden_size": pruned_config.hidden_size,
@@ -246,11 +248,19 @@ def _prune(recipe: Recipe, model, ctx: Context, predicted, report: dict[str, Any
 
 
 def _save(model, out, recipe: Recipe, loaded, dense_config, echo) -> None:
-    """The pruned model as an nnxprune checkpoint, with where it came from."""
+    """The pruned model as an nnxprune checkpoint, with where it came from. In a multi-process
+    run the model is first spread over every device (FSDP by the recovery rules), so that Orbax
+    writes one checkpoint from all processes, each its shards."""
+    if multihost.joined():
+        from nnxprune.recovery import sharding as sh
+
+        sh.place_model(model, sh.make_mesh({"data": 1, "fsdp": jax.device_count(), "tensor": 1}))
     provenance = {"recipe": recipe.to_dict(), "recipe_path": recipe.path, "source": loaded.source,
                   "source_model": source_label(loaded), "source_sha256": source_hash(loaded.path),
                   "source_config": dense_config.to_dict()}
     save_checkpoint(model, out, tokenizer=loaded.tokenizer, provenance=provenance)
+    if multihost.joined():  # whole again in every process, for the report's views
+        nnx.update(model, multihost.local_copy(nnx.state(model)))
     echo(f"wrote     {out}")
 
 
@@ -282,7 +292,13 @@ def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_pat
     (loading, evaluation and saving included; `ru_maxrss`), `device_peak_gb`, the accelerator's
     peak bytes in use (None on CPU), both in GB of 10^9 bytes (`measure.memory_peaks`); and
     `peak_memory_bytes`, the highest resident memory polled while the pipeline ran (`PeakMemory`).
+
+    In a multi-process run (`--distributed`) every process runs it on the same data; process 0
+    alone prints, shows progress bars and writes the report, and all write the checkpoint
+    (`_save`). The report's timings and memory figures are process 0's.
     """
+    if not multihost.is_primary():
+        echo, progress = (lambda *a, **k: None), False
     name = model or recipe.model
     data_dir = _preflight(recipe, name, out, report_path, data_dir, views=views,
                           overwrite=overwrite, train_dir=train_dir)
@@ -316,16 +332,20 @@ def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_pat
         report["checkpoint"] = str(out)
     report["seconds"]["total"] = time.perf_counter() - t0
     report.update(memory_peaks())  # after the save: the whole run's peak
-    if report_path is not None:
+    if report_path is not None and multihost.is_primary():
         _write_report(report, report_path, model_obj, dense_config, f"{recipe.name} on {name}",
                       views=views, echo=echo)
     echo(markdown_report(report))
+    multihost.done()  # a multi-process run: this process's silence from now on is no failure
     return report
 
 
-def check_recipe(recipe: Recipe, *, model: str | None, echo=print) -> dict[str, Any]:
+def check_recipe(recipe: Recipe, *, model: str | None, echo=print, stream: bool = False,
+                 dtype: str = "float32", memory_budget: float | None = None) -> dict[str, Any]:
     """`nnxprune prune --check`: validates `recipe` against MODEL's config (no weight is loaded)
-    and prints the predicted per-layer shapes and parameter counts. Returns them."""
+    and prints the predicted per-layer shapes and parameter counts, and the run's predicted peak
+    memory (`nnxprune.plan_check`: in memory or `stream`, in `dtype`, against `memory_budget`
+    GB or this machine's available memory). Returns them."""
     from nnxprune.io.hf import abstract_model
 
     name = model or recipe.model
@@ -349,6 +369,10 @@ def check_recipe(recipe: Recipe, *, model: str | None, echo=print) -> dict[str, 
     for i, s in enumerate(predicted.layers):
         echo(f"{i:5d}  {s.num_heads:5d}  {s.num_kv_heads:2d}  {s.intermediate_size}")
     echo(f"params    {dense:,} -> {pruned:,} ({pruned / dense:.1%}; masks not counted)")
+    from nnxprune.plan_check import check_memory
+
+    memory = check_memory(recipe, config, predicted, model=name, stream=stream, dtype=dtype,
+                          budget_gb=memory_budget, echo=echo)
     return {"dense": {"params": dense, "hidden_size": config.hidden_size, "layers": _shapes(config)},
             "pruned": {"params": pruned, "hidden_size": predicted.hidden_size,
-                       "layers": _shapes(predicted)}}
+                       "layers": _shapes(predicted)}, "memory": memory}

@@ -5,6 +5,9 @@
 - `calibration`: the Wanda / SparseGPT reference calibration sampler, draw for draw.
 - `stream`: an evaluation split as one token stream, cut into perplexity windows.
 - `training`: documents packed into training / held-out windows and a resumable grain iterator.
+- `grain_sources`, `grain_stream`: training documents read lazily from files and streamed through
+  grain, tokenized and packed on the way, each process reading its rows, resumable
+  (`[recovery.stream]`).
 - `domains`: named data domains (files, the C4 slice filtered by URL, hub datasets), each packed
   into its own windows, for continued pretraining with dynamic batch loading.
 - `tokens`: tokenizing to int32 ids.
@@ -18,12 +21,15 @@ Example:
 """
 
 from nnxprune.data.calibration import CalibrationSet, calibration_samples
+from nnxprune.data.grain_sources import check as check_stream
+from nnxprune.data.grain_stream import StreamConfig, TrainStream, open_stream
 from nnxprune.data.sources import (DATA_DIR_ENV, DATA_FILES, DATASETS, FILE_SUFFIXES,
                                    check_available, check_source, load_rows, resolve_data_dir)
 from nnxprune.data.stream import token_stream, windows
 from nnxprune.data.training import TokenWindows, heldout_batches, load_windows, train_iterator
 
 __all__ = ["CalibrationSet", "DATASETS", "DATA_DIR_ENV", "DATA_FILES", "FILE_SUFFIXES",
-           "TokenWindows", "calibration_samples", "check_available", "check_source",
+           "StreamConfig", "TokenWindows", "TrainStream", "calibration_samples",
+           "check_available", "check_source", "check_stream", "open_stream",
            "heldout_batches", "load_rows", "load_windows", "resolve_data_dir", "token_stream",
            "train_iterator", "windows"]

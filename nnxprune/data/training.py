@@ -52,31 +52,44 @@ class TokenWindows:
                 "heldout_windows": int(self.heldout.shape[0]), "documents": self.documents}
 
 
-def pack(docs: Sequence[str], tokenizer: Any, *, seqlen: int, train_windows: int,
-         heldout_windows: int, source: str = "") -> TokenWindows:
-    """Tokenizes `docs` in order, EOS-joined, into held-out then training windows."""
+def fill_windows(docs: Sequence[str], tokenizer: Any, *, seqlen: int, start: int,
+                 windows: int) -> tuple[np.ndarray, int]:
+    """Up to `windows` windows `[n, seqlen]` of the documents from `start` on, tokenized in order
+    and EOS-joined (blank documents skipped), and the index of the first document not read."""
     eos = getattr(tokenizer, "eos_token_id", None)
     sep = [] if eos is None else [int(eos)]
+    buf: list[int] = []
+    need = windows * seqlen
+    i = start
+    while len(buf) < need and i < len(docs):
+        text = docs[i]
+        i += 1
+        if not text or not text.strip():
+            continue
+        buf.extend(encode(tokenizer, text, add_special_tokens=False).tolist())
+        buf.extend(sep)
+    n = min(len(buf) // seqlen, windows)
+    return np.asarray(buf[:n * seqlen], np.int32).reshape(n, seqlen), i
 
-    def fill(start: int, windows: int) -> tuple[np.ndarray, int]:
-        buf: list[int] = []
-        need = windows * seqlen
-        i = start
-        while len(buf) < need and i < len(docs):
-            text = docs[i]
-            i += 1
-            if not text or not text.strip():
-                continue
-            buf.extend(encode(tokenizer, text, add_special_tokens=False).tolist())
-            buf.extend(sep)
-        n = min(len(buf) // seqlen, windows)
-        return np.asarray(buf[:n * seqlen], np.int32).reshape(n, seqlen), i
 
-    heldout, next_doc = fill(0, heldout_windows)
+def heldout_split(docs: Sequence[str], tokenizer: Any, *, seqlen: int, heldout_windows: int,
+                  source: str = "") -> tuple[np.ndarray, int]:
+    """The held-out windows (the first documents) and the first document left for training."""
+    heldout, next_doc = fill_windows(docs, tokenizer, seqlen=seqlen, start=0,
+                                     windows=heldout_windows)
     if len(heldout) < heldout_windows:
         raise UserError(f"{source or 'the data'} is too short for {heldout_windows} held-out "
                         f"windows of {seqlen} tokens")
-    train, end = fill(next_doc, train_windows)
+    return heldout, next_doc
+
+
+def pack(docs: Sequence[str], tokenizer: Any, *, seqlen: int, train_windows: int,
+         heldout_windows: int, source: str = "") -> TokenWindows:
+    """Tokenizes `docs` in order, EOS-joined, into held-out then training windows."""
+    heldout, next_doc = heldout_split(docs, tokenizer, seqlen=seqlen,
+                                      heldout_windows=heldout_windows, source=source)
+    train, end = fill_windows(docs, tokenizer, seqlen=seqlen, start=next_doc,
+                              windows=train_windows)
     if len(train) == 0:
         raise UserError(f"{source or 'the data'} has no training window of {seqlen} tokens left "
                         f"after the held-out split")

@@ -5,10 +5,15 @@ model predicts tokens 1..seqlen-1 of it. Perplexity is `exp(sum NLL / predicted 
 windows, which equals the Wanda / SparseGPT reference evaluation (mean of per-window mean losses)
 because every window predicts the same number of tokens.
 
-The scoring function is one `jax.jit` over the model's state, compiled ahead of time once per
-batch shape (the ragged last batch is padded and masked, so there is one shape), with XLA's
-default pipeline and no compiler options, on every CPU (DESIGN.md principle 14: an experimental
-option such as oneDNN matmuls killed the process with SIGILL on an AVX-512 EPYC). The output head
+`score_windows` runs the model layer by layer over all windows (`evaluate.layerwise`, the engine
+the streamed evaluator shares): one program per layer shape and one for the head, each compiled
+ahead of time once per batch shape (the ragged last batch is padded and masked, so there is one
+shape), with XLA's default pipeline and no compiler options, on every CPU (DESIGN.md principle
+14: an experimental option such as oneDNN matmuls killed the process with SIGILL on an AVX-512
+EPYC). A pruned layer's masks are folded into its kernels once per chunk of windows, so one
+layer's masked kernels exist at a time (in one whole-model program XLA computed every layer's
+masked kernels first and held them all: a second copy of the kernels). `make_scorer` is the
+whole-model program (for benchmarks); both give the same numbers bit for bit. The output head
 runs in position chunks and vocabulary tiles (`evaluate.head`), so no `[B, T, V]` logits exist.
 
 Example:
@@ -28,14 +33,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
-from nnxprune import interrupt
 from nnxprune import data as data_lib
 from nnxprune.errors import UserError
 from nnxprune.evaluate.head import head_logprobs
+from nnxprune.evaluate.layerwise import ModelPieces, score_layerwise
 from nnxprune.evaluate.protocol import PerplexityProtocol
 from nnxprune.models.llama import Llama
+
+HOST_MEMORY_BYTES = 2**30  # the in-memory evaluator's budget for the windows' hidden states
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -110,30 +116,29 @@ def evaluate_perplexity(model: Llama, tokenizer: Any, protocol: PerplexityProtoc
 
 
 def score_windows(model: Llama, windows: np.ndarray, protocol: PerplexityProtocol, *,
-                  progress: bool = True) -> PerplexityResult:
-    """Scores pre-cut `windows [N, seqlen]` (the part of `evaluate_perplexity` that runs the model)."""
-    n, seqlen = windows.shape
-    bs = min(protocol.batch_size, n)
-    t0 = time.perf_counter()
-    compiled, state = compile_scorer(model, bs, seqlen)
-    compile_seconds = time.perf_counter() - t0
+                  progress: bool = True,
+                  host_memory_bytes: int = HOST_MEMORY_BYTES) -> PerplexityResult:
+    """Scores pre-cut `windows [N, seqlen]` (the part of `evaluate_perplexity` that runs the model).
 
-    total = 0.0
+    Layer by layer over all windows (`evaluate.layerwise`): each layer's masks are folded once
+    per chunk of windows, so one layer's masked kernels exist at a time; the windows' hidden
+    states take at most `host_memory_bytes` (float32), more windows go in chunks. The numbers are
+    the whole-model scorer's (`make_scorer`), bit for bit."""
+    windows = np.asarray(windows)
     t0 = time.perf_counter()
-    bar = tqdm(total=n, desc=f"ppl {protocol.dataset}", unit="win", disable=not progress, leave=False)
-    for start in range(0, n, bs):
-        interrupt.stop_if_requested()  # a safe point: between batches
-        batch = windows[start:start + bs]
-        weight = np.ones(bs, np.float32)
-        if len(batch) < bs:  # pad the ragged tail to the compiled shape; padded rows weigh 0
-            weight[len(batch):] = 0.0
-            batch = np.concatenate([batch, np.repeat(batch[:1], bs - len(batch), axis=0)])
-        total += float(compiled(state, jnp.asarray(batch, jnp.int32), jnp.asarray(weight)))
-        bar.update(min(bs, n - start))
-    bar.close()
-    seconds = time.perf_counter() - t0
+    sums, compile_seconds = score_layerwise(ModelPieces(model), windows, protocol.batch_size,
+                                            host_memory_bytes=host_memory_bytes, progress=progress,
+                                            desc=f"ppl {protocol.dataset}")
+    return result_of(sums, windows.shape, protocol, seconds=time.perf_counter() - t0 - compile_seconds,
+                     compile_seconds=compile_seconds)
+
+
+def result_of(sums: list[float], shape: tuple[int, int], protocol: PerplexityProtocol, *,
+              seconds: float, compile_seconds: float) -> PerplexityResult:
+    """The `PerplexityResult` of per-batch weighted NLL sums over windows of `shape [N, T]`."""
+    n, seqlen = shape
     predicted = n * (seqlen - 1)
-    nll = total / predicted
+    nll = sum(sums, 0.0) / predicted
     if not math.isfinite(nll):
         raise FloatingPointError(f"perplexity is not finite (mean NLL {nll})")
     return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=n * seqlen, predicted_tokens=predicted,

@@ -132,6 +132,8 @@ def take(model, group: Group, keep: Iterable[int]):
         _slice_variable(getattr(node, member.variable), idx, member.axis)
         if node.mask is not None:  # Linear masks share the kernel's axes; channel masks have one
             _slice_variable(node.mask, idx, member.axis if isinstance(node, L.Linear) else 0)
+        if isinstance(node, L.Linear) and member.axis == 1 and node.bias is not None:
+            _slice_variable(node.bias, idx, 0)  # a bias follows its output channels
     return model
 
 
@@ -142,8 +144,11 @@ def drop_layers(model, indices: Iterable[int]):
     bad = [i for i in indices if not 0 <= i < n]
     if bad:
         raise UserError(f"layer indices {bad} out of range: the model has {n} layers")
+    origin = getattr(model, "source_layers", None) or tuple(range(n))
     for i in reversed(indices):
         del model.layers[i]
+    # which source layer each remaining layer was (saved in checkpoints; distillation pairs by it)
+    model.source_layers = tuple(int(o) for i, o in enumerate(origin) if i not in set(indices))
     return model
 
 
@@ -214,6 +219,8 @@ def fold_masks(model, *, compact_structured: bool = True):
                 node.mask = None
     for _, node in nnx.iter_modules(model):
         if isinstance(node, L.Linear) and node.mask is not None:
+            if node.bias is not None:  # wholly masked output channels emit no bias (Linear)
+                node.bias.set_value(node.effective_bias())
             node.kernel.set_value(node.effective_kernel())
             node.mask = None
     return model

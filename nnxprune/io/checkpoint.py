@@ -3,7 +3,9 @@
 Layout of a checkpoint folder:
 
     nnxprune.json    {"format": "nnxprune-checkpoint", "config": {... per-layer shapes ...},
-                      "masked": [paths of modules holding a Mask], "provenance": {...}}
+                      "masked": [paths of modules holding a Mask], "provenance": {...},
+                      "source_layers": [the source-model index of every layer, after drops],
+                      "biased": [paths of Linears holding a bias] (only when some do)}
     state/           Orbax `StandardCheckpointer` output of `nnx.state(model)`
     tokenizer files  (when a tokenizer was given)
 
@@ -47,6 +49,11 @@ def is_checkpoint(path: Path) -> bool:
 def _masked_paths(model: Llama) -> list[str]:
     return [".".join(map(str, path)) for path, node in nnx.iter_graph(model)
             if isinstance(node, (Linear, Embed, RMSNorm)) and node.mask is not None]
+
+
+def _biased_paths(model: Llama) -> list[str]:
+    return [".".join(map(str, path)) for path, node in nnx.iter_graph(model)
+            if isinstance(node, Linear) and node.bias is not None]
 
 
 def _mask_shape(node) -> tuple[int, ...]:
@@ -120,6 +127,9 @@ def save_checkpoint(model: Llama, out_dir: str | os.PathLike, *, tokenizer=None,
             "config": model.config.to_dict(),
             "param_dtype": str(model.embed_tokens.embedding.dtype),
             "masked": _masked_paths(model),
+            # the source-model index of every layer, after layers were dropped (recovery.pairs)
+            "source_layers": list(getattr(model, "source_layers", None)
+                                  or range(len(model.layers))),
             "provenance": {
                 "saved": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "versions": library_versions(),
@@ -129,6 +139,8 @@ def save_checkpoint(model: Llama, out_dir: str | os.PathLike, *, tokenizer=None,
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / "state", nnx.state(model))
             ckptr.wait_until_finished()
+        if _biased_paths(model):  # optional biases (FLAP): zeros attached there before restoring
+            meta["biased"] = _biased_paths(model)
         meta["files"] = state_files(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
@@ -195,6 +207,9 @@ def load_checkpoint(path: str | os.PathLike) -> Llama:
     path = Path(path).absolute()
     meta = read_meta(path)
     cfg, dtype, masked = _config(path, meta)
+    biased = meta.get("biased", [])
+    if not isinstance(biased, list) or not all(isinstance(b, str) for b in biased):
+        raise UserError(f"{path / META_FILE}: 'biased' must be a list of module paths")
     if not (path / "state").is_dir():
         raise UserError(f"{path}: the checkpoint has no state/ folder (incomplete or damaged)")
     if isinstance(meta.get("files"), dict):  # checkpoints from before the file list: Orbax alone
@@ -205,6 +220,8 @@ def load_checkpoint(path: str | os.PathLike) -> Llama:
         for p, node in nnx.iter_graph(model):
             if ".".join(map(str, p)) in masked:
                 node.set_mask(jnp.ones(_mask_shape(node), jnp.bool_))
+            if isinstance(node, Linear) and ".".join(map(str, p)) in biased:
+                node.set_bias(jnp.zeros((node.out_features,), node.kernel.dtype))
         return model
 
     abstract = nnx.eval_shape(build)
@@ -221,4 +238,12 @@ def load_checkpoint(path: str | os.PathLike) -> Llama:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: the saved state does not match the shapes in {META_FILE} or is "
                         f"damaged ({type(e).__name__}: {first[:300]})") from None
-    return nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))
+    model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))
+    layers = meta.get("source_layers")  # checkpoints before it was recorded: none dropped known
+    if layers is not None:
+        if (not isinstance(layers, list) or len(layers) != cfg.num_layers
+                or not all(isinstance(i, int) and i >= 0 for i in layers)):
+            raise UserError(f"{path / META_FILE}: 'source_layers' must list one source index per "
+                            f"layer ({cfg.num_layers})")
+        model.source_layers = tuple(layers)
+    return model

@@ -37,6 +37,13 @@ those, transformers >= 5 refuses to build a plain Llama from the config
 Versions without that mixin ignore the key; there, forcing the class still warns about the model
 type and fails on the size mismatch unless told to ignore it. nnxprune reads `nnxprune_layers` only.
 
+Biases. Projections may carry optional biases (FLAP's compensation adds them to o_proj and
+down_proj). HF's `LlamaForCausalLM` knows two switches: `attention_bias` puts a bias on q, k, v and
+o, `mlp_bias` on gate, up and down. Export turns a switch on when any layer has any bias of its
+kind and writes a bias for every projection it covers, zeros where the model has none, so
+transformers loads the folder as it is; `load_hf_folder` reads the switches and places every bias
+(the zero ones too: the model loaded back has them as parameters, with identical outputs).
+
 `load_hf_folder` reads both variants back exactly; `nnxprune.io.hf_config.config_from_hf` validates
 the per-layer list (length, positive integers, query heads a multiple of KV heads).
 """
@@ -56,14 +63,16 @@ from flax import nnx
 
 from nnxprune.errors import UserError
 from nnxprune.io.atomic import atomic_dir
-from nnxprune.io.hf_config import config_from_hf, config_to_hf
-from nnxprune.models.llama import Llama, LlamaConfig
+from nnxprune.io.hf_config import config_from_hf, config_to_hf, hf_bias_flags
+from nnxprune.models.llama import Llama, LlamaConfig, add_biases, bias_flags, projections
 
 # (HF key regex, nnxprune path template, "T" if the array is transposed between the two)
 _KEY_TABLE: tuple[tuple[str, str, bool], ...] = (
     (r"model\.embed_tokens\.weight", "embed_tokens.embedding", False),
     (r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.weight", r"layers.\1.self_attn.\2_proj.kernel", True),
     (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"layers.\1.mlp.\2_proj.kernel", True),
+    (r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.bias", r"layers.\1.self_attn.\2_proj.bias", False),
+    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.bias", r"layers.\1.mlp.\2_proj.bias", False),
     (r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight", r"layers.\1.\2.scale", False),
     (r"model\.norm\.weight", "norm.scale", False),
     (r"lm_head\.weight", "lm_head.kernel", True),
@@ -80,18 +89,23 @@ def hf_key_to_path(key: str) -> tuple[str, bool] | None:
     return None
 
 
-def abstract_model(cfg: LlamaConfig, param_dtype=jnp.float32) -> Llama:
-    """The model's structure with `ShapeDtypeStruct`s in place of arrays (no memory used)."""
-    return nnx.eval_shape(lambda: Llama(cfg, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+def abstract_model(cfg: LlamaConfig, param_dtype=jnp.float32, *,
+                   biases: tuple[bool, bool] = (False, False)) -> Llama:
+    """The model's structure with `ShapeDtypeStruct`s in place of arrays (no memory used), with
+    `biases = (attention_bias, mlp_bias)` as HF's config flags place them."""
+    return nnx.eval_shape(lambda: add_biases(Llama(cfg, param_dtype=param_dtype, rngs=nnx.Rngs(0)),
+                                             attention=biases[0], mlp=biases[1]))
 
 
 def model_from_tensors(cfg: LlamaConfig, tensors: Iterable[tuple[str, Any]], *,
-                       param_dtype=jnp.float32, source: str = "checkpoint") -> Llama:
+                       param_dtype=jnp.float32, source: str = "checkpoint",
+                       biases: tuple[bool, bool] = (False, False)) -> Llama:
     """Builds a `Llama` from `(hf_key, array)` pairs, filling an abstract model in place.
 
-    `tensors` may be a lazy iterator (one tensor dequantized or read at a time).
+    `tensors` may be a lazy iterator (one tensor dequantized or read at a time). `biases`:
+    the config's `(attention_bias, mlp_bias)`; their bias tensors must then all be there.
     """
-    graphdef, state = nnx.split(abstract_model(cfg, param_dtype))
+    graphdef, state = nnx.split(abstract_model(cfg, param_dtype, biases=biases))
     wanted = {".".join(map(str, path)): var for path, var in nnx.to_flat_state(state)}
     values: dict[str, Any] = {}
     for key, array in tensors:
@@ -117,10 +131,16 @@ def model_from_tensors(cfg: LlamaConfig, tensors: Iterable[tuple[str, Any]], *,
     return nnx.merge(graphdef, filled)
 
 
-def layer_hf_tensors(i: int, layer, dtype=None) -> dict[str, np.ndarray]:
+def layer_hf_tensors(i: int, layer, dtype=None, *, biases: tuple[bool, bool] | None = None
+                     ) -> dict[str, np.ndarray]:
     """Decoder layer `i`'s weights under HF names and layouts (masks folded into kernels),
-    cast to `dtype` when given (the layer-by-layer writer of `nnxprune.io.layers` uses it)."""
+    cast to `dtype` when given (the layer-by-layer writer of `nnxprune.io.layers` uses it).
+    `biases = (attention_bias, mlp_bias)` (default: whether this layer has any) writes every
+    attention / MLP projection's bias, zeros where the projection has none, as HF expects."""
     out: dict[str, np.ndarray] = {}
+    if biases is None:
+        biases = tuple(any(lin.bias is not None for lin in projections(layer, attention=a, mlp=not a))
+                       for a in (True, False))
 
     def put(key, array):
         out[key] = np.asarray(array if dtype is None else array.astype(dtype))
@@ -131,6 +151,12 @@ def layer_hf_tensors(i: int, layer, dtype=None) -> dict[str, np.ndarray]:
     for name in ("gate", "up", "down"):
         put(f"model.layers.{i}.mlp.{name}_proj.weight",
             getattr(layer.mlp, f"{name}_proj").effective_kernel().T)
+    for part, names, on in (("self_attn", "qkvo", biases[0]), ("mlp", ("gate", "up", "down"), biases[1])):
+        for name in names if on else ():
+            lin = getattr(getattr(layer, part), f"{name}_proj")
+            bias = lin.effective_bias() if lin.bias is not None else jnp.zeros(
+                (lin.out_features,), lin.kernel.dtype)
+            put(f"model.layers.{i}.{part}.{name}_proj.bias", bias)
     put(f"model.layers.{i}.input_layernorm.weight", layer.input_layernorm.scale[...])
     put(f"model.layers.{i}.post_attention_layernorm.weight", layer.post_attention_layernorm.scale[...])
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
@@ -140,8 +166,9 @@ def to_hf_tensors(model: Llama) -> dict[str, np.ndarray]:
     """The model's weights under HF names and layouts (masks folded into kernels)."""
     out: dict[str, np.ndarray] = {}
     out["model.embed_tokens.weight"] = np.asarray(model.embed_tokens.embedding[...])
+    biases = bias_flags(model)
     for i, layer in enumerate(model.layers):
-        out.update(layer_hf_tensors(i, layer))
+        out.update(layer_hf_tensors(i, layer, biases=biases))
     out["model.norm.weight"] = np.asarray(model.norm.scale[...])
     if model.lm_head is not None:
         out["lm_head.weight"] = np.asarray(model.lm_head.effective_kernel()).T
@@ -184,8 +211,9 @@ def iter_safetensors(files: Iterable[Path]) -> Iterable[tuple[str, np.ndarray]]:
             raise UserError(f"{file} is damaged or truncated (safetensors: {str(e)[:200]})") from None
 
 
-def read_hf_config(config_file: Path) -> LlamaConfig:
-    """The validated `LlamaConfig` of a config.json (UserError naming the file and the key)."""
+def read_hf_config(config_file: Path, *, allow_bias: bool = False) -> LlamaConfig:
+    """The validated `LlamaConfig` of a config.json (UserError naming the file and the key);
+    `attention_bias` / `mlp_bias` are refused unless `allow_bias` (the reader places them)."""
     try:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
@@ -193,7 +221,7 @@ def read_hf_config(config_file: Path) -> LlamaConfig:
     if not isinstance(raw, dict):
         raise UserError(f"{config_file}: expected a JSON object, got {type(raw).__name__}")
     try:
-        return config_from_hf(raw)
+        return config_from_hf(raw, allow_bias=allow_bias)
     except KeyError as e:
         raise UserError(f"{config_file}: missing key {e}") from None
     except (ValueError, TypeError, ZeroDivisionError) as e:
@@ -209,9 +237,10 @@ def load_hf_folder(folder: str | os.PathLike, *, param_dtype=jnp.float32) -> Lla
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise UserError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    cfg = read_hf_config(config_file)
+    cfg = read_hf_config(config_file, allow_bias=True)
+    biases = hf_bias_flags(json.loads(config_file.read_text(encoding="utf-8")))
     return model_from_tensors(cfg, iter_safetensors(_safetensors_files(folder)),
-                              param_dtype=param_dtype, source=str(folder))
+                              param_dtype=param_dtype, source=str(folder), biases=biases)
 
 
 def export_hf(model: Llama, out_dir: str | os.PathLike, *, tokenizer=None,
@@ -229,7 +258,9 @@ def export_hf(model: Llama, out_dir: str | os.PathLike, *, tokenizer=None,
 
     out_dir = Path(out_dir)
     tensors = to_hf_tensors(model)
-    hf_config = config_to_hf(model.config, allow_heterogeneous=True, dtype=weights_dtype(tensors))
+    attention_bias, mlp_bias = bias_flags(model)
+    hf_config = config_to_hf(model.config, allow_heterogeneous=True, dtype=weights_dtype(tensors),
+                             attention_bias=attention_bias, mlp_bias=mlp_bias)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})

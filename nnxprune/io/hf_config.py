@@ -2,7 +2,8 @@
 
 `config_from_hf` reads a plain `LlamaForCausalLM` config (transformers 4 `rope_theta` +
 `rope_scaling` or transformers 5 `rope_parameters`) and nnxprune's heterogeneous `nnxprune_llama`
-variant, refusing anything it would misread (biases, other activations, other RoPE scalings).
+variant, refusing anything it would misread (other activations, other RoPE scalings; biases
+unless the caller places them: `hf_bias_flags`, read by `hf.load_hf_folder`).
 `config_to_hf` writes a plain config for uniform layers and, when allowed, the `nnxprune_llama`
 variant for layers of different shapes. The variant itself is described in `nnxprune.io.hf`.
 (nnxprune's own checkpoint form is `LlamaConfig.to_dict` / `from_dict`.)
@@ -28,19 +29,22 @@ _HF_LAYER_FIELDS = (("num_heads", "num_attention_heads"), ("num_kv_heads", "num_
                     ("intermediate_size", "intermediate_size"))
 
 
-def config_from_hf(hf: dict[str, Any]) -> LlamaConfig:
+def config_from_hf(hf: dict[str, Any], *, allow_bias: bool = False) -> LlamaConfig:
     """Reads a Hugging Face `LlamaConfig` dict (config.json).
 
     Also reads nnxprune's heterogeneous variant (`model_type = "nnxprune_llama"`, per-layer
-    shapes in `nnxprune_layers`; the format is described in `nnxprune.io.hf`).
+    shapes in `nnxprune_layers`; the format is described in `nnxprune.io.hf`). `attention_bias`
+    / `mlp_bias` are refused unless `allow_bias`: only a reader that places the biases
+    (`hf.load_hf_folder`, reading `hf_bias_flags`) may accept them.
     """
     model_type = hf.get("model_type", "llama")
     if model_type not in ("llama", HETERO_MODEL_TYPE):
         raise ValueError(f"model_type {model_type!r} is not supported "
                          f"(only 'llama' and nnxprune's {HETERO_MODEL_TYPE!r})")
     for flag in ("attention_bias", "mlp_bias"):
-        if hf.get(flag):
-            raise ValueError(f"{flag}=true is not supported")
+        if hf.get(flag) and not allow_bias:
+            raise ValueError(f"{flag}=true is not supported here (only by whole-model loading)")
+    hf_bias_flags(hf)
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
     for key in _REQUIRED:
@@ -93,6 +97,15 @@ _POSITIVE = ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_
              "num_hidden_layers", "intermediate_size", "head_dim", "max_position_embeddings")
 
 
+def hf_bias_flags(hf: dict[str, Any]) -> tuple[bool, bool]:
+    """`(attention_bias, mlp_bias)` of an HF config: biases on q, k, v, o / on gate, up, down."""
+    flags = tuple(hf.get(flag, False) for flag in ("attention_bias", "mlp_bias"))
+    for flag, value in zip(("attention_bias", "mlp_bias"), flags):
+        if value not in (None, True, False):
+            raise ValueError(f"{flag} must be true or false, got {value!r}")
+    return tuple(bool(v) for v in flags)
+
+
 def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -136,14 +149,16 @@ def validate_config(cfg: LlamaConfig) -> LlamaConfig:
 
 
 def config_to_hf(config: LlamaConfig, *, allow_heterogeneous: bool = False,
-                 dtype: str = "float32") -> dict[str, Any]:
+                 dtype: str = "float32", attention_bias: bool = False,
+                 mlp_bias: bool = False) -> dict[str, Any]:
     """A Hugging Face `LlamaConfig` dict.
 
     Uniform layer shapes give a plain `LlamaForCausalLM` config. Layers that differ (or no
     layers at all) raise `ValueError`, unless `allow_heterogeneous`: then the result is
     nnxprune's `nnxprune_llama` variant, with one entry per layer in `nnxprune_layers` and the
     usual per-layer fields set to the maxima over layers (see `nnxprune.io.hf`). `dtype` names
-    the weights' dtype ("float32", "bfloat16"), written as `dtype` and `torch_dtype`.
+    the weights' dtype ("float32", "bfloat16"), written as `dtype` and `torch_dtype`;
+    `attention_bias` / `mlp_bias` as HF places them (q, k, v, o / gate, up, down).
     """
     heterogeneous = not config.is_uniform or not config.layers
     if heterogeneous and not allow_heterogeneous:
@@ -179,8 +194,8 @@ def config_to_hf(config: LlamaConfig, *, allow_heterogeneous: bool = False,
         "rms_norm_eps": config.rms_norm_eps,
         "rope_theta": config.rope_theta,
         "rope_scaling": rope_scaling,
-        "attention_bias": False,
-        "mlp_bias": False,
+        "attention_bias": attention_bias,
+        "mlp_bias": mlp_bias,
         "tie_word_embeddings": config.tie_word_embeddings,
         "bos_token_id": config.bos_token_id,
         "eos_token_id": eos,

@@ -255,6 +255,8 @@ def peek_config(name_or_path: str | os.PathLike):
         return hf.read_hf_config(path / "config.json")
     if path.is_file() and path.suffix == ".gguf":
         return _gguf_config(path)
+    if path.is_dir() and (path / "config.json").is_file():  # a config alone: --check before
+        return hf.read_hf_config(path / "config.json")      # the weights are downloaded
     return None
 
 

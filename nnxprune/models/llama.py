@@ -341,3 +341,30 @@ def init_cache(model: Llama, batch: int, length: int, dtype=jnp.float32) -> list
     dh = model.base_config.head_dim
     return [(jnp.zeros((batch, length, layer.self_attn.num_kv_heads, dh), dtype),) * 2
             for layer in model.layers]
+
+
+ATTENTION_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")  # HF's `attention_bias` covers these
+MLP_PROJ = ("gate_proj", "up_proj", "down_proj")  # and `mlp_bias` these
+
+
+def projections(layer: DecoderLayer, *, attention: bool = True, mlp: bool = True) -> list[Linear]:
+    """A decoder layer's attention and / or MLP projections, in HF's order."""
+    return ([getattr(layer.self_attn, n) for n in ATTENTION_PROJ] if attention else []) + (
+        [getattr(layer.mlp, n) for n in MLP_PROJ] if mlp else [])
+
+
+def bias_flags(model: Llama) -> tuple[bool, bool]:
+    """`(attention, mlp)`: whether any layer's attention / MLP projection has a bias (biases are
+    optional, e.g. FLAP's compensation on o_proj and down_proj; HF's `attention_bias` / `mlp_bias`)."""
+    return tuple(any(lin.bias is not None for layer in model.layers
+                     for lin in projections(layer, attention=a, mlp=not a)) for a in (True, False))
+
+
+def add_biases(model: Llama, *, attention: bool, mlp: bool) -> Llama:
+    """Zero biases on every layer's attention (q, k, v, o) and / or MLP (gate, up, down)
+    projections that have none (the layout of HF's `attention_bias` / `mlp_bias`); in place."""
+    for layer in model.layers:
+        for lin in projections(layer, attention=attention, mlp=mlp):
+            if lin.bias is None:
+                lin.set_bias(jnp.zeros((lin.out_features,), lin.kernel.dtype))
+    return model

@@ -9,9 +9,11 @@
     batch_size = 8              # sequences per optimizer step (all devices, all micro-batches)
     grad_accum = 1              # micro-batches per step (batch_size / grad_accum per forward)
     seqlen = 512                # tokens per packed window
-    lr = 1e-4                   # peak learning rate (linear warmup, then cosine)
+    lr = 1e-4                   # peak learning rate (linear warmup, then the decay)
     warmup_steps = 10
-    min_lr_ratio = 0.1          # the cosine ends at lr * min_lr_ratio
+    schedule = "cosine"         # decay after warmup: "cosine" or "linear" (transformers' default)
+    min_lr_ratio = 0.1          # the decay ends at lr * min_lr_ratio
+    beta2 = 0.95                # AdamW's second-moment decay (transformers' default: 0.999)
     weight_decay = 0.0          # AdamW (decoupled) weight decay
     clip_norm = 1.0             # global gradient-norm clipping (0 = off)
     compute_dtype = "float32"   # or "bfloat16": bf16 forward/backward, float32 master weights
@@ -20,21 +22,36 @@
     eval_batches = 2            # held-out batches of batch_size windows
     checkpoint_every = 0        # Orbax checkpoints for resume every N steps (0 = off)
     keep_checkpoints = 2        # keep the last N
+    keep_best = false           # end with the weights of the held-out evaluation with the lowest
+                                # loss (transformers' load_best_model_at_end), not the last step's
     dynamic = true              # with [recovery.domains]: dynamic batch loading (false = fixed
                                 # weights); the weights update at every held-out evaluation
+
+    [recovery.stream]           # stream `dataset` (c4, a file or a glob like 'shards/*.parquet')
+    shuffle = true              # through grain, tokenized and packed lazily, each process reading
+                                # its rows (nnxprune.data.grain_stream); false: file order
 
     [recovery.domains.NAME]     # domains (Sheared LLaMA; nnxprune.data.domains, recovery.dynamic):
     source = "c4"               # c4, wikitext2, hf:OWNER/NAME or a file; `dataset` is then unused
     category = "news"           # optional URL filters: a site category and / or url = 'REGEX'
     weight = 1.0                # initial weight (normalized over the domains)
-    reference_loss = 2.9        # default: the starting model's held-out loss on the domain
+    reference_loss = 2.9        # the loss to reach; or predicted by [recovery.reference.fit.NAME]
+                                # (recovery.scaling_law); dynamic loading refuses a domain with
+                                # neither unless reference = "initial-loss" (the starting loss)
 
     [recovery.distill]          # kind = "distill" only (Minitron, arXiv 2407.14679)
     temperature = 1.0
     kd_weight = 1.0             # forward KL(teacher || student) on logits, times T^2
     ce_weight = 0.0             # plus next-token cross-entropy
-    hidden_layers = []          # plus hidden-state MSE after these decoder layers...
-    hidden_weight = 0.0         # ...weighted by this
+    hidden_layers = []          # plus hidden-state MSE after these decoder layers (the teacher's
+    hidden_weight = 0.0         # layer they came from, recovery.pairs) weighted by this
+    intermediate = false        # Minitron / ModelOpt: cosine loss between the norm outputs of
+                                # (student, teacher) layer pairs, rescaled to the logit loss, with a
+                                # learned projection when the widths differ (never saved)
+    pairs = []                  # [[student, teacher], ...]: a layer's input norm or "final"; default:
+                                # every kept layer with the teacher layer it came from, and "final"
+    teacher_correction_steps = 0  # first fine-tune the teacher on the distillation data (CE) this
+    teacher_correction_lr = 0.0   # many steps at this lr (0: lr), Llama-3.1-Minitron's correction
     teacher = ""                # model for `nnxprune train` (default: the checkpoint's source)
 
     [recovery.lora]             # kind = "lora" only (LoRA, arXiv 2106.09685)
@@ -43,7 +60,8 @@
     ignore = 'layers\\.0\\.'      # regex: projections left out (default: none)
     rank = 8
     alpha = 16.0
-    dropout = 0.0
+    dropout = 0.0               # on the adapter's input, training steps only (LLM-Pruner: 0.05)
+    init = "peft"               # lora_a ~ U(+-1/sqrt(in)) as PEFT; "he_uniform": U(+-sqrt(6/in))
     merge = true                # merge adapters into the kernels at the end (masked)
 
     [recovery.mesh]             # logical axes of the device mesh; -1 = all remaining devices
@@ -71,6 +89,7 @@ from pathlib import Path
 from typing import Any
 
 from nnxprune.data.domains import DomainSpec, parse_domains
+from nnxprune.data.grain_stream import StreamConfig
 from nnxprune.errors import UserError, nearest
 from nnxprune.graph.targets import layer_projection_names, select_projections
 
@@ -78,6 +97,8 @@ KINDS = ("distill", "lora", "pretrain")
 PROMPT_TEMPLATES = ("", "alpaca")
 DTYPES = ("float32", "bfloat16")
 DATASETS = ("c4", "wikitext2")
+LORA_INITS = ("peft", "he_uniform")
+SCHEDULES = ("cosine", "linear")
 
 
 def _nearest(name: str, options, what: str) -> str:
@@ -120,9 +141,16 @@ class DistillConfig:
     ce_weight: float = 0.0
     hidden_layers: tuple[int, ...] = ()
     hidden_weight: float = 0.0
+    intermediate: bool = False
+    pairs: tuple = ()
+    teacher_correction_steps: int = 0
+    teacher_correction_lr: float = 0.0
     teacher: str = ""
 
     def __post_init__(self):
+        from nnxprune.recovery.pairs import check_config
+
+        check_config(self)
         _check_float("recovery.distill.temperature", self.temperature, 0.0, strict=True)
         for name in ("kd_weight", "ce_weight", "hidden_weight"):
             _check_float(f"recovery.distill.{name}", getattr(self, name), 0.0)
@@ -150,6 +178,7 @@ class LoRAConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
+    init: str = "peft"
     merge: bool = True
 
     def __post_init__(self):
@@ -169,6 +198,8 @@ class LoRAConfig:
         _check_float("recovery.lora.dropout", self.dropout, 0.0, maximum=0.99)
         if not isinstance(self.merge, bool):
             raise UserError(f"recovery.lora.merge must be true or false, got {self.merge!r}")
+        if self.init not in LORA_INITS:
+            raise UserError("recovery.lora.init: " + _nearest(str(self.init), LORA_INITS, "init"))
 
     def select(self, names: list[str]) -> list[str]:
         """The projection names (like `layers.3.mlp.up_proj`) that get adapters, by the rule of
@@ -224,7 +255,9 @@ class RecoveryConfig:
     seqlen: int = 512
     lr: float = 1e-4
     warmup_steps: int = 10
+    schedule: str = "cosine"
     min_lr_ratio: float = 0.1
+    beta2: float = 0.95
     weight_decay: float = 0.0
     clip_norm: float = 1.0
     compute_dtype: str = "float32"
@@ -233,11 +266,14 @@ class RecoveryConfig:
     eval_batches: int = 2
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
+    keep_best: bool = False
     distill: DistillConfig | None = None
     lora: LoRAConfig | None = None
     mesh: MeshConfig = MeshConfig()
     domains: dict[str, DomainSpec] | None = None
+    stream: StreamConfig | None = None  # [recovery.stream]: documents streamed, not packed in memory
     dynamic: bool | None = None  # None: true with domains
+    reference: Any = None  # [recovery.reference] or "initial-loss" (recovery.scaling_law)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -262,6 +298,15 @@ class RecoveryConfig:
         _check_float("recovery.lr", self.lr, 0.0, strict=True)
         _check_float("recovery.min_lr_ratio", self.min_lr_ratio, 0.0, maximum=1.0)
         _check_float("recovery.weight_decay", self.weight_decay, 0.0)
+        _check_float("recovery.beta2", self.beta2, 0.0, maximum=0.9999)
+        if self.schedule not in SCHEDULES:
+            raise UserError("recovery.schedule: " + _nearest(str(self.schedule), SCHEDULES,
+                                                             "schedule"))
+        if not isinstance(self.keep_best, bool):
+            raise UserError(f"recovery.keep_best must be true or false, got {self.keep_best!r}")
+        if self.keep_best and (self.eval_every < 1 or self.eval_batches < 1):
+            raise UserError("recovery.keep_best needs held-out evaluations: eval_every >= 1 and "
+                            "eval_batches >= 1")
         _check_float("recovery.clip_norm", self.clip_norm, 0.0)
         if self.compute_dtype not in DTYPES:
             raise UserError("recovery.compute_dtype: " + _nearest(str(self.compute_dtype), DTYPES,
@@ -279,6 +324,16 @@ class RecoveryConfig:
         if self.lora is not None and self.kind != "lora":
             raise UserError(f"[recovery.lora] only applies to kind = 'lora' (kind is {self.kind!r})")
         self._check_domains()
+        if self.distill is not None and self.distill.teacher_correction_steps and self.domains:
+            raise UserError("recovery.distill.teacher_correction_steps reads recovery.dataset; it "
+                            "does not apply with [recovery.domains]")
+        if self.stream is not None and (self.domains is not None or self.prompt_template):
+            raise UserError("[recovery.stream] streams plain documents; it does not apply with "
+                            "[recovery.domains] or prompt_template")
+        from nnxprune.recovery.scaling_law import parse_reference  # dynamic loading's references
+
+        object.__setattr__(self, "reference", parse_reference(self.reference, self.domains,
+                                                              self.dynamic))
 
     def _check_domains(self) -> None:
         if self.dynamic is not None and not isinstance(self.dynamic, bool):
@@ -311,7 +366,8 @@ class RecoveryConfig:
         for key in section:
             if key not in fields:
                 raise UserError("recovery: " + _nearest(key, fields, "key"))
-        for name, sub in (("distill", DistillConfig), ("lora", LoRAConfig), ("mesh", MeshConfig)):
+        for name, sub in (("distill", DistillConfig), ("lora", LoRAConfig), ("mesh", MeshConfig),
+                          ("stream", StreamConfig)):
             if name in section:
                 section[name] = _build(sub, section[name], f"recovery.{name}")
         return cls(**section)
@@ -350,6 +406,9 @@ class RecoveryConfig:
 
             read_instructions(self.dataset)  # every record checked before any work
         if self.distill is not None:
+            from nnxprune.recovery.pairs import check_points
+
+            check_points(self.distill.pairs, config.num_layers, "student")
             for i in self.distill.hidden_layers:
                 if i >= config.num_layers:
                     raise UserError(f"recovery.distill.hidden_layers: layer {i} does not exist "
@@ -364,6 +423,9 @@ class RecoveryConfig:
         if student.vocab_size != teacher.vocab_size:
             raise UserError(f"the teacher's vocabulary ({teacher.vocab_size}) differs from the "
                             f"student's ({student.vocab_size}); distillation needs the same one")
+        from nnxprune.recovery.pairs import check_points
+
+        check_points(self.distill.pairs, teacher.num_layers, "teacher")
         if self.distill.hidden_layers:
             if student.hidden_size != teacher.hidden_size:
                 raise UserError(f"recovery.distill.hidden_layers compares hidden states, which "

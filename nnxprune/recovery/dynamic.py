@@ -17,12 +17,13 @@ first (`eval_first = true`) and updates after every evaluation, the first includ
 
 Initial weights: the recipe's `weight` per domain, normalized (the reference passes the
 RedPajama proportions, or the pruning stage's final ones, as `proportion`; the default here is
-uniform). Reference losses: a domain's `reference_loss` from the recipe; the paper predicts them
-by fitting a scaling law over the LLaMA2 family, which a recipe can pass. **Our default, for a
-domain without one, is the loss of the model before training** (measured at the step-0
-evaluation, or, through `recovery.continued.continued_pretraining(reference_model=...)`, the
-unpruned source model's): dynamic loading then spends the steps on the domains whose loss
-recovers least (or, against the unpruned model, that pruning hurt most).
+uniform). Reference losses (`recovery.scaling_law`): a domain's `reference_loss` from the recipe,
+or the loss a scaling-law fit in the recipe predicts for the target size, as the paper and the
+reference scripts' `target_loss` do. Dynamic loading without a reference for every domain is
+refused unless the recipe opts in to `reference = "initial-loss"` (the model's own loss at the
+step-0 evaluation: the first update then does nothing and the weights drift toward the domains
+that recover least) or `"reference-model"` (the unpruned model's losses, measured by
+`recovery.continued.continued_pretraining(reference_model=...)`).
 
 The sampler draws each example's domain independently by the current weights, as the
 reference's `DynamicStreamingDataset.__iter__` does (`np.random.choice(..., p=proportion)` per
@@ -50,6 +51,7 @@ from nnxprune import data as data_lib
 from nnxprune.data.domains import load_domain_windows
 from nnxprune.errors import UserError
 from nnxprune.io import atomic
+from nnxprune.recovery.scaling_law import reference_losses
 
 ETA = 1.0
 SMOOTHING = 1e-4  # c in (1 - c) w + c / K, following DoReMi as the reference does
@@ -149,9 +151,7 @@ class DomainLoader:
             if not batches:
                 raise UserError(f"domain {name!r} has no held-out batch of {cfg.micro_batch} "
                                 f"windows")
-        self.reference = {n: cfg.domains[n].reference_loss for n in self.names}
-        self.reference_from = {n: ("recipe" if r is not None else "start")
-                               for n, r in self.reference.items()}
+        self.reference, self.reference_from = reference_losses(cfg)  # recipe, fit or start
         self.draws = [0] * len(self.names)
         self.history: list[dict[str, Any]] = []
 

@@ -3,7 +3,9 @@
 `LogDir(path, checkpoint_every=N, keep=K)` owns `metrics.jsonl` (one JSON line per training step
 and per held-out evaluation), `loss.png` (drawn from the metrics at the end) and, with
 `checkpoint_every`, an Orbax `CheckpointManager` in `checkpoints/` (keep-last-K) holding the
-trainable and optimizer state plus the grain iterator state. `restore` puts a rerun back on the
+trainable and optimizer state plus the data iterator's state (JSON: the in-memory grain
+iterator's, a streamed run's rows from every process, `data.grain_stream`, or the domain
+sampler's), which must come from the same kind of pipeline. `restore` puts a rerun back on the
 latest checkpoint and trims the metrics written after it, so the log reads like one uninterrupted
 run. Without a path nothing is written. In a multi-process run every process takes part in the
 Orbax checkpoints (each writes its shards into the one folder) and only process 0 writes the
@@ -33,6 +35,7 @@ from typing import Any
 import jax
 
 from nnxprune import multihost
+from nnxprune.errors import UserError
 from nnxprune.io import atomic
 
 METRICS_FILE = "metrics.jsonl"
@@ -52,6 +55,17 @@ def _manager(directory: Path, keep: int):
 def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
                         shardings)
+
+
+def _set_data_state(iterator, state, where: Path) -> None:
+    """Puts the data iterator where the checkpoint's run was; a state written by another kind of
+    data pipeline (in memory / streamed / domains) is a UserError, not a KeyError deep in grain."""
+    try:
+        iterator.set_state(state)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise UserError(f"{where} holds the data position of a different data pipeline "
+                        f"({type(e).__name__}: {e}); resume with the recipe that wrote it, or "
+                        f"use a new train dir") from None
 
 
 def _trim_metrics(path: Path, last_step: int) -> None:
@@ -116,7 +130,7 @@ class LogDir:
             target = {k: _abstract(v, shardings[k]) for k, v in state.items()}
             out = self.manager.restore(latest, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-            iterator.set_state(out["data"])
+            _set_data_state(iterator, out["data"], self.checkpoints / str(latest))
             restored = out["state"]
         start = int(latest) if latest is not None else 0
         if self.metrics is not None and multihost.is_primary():

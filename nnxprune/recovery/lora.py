@@ -7,6 +7,19 @@ used for recovery by LLM-Pruner, arXiv 2305.11627, and Wanda, arXiv 2306.11695).
 `wrt=nnx.LoRAParam` trains the adapters only. `lora_b` starts at zero: the model's outputs do not
 change until training moves it.
 
+Initialization is PEFT's, the LoRA that LLM-Pruner's `post_training.py` uses (its bundled
+`LLMPruner/peft/tuners/lora.py`, `reset_lora_parameters`, as in huggingface/peft):
+`nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))` on the `[r, in]` weight, so fan_in =
+in, gain = sqrt(2 / (1 + a^2)) = sqrt(1/3) and the bound gain * sqrt(3 / fan_in) = 1/sqrt(in):
+`lora_a ~ U(-1/sqrt(in), 1/sqrt(in))` (variance 1 / (3 in)), `lora_b = 0`. `init = "he_uniform"`
+keeps the earlier draw (Flax's `he_uniform`, bound sqrt(6/in), sqrt(6) = 2.45x larger) for
+comparison only: with `B = 0` and Adam, the first updates of `B` have a fixed size, so the
+merged update `A @ B` scales with `A`, a hidden multiplier on the learning rate.
+
+Dropout (`LoRAConfig.dropout`, PEFT's `lora_dropout`, 0.05 in LLM-Pruner) acts on the adapter's
+input only, `x @ W + s * (dropout(x) @ A) @ B`, and only while the trainer's step runs
+(`set_training`); evaluation and merging see no dropout.
+
 Masks hold here too. On a masked projection the adapter's update is masked in the forward,
 `y = x @ ((W + s A B) * M)`, so training sees exactly the model that merging produces and
 `merge_lora` gives the same outputs as the unmerged model; a pruned weight is never revived. The
@@ -33,7 +46,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nnxprune.layers import Linear
-from nnxprune.recovery.config import LoRAConfig
+from nnxprune.recovery.config import LORA_INITS, LoRAConfig
 from nnxprune.variables import ProjectionInput
 
 
@@ -42,10 +55,20 @@ class DropoutKey(nnx.Variable):
     (derived from the seed and the step, so it is never checkpointed state)."""
 
 
+def init_lora_a(key: jax.Array, in_features: int, rank: int, dtype, init: str = "peft") -> jax.Array:
+    """`lora_a [in, rank]`: PEFT's `kaiming_uniform_(a=sqrt(5))`, U(+-1/sqrt(in)) (`"peft"`), or
+    Flax's `he_uniform`, U(+-sqrt(6/in)) (`"he_uniform"`, the earlier draw, for comparison)."""
+    if init not in LORA_INITS:
+        raise ValueError(f"unknown LoRA init {init!r}; known: {', '.join(LORA_INITS)}")
+    bound = (1.0 if init == "peft" else 6.0 ** 0.5) / in_features ** 0.5
+    return jax.random.uniform(key, (in_features, rank), dtype, -bound, bound)
+
+
 class LoRALinear(Linear):
     """A `Linear` plus a low-rank update `scale * lora_a @ lora_b` (masked where the kernel is)."""
 
-    def __init__(self, base: Linear, *, rank: int, alpha: float, dropout: float, key: jax.Array):
+    def __init__(self, base: Linear, *, rank: int, alpha: float, dropout: float, key: jax.Array,
+                 init: str = "peft"):
         super().__init__(base.in_features, base.out_features, in_space=base.in_space,
                          out_space=base.out_space, in_unit=base.in_unit, out_unit=base.out_unit,
                          param_dtype=base.kernel.dtype, kernel_init=nnx.initializers.zeros,
@@ -53,8 +76,10 @@ class LoRALinear(Linear):
         self.kernel = nnx.Param(base.kernel[...])
         if base.mask is not None:
             self.mask = type(base.mask)(base.mask[...])
+        if base.bias is not None:  # an optional bias (FLAP) is kept; `Linear.__call__` adds it
+            self.bias = nnx.Param(base.bias[...])
         dtype = base.kernel.dtype
-        self.lora_a = nnx.LoRAParam(nnx.initializers.he_uniform()(key, (base.in_features, rank), dtype))
+        self.lora_a = nnx.LoRAParam(init_lora_a(key, base.in_features, rank, dtype, init))
         self.lora_b = nnx.LoRAParam(jnp.zeros((rank, base.out_features), dtype))
         self.scale = float(alpha) / rank
         self.dropout_rate = float(dropout)
@@ -79,7 +104,7 @@ class LoRALinear(Linear):
         keep = jax.random.bernoulli(key, 1.0 - self.dropout_rate, x.shape)
         return jnp.where(keep, x / (1.0 - self.dropout_rate), jnp.zeros((), x.dtype))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def product(self, x: jax.Array) -> jax.Array:
         if self.record_inputs:
             self.sow(ProjectionInput, "inputs", x)
         dtype = self.kernel.dtype
@@ -124,7 +149,7 @@ def add_lora(model, cfg: LoRAConfig, *, seed: int = 0) -> list[str]:
     for i, name in enumerate(names):
         path, node = plain[name]
         _set(model, path, LoRALinear(node, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-                                     key=jax.random.fold_in(key, i)))
+                                     key=jax.random.fold_in(key, i), init=cfg.init))
     return names
 
 
@@ -150,5 +175,7 @@ def merge_lora(model) -> int:
         plain.kernel = nnx.Param(node.kernel[...] + node.delta())
         if node.mask is not None:
             plain.mask = type(node.mask)(node.mask[...])
+        if node.bias is not None:
+            plain.bias = nnx.Param(node.bias[...])
         _set(model, path, plain)
     return len(merged)

@@ -8,10 +8,16 @@ scalar loss plus named metrics:
 - `CrossEntropy`: next-token cross-entropy (continued pretraining, LoRA; Sheared LLaMA,
   arXiv 2310.06694, LLM-Pruner, arXiv 2305.11627).
 - `Distillation`: forward KL(teacher || student) on temperature-softened logits, times T^2
-  (Hinton et al., arXiv 1503.02531; Minitron, arXiv 2407.14679, distils logits only), optionally
-  plus next-token CE and an MSE between hidden states after chosen decoder layers.
+  (Hinton et al., arXiv 1503.02531; Minitron, arXiv 2407.14679), optionally plus next-token CE,
+  an MSE between the outputs of paired decoder layers, and Minitron's intermediate loss as
+  NVIDIA ModelOpt computes it (`modelopt/torch/distill/plugins/megatron.py`): the cosine loss
+  `1 - cos(student, teacher)` per token between the norm outputs of (student, teacher) layer
+  pairs (`recovery.pairs`; the student's through a learned projection when the widths differ),
+  averaged over the pairs and rescaled to the logit loss by the detached ratio of the two
+  (`LogitsAndIntermediatesLossBalancer`): `kl + cos * stop_grad(kl / cos)`.
 
-Outputs are `ModelOutput(logits [B, T, V], hidden {layer: [B, T, D]})`, computed by `forward`.
+Outputs are `ModelOutput(logits [B, T, V], hidden {layer: [B, T, D]}, pairs {k: [B, T, D]})`,
+computed by `forward` (the strategy's `student_forward` / `teacher_forward` choose the layers).
 Losses are computed in float32 whatever the compute dtype.
 """
 
@@ -31,16 +37,46 @@ from nnxprune.models.llama import default_positions
 class ModelOutput:
     logits: jax.Array  # [B, T, V]
     hidden: dict[int, jax.Array]  # decoder layer index -> its output [B, T, D]
+    pairs: dict[int, jax.Array] = dataclasses.field(default_factory=dict)  # pair k -> norm output
 
 
-jax.tree_util.register_dataclass(ModelOutput, data_fields=["logits", "hidden"], meta_fields=[])
+jax.tree_util.register_dataclass(ModelOutput, data_fields=["logits", "hidden", "pairs"],
+                                 meta_fields=[])
 
 
-def forward(model, tokens: jax.Array, hidden_layers: tuple[int, ...] = ()) -> ModelOutput:
-    """Logits of `tokens [B, T]` and the outputs of the decoder layers in `hidden_layers`."""
+def forward(model, tokens: jax.Array, hidden_layers: tuple[int, ...] = (),
+            points: tuple[int, ...] = (), *, project: bool = False) -> ModelOutput:
+    """Logits of `tokens [B, T]`, the outputs of the decoder layers in `hidden_layers`, and the
+    norm outputs at `points` (pair k at `points[k]`: layer i's input norm, or -1 the final norm;
+    with `project`, through the model's distillation projection k, `recovery.pairs`)."""
     tokens = input_ids(tokens)
-    out = model.run_layers(model.embed_tokens(tokens), default_positions(tokens), keep=hidden_layers)
-    return ModelOutput(logits=_logits(model, model.norm(out.x)), hidden=out.hidden)
+    x0 = model.embed_tokens(tokens)
+    keep = set(hidden_layers) | {p - 1 for p in points if p > 0}
+    out = model.run_layers(x0, default_positions(tokens), keep=keep)
+    h = model.norm(out.x)
+    proj = getattr(model, "distill_projections", None) if project else None
+    normed = {}
+    for k, p in enumerate(points):
+        y = h if p < 0 else model.layers[p].input_layernorm(x0 if p == 0 else out.hidden[p - 1])
+        normed[k] = y if proj is None else proj[k](y)
+    return ModelOutput(logits=_logits(model, h), hidden={i: out.hidden[i] for i in hidden_layers},
+                       pairs=normed)
+
+
+def cosine_loss(student: jax.Array, teacher: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """Mean over tokens of `1 - cos(student, teacher)` along the last axis, float32 (torch's
+    `cosine_embedding_loss` with target 1, as ModelOpt's `HiddenStateCosineLoss`)."""
+    s, t = student.astype(jnp.float32), teacher.astype(jnp.float32)
+    cos = jnp.sum(s * t, -1) / jnp.sqrt((jnp.sum(s * s, -1) + eps) * (jnp.sum(t * t, -1) + eps))
+    return jnp.mean(1.0 - cos)
+
+
+def balance(logit_loss: jax.Array, intermediate: jax.Array) -> jax.Array:
+    """ModelOpt's rescaling: the intermediate loss times the detached ratio `logit / intermediate`
+    (1 when the intermediate loss is 0), so both terms weigh alike whatever their scales."""
+    ratio = jnp.where(intermediate > 0, logit_loss / jnp.where(intermediate > 0, intermediate, 1.0),
+                      1.0)
+    return intermediate * jax.lax.stop_gradient(ratio)
 
 
 def _logits(model, h: jax.Array) -> jax.Array:
@@ -139,6 +175,13 @@ class LossStrategy:
 
     needs_teacher: bool = False
     hidden_layers: tuple[int, ...] = ()
+    pairs: tuple[tuple[int, int], ...] = ()
+
+    def student_forward(self, model, tokens: jax.Array) -> ModelOutput:
+        return forward(model, tokens, self.hidden_layers)
+
+    def teacher_forward(self, teacher, tokens: jax.Array) -> ModelOutput:
+        return forward(teacher, tokens, self.hidden_layers)
 
     def compute_loss(self, student: ModelOutput, teacher: ModelOutput | None,
                      tokens: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -159,14 +202,31 @@ class CrossEntropy(LossStrategy):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Distillation(LossStrategy):
-    """`kd_weight * T^2 KL(teacher || student) + ce_weight * CE + hidden_weight * MSE(hidden)`."""
+    """`kd_weight * (T^2 KL + balanced cosine) + ce_weight * CE + hidden_weight * MSE(hidden)`.
+
+    `hidden_layers` (student) pair with `teacher_hidden_layers` (default: the same indices;
+    `recovery.pairs.prepare` maps them by source layer). `pairs` are (student point, teacher
+    point) of the intermediate cosine loss; with `intermediate` and no pairs, `prepare` fills the
+    default pairing."""
 
     temperature: float = 1.0
     kd_weight: float = 1.0
     ce_weight: float = 0.0
     hidden_layers: tuple[int, ...] = ()
+    teacher_hidden_layers: tuple[int, ...] | None = None
     hidden_weight: float = 0.0
+    intermediate: bool = False
+    pairs: tuple[tuple[int, int], ...] = ()
     needs_teacher = True
+
+    def student_forward(self, model, tokens):
+        return forward(model, tokens, self.hidden_layers, tuple(s for s, _ in self.pairs),
+                       project=True)
+
+    def teacher_forward(self, teacher, tokens):
+        layers = self.hidden_layers if self.teacher_hidden_layers is None \
+            else self.teacher_hidden_layers
+        return forward(teacher, tokens, layers, tuple(t for _, t in self.pairs))
 
     def compute_loss(self, student, teacher, tokens):
         metrics = {}
@@ -174,16 +234,24 @@ class Distillation(LossStrategy):
         if self.kd_weight:
             kl = forward_kl(student.logits, teacher.logits, self.temperature)
             metrics["kl"] = kl
-            loss = loss + self.kd_weight * kl
+            kd = kl
+            if self.pairs:
+                cos = jnp.mean(jnp.stack([cosine_loss(student.pairs[k], teacher.pairs[k])
+                                          for k in range(len(self.pairs))]))
+                metrics["intermediate"] = cos
+                kd = kd + balance(kl, cos)
+            loss = loss + self.kd_weight * kd
         if self.ce_weight:
             ce = next_token_ce(student.logits, tokens)
             metrics["ce"] = ce
             loss = loss + self.ce_weight * ce
         if self.hidden_weight and self.hidden_layers:
+            theirs = self.hidden_layers if self.teacher_hidden_layers is None \
+                else self.teacher_hidden_layers
             mse = jnp.mean(jnp.stack([
                 jnp.mean(jnp.square(student.hidden[i].astype(jnp.float32)
-                                    - teacher.hidden[i].astype(jnp.float32)))
-                for i in self.hidden_layers]))
+                                    - teacher.hidden[j].astype(jnp.float32)))
+                for i, j in zip(self.hidden_layers, theirs)]))
             metrics["hidden_mse"] = mse
             loss = loss + self.hidden_weight * mse
         return loss, metrics
@@ -198,5 +266,11 @@ def strategy_for(cfg) -> LossStrategy:
         d = cfg.distill
         return Distillation(temperature=d.temperature, kd_weight=d.kd_weight,
                             ce_weight=d.ce_weight, hidden_layers=d.hidden_layers,
-                            hidden_weight=d.hidden_weight)
+                            hidden_weight=d.hidden_weight, intermediate=d.intermediate,
+                            pairs=tuple((_point(s), _point(t)) for s, t in d.pairs))
     return CrossEntropy()
+
+
+def _point(p) -> int:
+    """A recipe's pair point: a layer index, or "final" (-1, the final norm)."""
+    return -1 if p == "final" else int(p)

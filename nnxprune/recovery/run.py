@@ -31,6 +31,7 @@ from nnxprune.io.checkpoint import is_checkpoint, read_meta, save_checkpoint
 from nnxprune.io.load import load_model, peek_config, source_label
 from nnxprune.measure import count_params, measured_sparsity, memory_peaks
 from nnxprune.recovery import sharding as sh
+from nnxprune.recovery.teacher_correction import correct_teacher
 from nnxprune.recovery.trainer import train
 
 
@@ -74,6 +75,9 @@ def check_data(cfg, data_dir) -> None:
     if cfg.domains:
         check_domains(cfg.domains, data_dir)
         return
+    if cfg.stream is not None:  # streamed: the files' first documents are read, not all
+        data_lib.check_stream(cfg.dataset, data_dir)
+        return
     data_lib.check_source(cfg.dataset, data_dir)
     if cfg.prompt_template:
         instruction_records(cfg.dataset, heldout_windows=cfg.eval_batches * cfg.micro_batch,
@@ -90,6 +94,8 @@ def training_windows(cfg, tokenizer, data_dir):
         return load_domain_windows(
             cfg.domains, tokenizer, seqlen=cfg.seqlen, train_windows=cfg.steps * cfg.batch_size,
             heldout_windows=cfg.eval_batches * cfg.micro_batch, data_dir=data_dir)
+    if cfg.stream is not None:  # read while training (data.grain_stream), never packed here
+        return None
     if cfg.prompt_template:  # instruction records, one per window, prompt masked (data.training)
         return instruction_windows(
             tokenizer, cfg.dataset, seqlen=cfg.seqlen, train_windows=cfg.steps * cfg.batch_size,
@@ -107,9 +113,12 @@ def recover(model, cfg, *, tokenizer, teacher=None, data_dir=None, log_dir=None,
     echo(f"recovery  {cfg.kind}: {cfg.steps} steps x {cfg.batch_size} x {cfg.seqlen} tokens on "
          f"{data}, lr {cfg.lr:g}, {cfg.compute_dtype}, mesh {cfg.mesh.describe()}")
     t0 = time.perf_counter()
+    teacher, correction = correct_teacher(teacher, cfg, tokenizer=tokenizer, windows=windows,
+                                          data_dir=data_dir, echo=echo)
     result = train(model, cfg, tokenizer=tokenizer, teacher=teacher, data_dir=data_dir,
                    log_dir=log_dir, progress=progress, echo=echo, windows=windows)
-    entry = {"settings": cfg.to_dict(), **result.to_dict(), "wall_seconds": time.perf_counter() - t0}
+    entry = {"settings": cfg.to_dict(), **result.to_dict(), "wall_seconds": time.perf_counter() - t0,
+             **({"teacher_correction": correction} if correction else {})}
     last_eval = result.evals[-1] if result.evals else {}
     if result.losses:
         echo(f"recovery  loss {entry['first_loss']:.4f} -> {entry['final_loss']:.4f}"

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import jax
@@ -44,6 +45,17 @@ RULES: dict[str, tuple[str, ...] | str | None] = {
     "mlp": "tensor",
     "vocab": "tensor",
 }
+
+
+def auto_sizes(rows: int, devices: int | None = None) -> dict[str, int]:
+    """The mesh of gradient-based pruning when none is given (the Taylor pass, Sheared LLaMA's
+    mask training): every device holds a share of the weights, so a model larger than one
+    device fits. FSDP (`embed`) on as many devices as split a batch of `rows` sequences evenly,
+    tensor parallelism (heads, MLP) on the rest; no pure data parallelism (it would replicate
+    the weights). 8 devices, 4 rows: fsdp 4 x tensor 2; 1 device: (1, 1, 1)."""
+    n = jax.device_count() if devices is None else int(devices)
+    fsdp = math.gcd(n, max(int(rows), 1))
+    return {"data": 1, "fsdp": fsdp, "tensor": n // fsdp}
 
 
 def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
@@ -147,6 +159,19 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, *, leading: int = 0) -> NamedShard
     """Sharding of a token batch: `leading` unsharded axes (micro-batches), then the batch axis
     over (data, fsdp), the rest replicated."""
     return NamedSharding(mesh, P(*([None] * leading), RULES[BATCH], *([None] * (ndim - leading - 1))))
+
+
+def put(tree, shardings, *, copy: bool = False):
+    """Host or single-device arrays onto their shardings, in one process or many. In a
+    multi-process run every process holds the whole value (the same program on the same data)
+    and contributes the shards its devices own. `copy` forces fresh buffers (for donation)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings, may_alias=False if copy else None)
+
+    def one(x, s):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+    return jax.tree.map(one, tree, shardings)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -19,7 +19,12 @@ paper: 640 of 3200).
 The step runs under the recovery trainer's mesh rules (`recovery.sharding`): the model's arrays
 and their Adam moments are placed by their channel spaces, the gates and multipliers are
 replicated, the batch is split over (data, fsdp); gradient accumulation is a `lax.scan` over
-micro-batches, each with its own gate sample (as the reference's micro-batches).
+micro-batches, each with its own gate sample (as the reference's micro-batches). Without a
+given mesh every device holds a share of the weights (`sharding.auto_sizes`: FSDP over `embed`
+as far as the micro-batch splits, tensor parallelism over heads and MLP on the rest), so the
+weights, their gradients and Adam moments spread over the devices. In a multi-process run
+(`--distributed`) every process runs the same steps on the same global batch, each feeding its
+devices' shards; the trained weights and gates come back whole into every process.
 
 Every step reports the LM loss, the Lagrangian, each structure's expected size and sparsity, its
 target and multipliers, and the expected total parameter count.
@@ -43,7 +48,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from nnxprune import interrupt
+from nnxprune import interrupt, multihost
 from nnxprune import data as data_lib
 from nnxprune.algorithms import hard_concrete as hc
 from nnxprune.errors import UserError
@@ -184,22 +189,19 @@ def build_step(parts: _Split, tx, cfg: ShearConfig) -> Callable:
     return train_step
 
 
-def _place(tree, shardings):
-    return jax.device_put(tree, shardings, may_alias=False)
-
-
 def train_masks(model, l0: L0Module, cfg: ShearConfig, train_windows: np.ndarray, *,
                 mesh: dict[str, int] | None = None, progress: bool = True,
                 on_step: Callable[[int, dict[str, float]], None] | None = None) -> ShearResult:
     """Runs the pruning stage on `model` and `l0` in place (module docstring).
 
     `train_windows [N, seqlen]` are packed token windows; `mesh` the (data, fsdp, tensor) sizes
-    (default: every device on `data`). `on_step(step, stats)` sees every step's statistics.
+    (default `sharding.auto_sizes` of the micro-batch: the weights spread over every device).
+    `on_step(step, stats)` sees every step's statistics.
     """
     from tqdm.auto import tqdm
 
     cfg.check()
-    sizes = dict(mesh or {"data": jax.device_count(), "fsdp": 1, "tensor": 1})
+    sizes = dict(mesh or sh.auto_sizes(cfg.batch_size // cfg.grad_accum))
     sizes = {a: int(sizes.get(a, 1)) for a in sh.AXES}
     split = sizes["data"] * sizes["fsdp"]
     if (cfg.batch_size // cfg.grad_accum) % split:
@@ -215,8 +217,8 @@ def train_masks(model, l0: L0Module, cfg: ShearConfig, train_windows: np.ndarray
     p_sh = sh.state_shardings(parts.params, specs, the_mesh)
     o_sh = sh.state_shardings(opt_state, specs, the_mesh)
     c_sh = sh.state_shardings(parts.const, specs, the_mesh)
-    params, opt_state = _place(parts.params, p_sh), _place(opt_state, o_sh)
-    const = _place(parts.const, c_sh)
+    params, opt_state = sh.put(parts.params, p_sh, copy=True), sh.put(opt_state, o_sh, copy=True)
+    const = sh.put(parts.const, c_sh, copy=True)
     rep = sh.replicated(the_mesh)
     batch_sh = sh.batch_sharding(the_mesh, 3, leading=1)
     step_jit = jax.jit(build_step(parts, tx, cfg), in_shardings=(p_sh, o_sh, c_sh, batch_sh, rep),
@@ -224,10 +226,11 @@ def train_masks(model, l0: L0Module, cfg: ShearConfig, train_windows: np.ndarray
     iterator = data_lib.train_iterator(train_windows, batch_size=cfg.batch_size,
                                        grad_accum=cfg.grad_accum, seed=cfg.seed)
     history, seconds, compile_s = [], 0.0, 0.0
-    bar = tqdm(total=cfg.steps, desc="sheared pruning", unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=cfg.steps, desc="sheared pruning", unit="step", leave=False,
+               disable=not (progress and multihost.is_primary()))  # process 0's bar alone
     for step in range(cfg.steps):
         interrupt.stop_if_requested()  # a safe point: between steps
-        batch = jax.device_put(jnp.asarray(next(iterator)), batch_sh)
+        batch = sh.put(next(iterator), batch_sh)
         t0 = time.perf_counter()
         params, opt_state, stats = step_jit(params, opt_state, const, batch,
                                             jnp.asarray(step, jnp.int32))
@@ -242,8 +245,9 @@ def train_masks(model, l0: L0Module, cfg: ShearConfig, train_windows: np.ndarray
         bar.update(1)
         bar.set_postfix(ce=f"{stats['ce']:.3f}", params=f"{stats['expected_params'] / 1e6:.1f}M")
     bar.close()
-    nnx.update(model, params["weights"])
-    nnx.update(l0, params["masks"], params["lambdas"])
+    # multi-process: gathered, whole in every process (the fold and the report read them)
+    nnx.update(model, multihost.local_copy(params["weights"]))
+    nnx.update(l0, *multihost.local_copy((params["masks"], params["lambdas"])))
     tokens = cfg.steps * cfg.batch_size * cfg.seqlen
     timed = (cfg.steps - 1) * cfg.batch_size * cfg.seqlen
     return ShearResult(history=history, tokens=tokens, seconds=seconds + compile_s,

@@ -2,7 +2,8 @@
 
 Pieces, each small:
 
-- `make_tx`: optax AdamW with linear warmup + cosine decay and global-norm clipping.
+- `make_tx`: optax AdamW with linear warmup + cosine or linear decay and global-norm clipping;
+  with `keep_best`, the run ends with the best held-out evaluation's weights (`best.py`).
 - `nnx.Optimizer(model, tx, wrt=...)`: `nnx.Param` (full training) or `nnx.LoRAParam` (adapters
   only). `Mask` variables are not parameters, so the optimizer never sees them, and the forward
   multiplies every kernel by its mask: a pruned weight stays exactly zero.
@@ -44,10 +45,13 @@ from nnxprune.data.training import instruction_windows
 from nnxprune.errors import UserError
 from nnxprune.recovery import lora as lora_lib
 from nnxprune.recovery import sharding as sh
+from nnxprune.recovery.best import BestKeeper
 from nnxprune.recovery.config import RecoveryConfig
 from nnxprune.recovery.dynamic import DomainLoader
 from nnxprune.recovery.logdir import LogDir
-from nnxprune.recovery.losses import LossStrategy, forward, next_token_ce, strategy_for
+from nnxprune.recovery.lr_schedule import lr_schedule
+from nnxprune.recovery import pairs as pairs_lib
+from nnxprune.recovery.losses import LossStrategy, next_token_ce, strategy_for
 
 
 @dataclasses.dataclass
@@ -70,6 +74,7 @@ class TrainResult:
     metrics_path: str | None = None
     plot_path: str | None = None
     domains: dict[str, Any] | None = None  # dynamic batch loading: `DomainLoader.report()`
+    best: dict[str, Any] | None = None  # keep_best: {"step", "loss"} of the weights kept
     # where the final arrays live: {"params" | "optimizer": {path: PartitionSpec text}} (not in
     # reports: hundreds of entries)
     placement: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict, repr=False)
@@ -84,17 +89,14 @@ class TrainResult:
 
 # -- optimizer -------------------------------------------------------------------------------------
 def schedule(cfg: RecoveryConfig) -> optax.Schedule:
-    """Linear warmup to `lr`, cosine decay to `lr * min_lr_ratio` at `steps`."""
-    warmup = min(cfg.warmup_steps, cfg.steps - 1)
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup, decay_steps=max(cfg.steps, 1),
-        end_value=cfg.lr * cfg.min_lr_ratio)
+    """Linear warmup to `lr`, cosine or linear decay to `lr * min_lr_ratio` (`lr_schedule.py`)."""
+    return lr_schedule(cfg)
 
 
 def make_tx(cfg: RecoveryConfig) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW with the warmup-cosine schedule."""
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
-    parts.append(optax.adamw(schedule(cfg), b1=0.9, b2=0.95, weight_decay=cfg.weight_decay))
+    parts.append(optax.adamw(schedule(cfg), b1=0.9, b2=cfg.beta2, weight_decay=cfg.weight_decay))
     return optax.chain(*parts)
 
 
@@ -111,6 +113,8 @@ def _place(tree, shardings, *, copy: bool = False):
         return jax.device_put(tree, shardings, may_alias=False if copy else None)
 
     def put(x, s):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # global already (a stream)
+            return x
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
     return jax.tree.map(put, tree, shardings)
@@ -150,11 +154,11 @@ def build_steps(parts: _Parts, opt_gdef, strategy: LossStrategy, teacher_gdef, *
 
     def outputs(gdef, trainable, keys, const, teacher_state, tokens):
         model = nnx.merge(gdef, _cast(trainable, compute_dtype), keys, _cast(const, compute_dtype))
-        out = forward(model, tokens, strategy.hidden_layers)
+        out = strategy.student_forward(model, tokens)
         t_out = None
         if strategy.needs_teacher:
             teacher = nnx.merge(teacher_gdef, _cast(teacher_state, compute_dtype))
-            t_out = jax.lax.stop_gradient(forward(teacher, tokens, strategy.hidden_layers))
+            t_out = jax.lax.stop_gradient(strategy.teacher_forward(teacher, tokens))
         return out, t_out
 
     def loss_fn(trainable, keys, const, teacher_state, tokens):
@@ -194,24 +198,6 @@ def build_steps(parts: _Parts, opt_gdef, strategy: LossStrategy, teacher_gdef, *
 
 
 # -- the loop --------------------------------------------------------------------------------------
-def _check_teacher(strategy: LossStrategy, model, teacher) -> None:
-    if not strategy.needs_teacher:
-        return
-    if teacher is None:
-        raise UserError("recovery kind 'distill' needs a teacher model")
-    sc, tc = model.config, teacher.config
-    if sc.vocab_size != tc.vocab_size:
-        raise UserError(f"teacher vocabulary {tc.vocab_size} != student vocabulary {sc.vocab_size}")
-    if strategy.hidden_layers:
-        if sc.hidden_size != tc.hidden_size:
-            raise UserError(f"hidden-state MSE needs equal hidden sizes (student {sc.hidden_size}, "
-                            f"teacher {tc.hidden_size})")
-        bad = [i for i in strategy.hidden_layers if i >= tc.num_layers]
-        if bad:
-            raise UserError(f"recovery.distill.hidden_layers {bad} are beyond the teacher's "
-                            f"{tc.num_layers} layers")
-
-
 def _windows(cfg: RecoveryConfig, windows, tokenizer, data_dir) -> data_lib.TokenWindows:
     if windows is None and cfg.prompt_template:
         if tokenizer is None:
@@ -312,7 +298,7 @@ class _Progress:
 
 
 def _loop(session: _Session, cfg: RecoveryConfig, iterator, heldout, logs: LogDir, *, start: int,
-          end: int, progress: bool) -> _Progress:
+          end: int, progress: bool, keeper: BestKeeper | None = None) -> _Progress:
     """Steps `start` to `end`, with held-out evaluations, metrics and checkpoints on the way."""
     from tqdm.auto import tqdm
 
@@ -325,6 +311,8 @@ def _loop(session: _Session, cfg: RecoveryConfig, iterator, heldout, logs: LogDi
                 else session.evaluate(heldout))}
             logs.log(row)
             done.evals.append(row)
+            if keeper is not None:
+                keeper.observe(row, session.state["trainable"])
 
     tokens_per_step = cfg.batch_size * cfg.seqlen
     if start == 0 and cfg.eval_every:
@@ -374,11 +362,15 @@ def train(model, cfg: RecoveryConfig, *, tokenizer=None, windows: data_lib.Token
     primary = multihost.is_primary()  # a multi-process run: process 0 alone prints and shows bars
     say, progress = (echo if primary and echo else (lambda *a: None)), progress and primary
     sizes = cfg.check(model.config)
-    strategy = strategy_for(cfg)
-    _check_teacher(strategy, model, teacher)
+    # checks the teacher, pairs layers by source layer, attaches projections (recovery.pairs)
+    strategy = pairs_lib.prepare(strategy_for(cfg), model, teacher, seed=cfg.seed)
     mesh = sh.make_mesh(sizes)
     if cfg.domains:  # dynamic batch loading: the loader is the iterator and the held-out set
         iterator = heldout = DomainLoader.build(cfg, windows, tokenizer, data_dir)
+    elif cfg.stream is not None:  # documents streamed from files, each process its rows
+        windows = iterator = data_lib.open_stream(cfg, tokenizer, data_dir,
+                                                  sh.batch_sharding(mesh, 3, leading=1))
+        heldout = iterator.heldout
     else:
         windows = _windows(cfg, windows, tokenizer, data_dir)
         iterator = data_lib.train_iterator(windows.train, batch_size=cfg.batch_size,
@@ -396,17 +388,19 @@ def train(model, cfg: RecoveryConfig, *, tokenizer=None, windows: data_lib.Token
         session.state = {"trainable": restored["trainable"], "opt": restored["opt"]}
         say(f"resume    from step {start} ({logs.checkpoints})")
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    keeper = BestKeeper(enabled=cfg.keep_best)
     try:
         with interrupt.handled():  # SIGINT / SIGTERM / SIGHUP: stop after a step's checkpoint
             done = _loop(session, cfg, iterator, heldout, logs, start=start, end=end,
-                         progress=progress)
+                         progress=progress, keeper=keeper)
     finally:
         logs.close()
 
     trainable = session.state["trainable"]
     placement = {"params": _placement(trainable), "optimizer": _placement(session.state["opt"])}
     # the trained state back into the model object (multi-process: gathered, whole in each process)
-    nnx.update(model, multihost.local_copy(trainable))
+    nnx.update(model, keeper.final(trainable, finished=end == cfg.steps))  # keep_best: the best
+    pairs_lib.detach(model)  # distillation's projections are never part of the student
     lora_lib.set_training(model, False)
     merged = 0
     if cfg.lora is not None and cfg.lora.merge and end == cfg.steps:
@@ -423,7 +417,7 @@ def train(model, cfg: RecoveryConfig, *, tokenizer=None, windows: data_lib.Token
         else float("nan"),
         mesh=sizes, strategy=strategy.describe(),
         data=(heldout if cfg.domains else windows).describe(),
-        domains=domains,
+        domains=domains, best=keeper.report(),
         resumed_from=start if restored is not None else None, lora_paths=lora_paths,
         lora_merged=merged, metrics_path=str(logs.metrics) if logs.metrics else None,
         plot_path=str(logs.plot) if logs.plot and logs.plot.exists() else None, placement=placement)

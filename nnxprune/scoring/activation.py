@@ -21,9 +21,20 @@
     for removing KV heads, which Minitron does not do by default).
   - Hidden channel c: the sum over every RMSNorm inside the decoder layers (input and
     post-attention norms, 2 per layer; not the final norm) of that norm output's `imp_c`.
-  The collection's `prune_width.py` (zlab-princeton/llm-pruning-collection) sums
-  `(mean |x|)^2` over samples and norms without the square root; that ranks MLP neurons the same
-  but hidden channels differently. We follow ModelOpt's (and the issue's) definition above.
+  ModelOpt's hooks (`modelopt/torch/nas/plugins/megatron.py`, `_linear_fc2_forward_hook` and
+  `_emb_layernorm_forward_hook`) read Megatron's `[seq, batch, channels]` layout:
+  `x.abs().mean(dim=0)` is the mean over tokens, `.pow(2).sum(dim=0)` the sum over the batch's
+  sequences, accumulated over batches; the square root is taken at the end, per norm for hidden
+  channels, which then sums the norms' roots. The collection's `prune_width.py`
+  (zlab-princeton/llm-pruning-collection, `pruning/minitron/`) applies the same two reductions
+  to transformers' `[batch, seq, channels]`, so their roles swap: `mean(dim=0)` averages over
+  the batch and `sum(dim=0)` sums over tokens, giving `sum_t (mean_b |x[b, t, c]|)^2`, summed over
+  its scorer's batches (and, for hidden channels, over every input and post-attention norm) with
+  no square root. Its perplexity scorer runs one sequence per batch (`get_ppl`, `batch_size=1`),
+  so a channel's score is `sum over sequences and tokens of x^2`, the squared L2 norm over all
+  calibration tokens: an energy, not ModelOpt's norm of per-sequence mean magnitudes, and it
+  ranks MLP neurons and hidden channels differently from ModelOpt in general. We follow
+  ModelOpt's (and the paper's) definition above.
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ ShortGPT removes the layers of lowest BI in one shot.
 
 The statistic is `calibration.collectors.BlockInfluence`, gathered on the dense model in one
 pass of the sequential driver. The collection's `prune_depth.py` (zlab-princeton/llm-pruning-
-collection) averages the per-batch means of its lm-eval batches instead; with one sequence length
-per pass the two agree, and the definition above is the paper's.
+collection) averages the per-forward means over the batches its scorer runs instead: perplexity
+windows (`get_ppl`, one sequence of `seq_len` tokens per batch) or an lm-eval task's requests; with
+one sequence length per pass the two agree, and the definition above is the paper's.
 
 Example:
     >>> stats = collect_statistics(model, tokens, get_score("block_influence").collectors())

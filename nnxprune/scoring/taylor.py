@@ -15,8 +15,13 @@ reduces its weights along the member's other axis:
 - `random` (the random baseline): uniform draws, seeded per (seed, layer, group kind).
 
 Channels of one head are summed (`consecutive_groups = head_dim`) and the group's members are
-summed (the reference's default `grouping_strategy = sum`; `reduce_members`). Only the decoder
-layers' Linears carry gradients: RMSNorm scales, the embedding and the output head take no part.
+summed (the reference's default `grouping_strategy = sum`; `reduce_members`). For head and neuron
+groups only the decoder layers' Linears carry gradients (`gradient_pass`). Hidden channels (the
+`embed` group, LLM-Pruner's `--channel_wise`) take every member's term, as the reference's
+`TaylorImportance` does for `prune_embedding_out_channels` (sum over the vocabulary of
+|W * g|) and the RMSNorm pruner (|w * g| per channel): `hidden_gradient_pass` differentiates
+every parameter, the embedding, every norm scale and the output head included. With tied
+embeddings the one shared matrix is one member, its gradient that of both uses.
 
 GQA: a KV group is its k and v head, the query heads that share them and their o_proj inputs.
 We credit query head `h` to KV head `h // (n / K)`, the block layout transformers' `repeat_kv`
@@ -41,10 +46,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Sequence
 
+import time
+
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from nnxprune.calibration.gradients import GRADIENT, GRADIENT_SQ, gradient_pass
+from nnxprune.calibration.gradients import (GRADIENT, GRADIENT_SQ, Gradients, gradient_pass,
+                                            mean_next_token_ce)
 from nnxprune.errors import UserError
 from nnxprune.graph import KINDS, find_group
 from nnxprune.scoring.base import (Score, Stats, get_score, layer_of, member_array,
@@ -92,15 +102,74 @@ class GradientScore(Score):
         return super().__call__(model, group, stats)
 
 
+OUTSIDE = -1  # the statistics key of the parameters outside the decoder layers
+
+
+def _loss(graphdef, params, rest, tokens):
+    return mean_next_token_ce(nnx.merge(graphdef, params, rest)(tokens), tokens)
+
+
+@jax.jit
+def _all_grads(graphdef, params, rest, tokens):
+    return jax.value_and_grad(_loss, argnums=1)(graphdef, params, rest, tokens)
+
+
+@jax.jit
+def _all_grads_sq(graphdef, params, rest, tokens):
+    """`mean_j g_j^2` over the rows of `tokens`, one backward per row (a scan)."""
+    def body(acc, row):
+        g = jax.grad(_loss, argnums=1)(graphdef, params, rest, row[None])
+        return jax.tree.map(lambda a, x: a + x * x, acc, g), None
+    total, _ = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), tokens)
+    return jax.tree.map(lambda a: a / tokens.shape[0], total)
+
+
+def _by_module(state, key: str, out: dict) -> None:
+    """`{layer or OUTSIDE: {key: {module path in the layer: array}}}` (one Param per module)."""
+    for path, var in nnx.to_flat_state(state):
+        layer = int(path[1]) if len(path) > 2 and path[0] == "layers" else OUTSIDE
+        name = ".".join(map(str, path[2:-1] if layer != OUTSIDE else path[:-1]))
+        out.setdefault(layer, {}).setdefault(key, {})[name] = var[...]
+
+
+def hidden_gradient_pass(model, tokens, *, second_order: bool = False) -> Gradients:
+    """Gradients of the mean next-token CE over `tokens [n, T]` w.r.t. every parameter (float32):
+    the decoder kernels as `gradient_pass` gives them, plus every norm scale (under its layer)
+    and the embedding, final norm and output head (under `OUTSIDE`); with `second_order`, also
+    `mean_j g_j^2` from one backward per row. It runs where the model is (one device), not
+    under the mesh rules `gradient_pass` spreads a large model with."""
+    tokens = jnp.asarray(np.asarray(tokens))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    f32 = lambda t: jax.tree.map(  # noqa: E731
+        lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, t)
+    params, rest = f32(params), f32(rest)
+    start = time.perf_counter()
+    loss, grads = _all_grads(graphdef, params, rest, tokens)
+    loss = float(loss)
+    seconds = time.perf_counter() - start
+    stats: dict[int, dict[str, Any]] = {}
+    _by_module(grads, GRADIENT, stats)
+    seconds_sq = 0.0
+    if second_order:
+        start = time.perf_counter()
+        _by_module(jax.block_until_ready(_all_grads_sq(graphdef, params, rest, tokens)),
+                   GRADIENT_SQ, stats)
+        seconds_sq = time.perf_counter() - start
+    return Gradients(loss=loss, stats=stats, seconds=seconds, seconds_sq=seconds_sq)
+
+
 class _Taylor(GradientScore):
     variant: ClassVar[str] = "element1"
 
     def member(self, model, member, stats):
+        """Per-entry Taylor values of a member whose gradient the statistics hold (None for one
+        they do not: the norms, embedding and head after `gradient_pass`)."""
         layer, name = layer_of(member)
-        if layer is None or member.variable != "kernel":
+        grads = stats.get(OUTSIDE if layer is None else layer, {})
+        grad = grads.get(GRADIENT, {}).get(name)
+        if grad is None:
             return None
-        grads = stats[layer]
-        return taylor_values(member_array(model, member), grads[GRADIENT][name],
+        return taylor_values(member_array(model, member), grad,
                              grads.get(GRADIENT_SQ, {}).get(name), self.variant, member.axis)
 
 

@@ -55,7 +55,7 @@ def domain_windows() -> dict[str, TokenWindows]:
 
 DOMAINS = {"easy": {"source": "c4", "weight": 1.0}, "hard": {"source": "c4", "weight": 1.0}}
 DOMAIN_MESH_RUN = {"steps": 4, "batch_size": 8, "grad_accum": 2, "eval_every": 2,
-                   "eval_batches": 1, "domains": DOMAINS}
+                   "eval_batches": 1, "domains": DOMAINS, "reference": "initial-loss"}
 
 
 def config(**overrides) -> RecoveryConfig:

@@ -1,6 +1,7 @@
 """Dynamic batch loading (Sheared LLaMA): the weight update against its closed form (toward the
 domain furthest above its reference, summing to 1, smoothed), the sampler's domain frequencies,
-the `[recovery.domains]` config, and tiny end-to-end runs in dynamic and fixed mode."""
+the `[recovery.domains]` config, reference losses (recipe, scaling-law fit, the refusal without
+one, the explicit "initial-loss" opt-in), and tiny end-to-end runs in dynamic and fixed mode."""
 
 import json
 import os
@@ -16,7 +17,8 @@ from recovery_common import (DOMAIN_MESH_RUN, DOMAINS, config, domain_windows, t
 from nnxprune.errors import UserError
 from nnxprune.recipes import load_recipe
 from nnxprune.recovery import RecoveryConfig, continued_pretraining, train
-from nnxprune.recovery.dynamic import SMOOTHING, DomainSampler, update_weights
+from nnxprune.recovery.dynamic import SMOOTHING, DomainLoader, DomainSampler, update_weights
+from nnxprune.recovery.scaling_law import ScalingFit
 
 tiny_folder = test_cli.tiny_folder  # the tiny model + tokenizer fixture of the CLI tests
 
@@ -93,6 +95,18 @@ def test_sampler_follows_the_weights_deterministically_and_resumes():
     ({"domains": DOMAINS, "dataset": "x.jsonl", "prompt_template": "alpaca"},
      "prompt_template does not apply"),
     ({"domian": DOMAINS}, "did you mean 'domains'"),
+    ({"domains": DOMAINS}, "reference loss for domain\\(s\\) easy, hard: give reference_loss"),
+    ({"domains": DOMAINS, "reference": "initial"}, "did you mean 'initial-loss'"),
+    ({"domains": DOMAINS, "reference": {"params": 1e8, "fit": {"easy": {"E": 1.0, "A": 2.0}}}},
+     "fit.easy needs alpha"),
+    ({"domains": DOMAINS, "reference": {"fit": {"easy": {"E": 1.0, "A": 2.0, "alpha": 0.3}}}},
+     "reference.params .* is needed"),
+    ({"domains": DOMAINS, "reference": {"params": 1e8, "fit": {"esay": {"E": 1, "A": 2,
+                                                                        "alpha": 0.3}}}},
+     "fit.esay: no such domain"),
+    ({"domains": DOMAINS, "reference": {"params": 1e8, "fit": {
+        "easy": {"E": 1, "A": 2, "alpha": 0.3, "B": 5, "beta": 0.2}}}}, "reference.tokens is needed"),
+    ({"reference": "initial-loss"}, "applies to \\[recovery.domains.NAME\\]"),
 ])
 def test_config_errors(overrides, message):
     base = {"kind": "pretrain", "eval_every": 5, "eval_batches": 1}
@@ -106,8 +120,11 @@ def test_recipe_tables(tmp_path):
                     'eval_every = 2\neval_batches = 1\n'
                     '[recovery.domains.news]\nsource = "c4"\ncategory = "news"\nweight = 2.0\n'
                     '[recovery.domains.rest]\nsource = "c4"\nurl = "example"\n'
-                    'reference_loss = 2.5\n')
+                    'reference_loss = 2.5\n'
+                    '[recovery.reference]\nparams = 9.0e7\n'
+                    '[recovery.reference.fit.news]\nE = 1.9\nA = 410.0\nalpha = 0.34\n')
     cfg = load_recipe(path).recovery
+    assert cfg.reference.fit["news"] == ScalingFit(E=1.9, A=410.0, alpha=0.34)
     assert cfg.dynamic is True and list(cfg.domains) == ["news", "rest"]
     assert cfg.domains["news"].weight == 2.0 and cfg.domains["rest"].reference_loss == 2.5
     assert cfg.to_dict()["domains"]["news"]["category"] == "news"
@@ -116,7 +133,7 @@ def test_recipe_tables(tmp_path):
 
 def run(tmp_path, **overrides):
     cfg = config(steps=12, batch_size=8, eval_every=4, eval_batches=1, domains=DOMAINS,
-                 **overrides)
+                 reference="initial-loss", **overrides)  # the explicit opt-in: the old default
     return train(tiny_model(), cfg, windows=domain_windows(), log_dir=tmp_path, progress=False)
 
 
@@ -154,7 +171,8 @@ def test_dynamic_run_end_to_end(tmp_path):
 def test_continued_pretraining_with_a_reference_model(tmp_path):
     cfg = config(steps=4, batch_size=8, eval_every=2, eval_batches=1,
                  domains={"easy": {"source": "c4"}, "hard": {"source": "c4",
-                                                              "reference_loss": 1.0}})
+                                                              "reference_loss": 1.0}},
+                 reference="reference-model")
     reference = tiny_model(seed=5)
     result = continued_pretraining(tiny_model(), cfg, None, windows=domain_windows(),
                                    reference_model=reference)
@@ -167,9 +185,37 @@ def test_continued_pretraining_with_a_reference_model(tmp_path):
         continued_pretraining(tiny_model(), config(), None)
 
 
+def test_reference_losses_from_a_scaling_law_fit():
+    """The fit evaluated at the target size, by hand: L = E + A / N^alpha + B / D^beta; a
+    recipe's reference_loss wins over the fit; no training needed (the loader alone)."""
+    fits = {"easy": {"E": 1.5, "A": 300.0, "alpha": 0.3},
+            "hard": {"E": 2.0, "A": 50.0, "alpha": 0.25, "B": 400.0, "beta": 0.28}}
+    cfg = config(steps=4, batch_size=8, eval_every=2, eval_batches=1, domains=DOMAINS,
+                 reference={"params": 1.3e9, "tokens": 5.0e10, "fit": fits})
+    loader = DomainLoader(cfg, domain_windows())
+    assert loader.reference["easy"] == pytest.approx(1.5 + 300.0 / 1.3e9 ** 0.3, rel=1e-12)
+    assert loader.reference["hard"] == pytest.approx(
+        2.0 + 50.0 / 1.3e9 ** 0.25 + 400.0 / 5.0e10 ** 0.28, rel=1e-12)
+    assert loader.reference_from == {"easy": "scaling law", "hard": "scaling law"}
+    assert loader.reference["easy"] == pytest.approx(2.05327, abs=1e-5)  # 1.3e9^0.3 = 542.229
+    mixed = config(steps=4, batch_size=8, eval_every=2, eval_batches=1,
+                   domains={"easy": {"source": "c4", "reference_loss": 0.5},
+                            "hard": {"source": "c4"}},
+                   reference={"params": 1.3e9, "fit": {"easy": fits["easy"],
+                                                       "hard": {"E": 2.0, "A": 50.0,
+                                                                "alpha": 0.25}}})
+    loader = DomainLoader(mixed, domain_windows())
+    assert loader.reference == {"easy": 0.5, "hard": pytest.approx(2.0 + 50.0 / 1.3e9 ** 0.25)}
+    assert loader.reference_from == {"easy": "recipe", "hard": "scaling law"}
+    # fixed weights need no reference: the start loss labels the report, as before
+    assert DomainLoader(config(steps=4, batch_size=8, eval_every=2, eval_batches=1,
+                               domains=DOMAINS, dynamic=False),
+                        domain_windows()).reference_from == {"easy": "start", "hard": "start"}
+
+
 def test_resume_in_domain_mode_equals_uninterrupted(tmp_path):
     run_cfg = dict(steps=6, batch_size=8, eval_every=2, eval_batches=1, checkpoint_every=2,
-                   domains=DOMAINS)
+                   domains=DOMAINS, reference="initial-loss")
     full = train(tiny_model(), config(**run_cfg), windows=domain_windows(), progress=False,
                  log_dir=tmp_path / "full")
     first = train(tiny_model(), config(**run_cfg), windows=domain_windows(), progress=False,
@@ -192,6 +238,12 @@ def test_train_command_with_domains(capsys, tiny_folder, tmp_path):
             'warmup_steps = 1\neval_every = 2\neval_batches = 1\n'
             f'[recovery.domains.tower]\nsource = "{tmp_path / "a.txt"}"\n'
             f'[recovery.domains.noise]\nsource = "{tmp_path / "b.jsonl"}"\nweight = 3\n')
+    (tmp_path / "none.toml").write_text(body)  # no reference loss: refused before any work
+    code, _, err = cli(capsys, "train", tiny_folder, "--recipe", tmp_path / "none.toml", "--json",
+                       tmp_path / "none.json", "--no-progress")
+    test_cli.assert_user_error(code, err, "dynamic batch loading needs a reference loss")
+    assert not (tmp_path / "none.json").exists() and not (tmp_path / "none.train").exists()
+    body = body.replace('eval_batches = 1\n', 'eval_batches = 1\nreference = "initial-loss"\n', 1)
     (tmp_path / "r.toml").write_text(body)
     report = tmp_path / "rep.json"
     code, stdout, err = cli(capsys, "train", tiny_folder, "--recipe", tmp_path / "r.toml",

@@ -121,6 +121,47 @@ def test_scores_equal_torch_autograd(parity, variant, score, layer):
     assert np.ptp(mlp) > 0.1 * mlp.max()  # scores spread: the comparison means something
 
 
+def ref_hidden(ref, variant):
+    """Per hidden channel, every member of the hidden group as LLM-Pruner's `TaylorImportance`
+    scores it (`--channel_wise`): embedding and head columns, norm entries (|s|, or |s2| for the
+    second-order variants), projection inputs (q, k, v, gate, up) and outputs (o, down)."""
+    def norm(w, g, f):
+        s, s2 = w * g, w * f * w
+        return {"element1": np.abs(s), "vector": np.abs(s), "element2": np.abs(s2),
+                "mix": np.abs(s - 0.5 * s2)}[variant]
+    total = channel_values(*ref["model.embed_tokens.weight"], variant, 1)
+    total = total + channel_values(*ref["lm_head.weight"], variant, 1) + norm(*ref["model.norm.weight"])
+    for i in range(2):
+        p = f"model.layers.{i}."
+        total = total + norm(*ref[p + "input_layernorm.weight"]) + norm(*ref[p + "post_attention_layernorm.weight"])
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            total = total + channel_values(*ref[p + name + ".weight"], variant, 1)
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            total = total + channel_values(*ref[p + name + ".weight"], variant, 0)
+    return total
+
+
+@pytest.mark.parametrize("variant,score", [("element1", "taylor"), ("element2", "taylor_element2"),
+                                           ("mix", "taylor_mix")])
+def test_hidden_channels_take_embedding_norm_and_head_terms(parity, variant, score):
+    """The `embed` group (LLM-Pruner's channel mode) against torch autograd, every parameter's
+    gradient included; without the norm terms the scores would differ."""
+    from nnxprune.scoring.taylor import hidden_gradient_pass
+
+    model, _, loss, ref = parity
+    grads = hidden_gradient_pass(model, calib_tokens(), second_order=True)
+    np.testing.assert_allclose(grads.loss, loss, rtol=1e-6)
+    ours = get_score(score)(model, find_group(model, "embed"), grads.stats)
+    want = ref_hidden(ref, variant)
+    np.testing.assert_allclose(ours, want, rtol=1e-5)
+    norms = sum(np.abs(ref[n][0] * ref[n][1]) for n in ref if n.endswith("norm.weight"))
+    assert np.max(norms / want) > 1e-3  # the norm terms are a measurable part of the score
+    # the block-mode pass has no gradients for the embedding, norms or head: none take part
+    only_kernels = get_score(score)(model, find_group(model, "embed"), gradient_pass(
+        model, calib_tokens(), second_order=True).stats)
+    assert np.all(only_kernels < ours)
+
+
 def test_kv_groups_follow_repeat_kv_blocks_not_the_reference_modulo_fold(tmp_path):
     """Query heads 1, 2, 3 made strong: by blocks KV head 0 holds two of them (1, 2), by the
     modulo fold KV head 1 does (1, 3). Ours ranks by blocks, as attention pairs the heads."""
