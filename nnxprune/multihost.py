@@ -47,6 +47,7 @@ EXIT_PEER_LOST = 1
 _TEXT_BYTES = 4096  # agree_text's buffer
 _joined = False
 _failing = False  # this process called `fail`: its watchdog says nothing more
+_watch_stop = threading.Event()  # set at exit: the watchdog returns (`_stop_watch`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +153,7 @@ def _watch(client, me: int, count: int, label: str) -> None:
     stack trace; its C++ callback cannot be replaced from Python in jaxlib 0.10.)"""
     seen = {i: (None, time.monotonic()) for i in range(count) if i != me}
     last_ok, beat = time.monotonic(), 0
-    while True:
+    while not _watch_stop.is_set():
         beat += 1
         now = time.monotonic()
         try:
@@ -171,7 +172,16 @@ def _watch(client, me: int, count: int, label: str) -> None:
         except Exception as e:  # noqa: BLE001 - the coordinator (process 0) is gone
             if now - last_ok > HEARTBEAT_SECONDS and not _failing:
                 _lost(label, f"the coordinator stopped answering: {str(e).splitlines()[0][:120]}")
-        time.sleep(1.0)
+        _watch_stop.wait(1.0)
+
+
+def _stop_watch(thread) -> None:
+    """At exit, before JAX's own shutdown: the watchdog ends its last call and returns. A daemon
+    thread still inside a JAX call when the interpreter finalizes is unwound by `pthread_exit`
+    through C++ frames as it takes the GIL back, which aborts the process ("FATAL: exception not
+    rethrown", exit -6) after its work is done."""
+    _watch_stop.set()
+    thread.join(timeout=2 * HEARTBEAT_SECONDS)
 
 
 def _let_others_see(client, me: int) -> None:
@@ -332,8 +342,13 @@ def join(cluster: Cluster, *, label: str = "nnxprune", echo=print) -> None:
     if _joined:
         sys.excepthook = _excepthook
     if _joined and _client() is not None:
-        threading.Thread(target=_watch, args=(_client(), jax.process_index(), jax.process_count(),
-                                              label), daemon=True, name="nnxprune-peers").start()
+        import atexit
+
+        watchdog = threading.Thread(target=_watch, args=(_client(), jax.process_index(),
+                                                         jax.process_count(), label),
+                                    daemon=True, name="nnxprune-peers")
+        watchdog.start()
+        atexit.register(_stop_watch, watchdog)  # runs before JAX's shutdown (registered earlier)
     if is_primary():
         echo(f"jax       process {jax.process_index()} of {jax.process_count()}, "
              f"{jax.device_count()} devices ({jax.local_device_count()} local)")
