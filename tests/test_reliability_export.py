@@ -364,6 +364,7 @@ def test_readme_llm_pruner_lora_command_with_alpaca_data_on_smollm2(capsys, tmp_
         "--set", f"recovery.dataset={json.dumps(str(data))}", "--set",
         "recovery.prompt_template=alpaca", *_sets("recovery.steps=2", "recovery.batch_size=2",
                                                   "recovery.seqlen=128", "recovery.eval_batches=0",
+                                                  "recovery.keep_best=false",
                                                   "eval.seqlen=128", "eval.max_windows=1"),
         "--no-progress", "--no-views")
     assert code == 0, err
