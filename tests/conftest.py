@@ -70,3 +70,29 @@ def no_loading(monkeypatch):
     for module in (runner, recovery_run):
         monkeypatch.setattr(module, "load_model", refuse)
     monkeypatch.setattr("nnxprune.io.load.load_model", refuse)
+
+
+def tiny_cli_folder(root, *, num_layers: int):
+    """A tiny HF folder `root/tiny` with a trained byte-level BPE tokenizer (the command reads it)
+    and a local calibration text `root/calib.txt`; `root` is returned."""
+    from flax import nnx
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from nnxprune.io.hf import export_hf
+    from nnxprune.models.llama import Llama, LlamaConfig
+
+    text = ("The tower is 324 metres tall, about the same height as an 81-storey building. "
+            "It was the tallest man-made structure in the world for 41 years. ") * 20
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainer=trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    cfg = LlamaConfig.uniform(vocab_size=320, hidden_size=32, num_layers=num_layers, num_heads=4,
+                              num_kv_heads=2, intermediate_size=64, head_dim=8,
+                              max_position_embeddings=64, eos_token_id=0)
+    export_hf(randomize_params(Llama(cfg, rngs=nnx.Rngs(0)), scale=0.1), root / "tiny",
+              tokenizer=PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>"))
+    (root / "calib.txt").write_text("\n\n".join([text] * 4))
+    return root

@@ -9,7 +9,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import randomize_params
+from conftest import randomize_params, tiny_cli_folder
 from flax import nnx
 
 from nnxprune import cli
@@ -146,24 +146,7 @@ def _recipe(tmp_path, step: str, calibration: str = "") -> str:
 @pytest.fixture(scope="module")
 def cli_folder(tmp_path_factory):
     """A tiny HF folder with a tokenizer (the command reads it) and a local calibration text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    text = ("The tower is 324 metres tall, about the same height as an 81-storey building. "
-            "It was the tallest man-made structure in the world for 41 years. ") * 20
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([text], trainer=trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    cfg = LlamaConfig.uniform(vocab_size=320, hidden_size=32, num_layers=3, num_heads=4,
-                              num_kv_heads=2, intermediate_size=64, head_dim=8,
-                              max_position_embeddings=64, eos_token_id=0)
-    root = tmp_path_factory.mktemp("cli-streamed-methods")
-    export_hf(randomize_params(Llama(cfg, rngs=nnx.Rngs(0)), scale=0.1), root / "tiny",
-              tokenizer=PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>"))
-    (root / "calib.txt").write_text("\n\n".join([text] * 4))
-    return root
+    return tiny_cli_folder(tmp_path_factory.mktemp("cli-streamed-methods"), num_layers=3)
 
 
 def _calibration(cli_folder) -> str:
