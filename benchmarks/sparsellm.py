@@ -43,13 +43,16 @@ VARIANTS = {"4": {"iterations": 4, "layer_iterations": REFERENCE_SCHEDULE},
             "best": {"iterations": 4, "layer_iterations": REFERENCE_SCHEDULE, "keep_best": True}}
 
 
-def spec_for(method: str, variant: str | None, pattern: str, scope: str, num_layers: int, args) -> dict:
+def spec_for(method: str, variant: str | None, pattern: str, scope: str, num_layers: int, args,
+             ab: tuple[float, float] | None = None) -> dict:
     from nnxprune.transforms.sparsellm import first_layers
 
     spec = {"kind": method, "batch_size": args.batch_size,
             **({"pattern": pattern} if ":" in pattern else {"sparsity": float(pattern)})}
     if method == "sparsellm":
         spec.update(VARIANTS[variant])
+        if ab is not None:
+            spec.update(alpha=ab[0], beta=ab[1])
         if scope == "half":
             spec["fraction"] = 0.5
     elif scope == "half":
@@ -58,19 +61,37 @@ def spec_for(method: str, variant: str | None, pattern: str, scope: str, num_lay
     return spec
 
 
-def _jobs(args) -> list[tuple[str, str | None, str, str]]:
-    """(method, variant, pattern, scope): per scope and pattern SparseGPT then the SparseLLM
-    variants, except `8`, whose rows come after all others."""
+def _grid(args) -> list[tuple[float, float] | None]:
+    """The (alpha, beta) pairs of --alphas x --betas; [None] (the recipe's 5, 5) when not given."""
+    if not args.alphas and not args.betas:
+        return [None]
+    try:
+        alphas = [float(a) for a in (args.alphas or "5").split(",")]
+        betas = [float(b) for b in (args.betas or "5").split(",")]
+    except ValueError as e:
+        raise SystemExit(f"--alphas/--betas: {e}") from None
+    if min(alphas + betas) <= 0:
+        raise SystemExit("--alphas/--betas: every value must be > 0")
+    return [(a, b) for a in alphas for b in betas]
+
+
+def _jobs(args) -> list[tuple]:
+    """(method, variant, pattern, scope, (alpha, beta) or None): per scope and pattern SparseGPT
+    then the SparseLLM variants (each over the alpha x beta grid), except `8`, whose rows come
+    after all others."""
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
         if v not in VARIANTS:
             raise SystemExit(f"--variants: unknown {v!r} (known: {', '.join(VARIANTS)})")
+    grid = _grid(args)
     first, last = [], []
     for scope in args.scopes.split(","):
         for pattern in args.patterns.split(","):
-            first.append(("sparsegpt", None, pattern, scope))
+            if not args.no_sparsegpt:
+                first.append(("sparsegpt", None, pattern, scope, None))
             for v in variants:
-                (last if v == "8" else first).append(("sparsellm", v, pattern, scope))
+                (last if v == "8" else first).extend(
+                    ("sparsellm", v, pattern, scope, ab) for ab in grid)
     return first + last
 
 
@@ -88,12 +109,20 @@ def _resumed_rows(args, setup) -> dict:
             and all(old["calibration"].get(k) == getattr(args, k) for k in ("nsamples", "seqlen", "seed")))
     if not same:
         raise SystemExit(f"--resume: {path} was written with other settings; use another --out")
-    return {tuple(r["key"]): r for r in old["rows"] if "key" in r}
+    return {_key(*r["key"]): r for r in old["rows"] if "key" in r}
+
+
+def _key(method, variant, pattern, scope, ab=None) -> tuple:
+    return (method, variant, pattern, scope, None if ab is None else tuple(ab))
 
 
 def _label(r) -> str:
-    return r["method"] if r["method"] == "sparsegpt" else f"sparsellm, {r['rounds']}" + (
-        " rounds" if r["rounds"] != "best" else " (keep-best, 4-round schedule)")
+    if r["method"] == "sparsegpt":
+        return "sparsegpt"
+    ab = r["spec"].get("alpha", 5.0), r["spec"].get("beta", 5.0)
+    return f"sparsellm, {r['rounds']}" + (
+        " rounds" if r["rounds"] != "best" else " (keep-best, 4-round schedule)") + (
+        f", alpha {ab[0]:g} beta {ab[1]:g}" if ab != (5.0, 5.0) else "")
 
 
 def _write(args, setup, num_layers, rows, quiet=False) -> None:
@@ -136,10 +165,11 @@ def _write(args, setup, num_layers, rows, quiet=False) -> None:
     write_results(args.out, report, "\n".join(md) + "\n", quiet=quiet)
 
 
-def _row(setup, method, variant, pattern, scope, num_layers, args) -> dict:
-    spec = spec_for(method, variant, pattern, scope, num_layers, args)
+def _row(setup, method, variant, pattern, scope, num_layers, args, ab=None) -> dict:
+    spec = spec_for(method, variant, pattern, scope, num_layers, args, ab)
     row, entry = prune_and_score(setup, spec)
-    row.update(scope=scope, spec=spec, key=[method, variant, pattern, scope], prune_s=row["prune_seconds"],
+    row.update(scope=scope, spec=spec, key=[method, variant, pattern, scope, ab],
+               prune_s=row["prune_seconds"],
                measured_sparsity=row["sparsity"], timings=entry.get("timings", {}),
                loadavg=list(os.getloadavg()))
     n, m = map(int, pattern.split(":")) if ":" in pattern else (0, 0)
@@ -162,6 +192,9 @@ def main(argv=None) -> int:
     p.add_argument("--patterns", default="0.7,0.8,0.9", help="unstructured sparsities and N:M patterns")
     p.add_argument("--scopes", default="all", help="all layers and/or the first half (all,half)")
     p.add_argument("--variants", default="4,best,8", help="SparseLLM variants: 4, 8, best")
+    p.add_argument("--alphas", default="", help="SparseLLM alpha grid, e.g. 0.1,1,10 (default: 5)")
+    p.add_argument("--betas", default="", help="SparseLLM beta grid, e.g. 0.1,1,10 (default: 5)")
+    p.add_argument("--no-sparsegpt", action="store_true", help="SparseLLM rows only")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows an earlier run of the same settings wrote to --out")
     add_pruning_args(p, "sparsellm.json")
@@ -172,17 +205,18 @@ def main(argv=None) -> int:
     num_layers = setup.loaded.model.config.num_layers
     rows = []
     done = _resumed_rows(args, setup) if args.resume else {}
-    for method, variant, pattern, scope in jobs:
-        if (method, variant, pattern, scope) in done:
-            rows.append(done[method, variant, pattern, scope])
-            print(f"{method:9s} {variant or '-':4s} {pattern:>4s} {scope:4s}  (from {args.out})", flush=True)
+    for method, variant, pattern, scope, ab in jobs:
+        if _key(method, variant, pattern, scope, ab) in done:
+            rows.append(done[_key(method, variant, pattern, scope, ab)])
+            print(f"{method:9s} {variant or '-':4s} {pattern:>4s} {scope:4s} {ab}  (from {args.out})",
+                  flush=True)
             continue
-        row = _row(setup, method, variant, pattern, scope, num_layers, args)
+        row = _row(setup, method, variant, pattern, scope, num_layers, args, ab)
         rows.append(row)
         extra = (f"  MLP rel. error {row['mlp_relative_error_round1']:.4f} -> "
                  f"{row['mlp_relative_error_last']:.4f}  {row['seconds_per_round']:.2f} s/round"
                  if method == "sparsellm" else "")
-        print(f"{method:9s} {variant or '-':4s} {row['pattern']:>4s} {scope:4s}  ppl {row['ppl']:10.3f}  "
+        print(f"{method:9s} {variant or '-':4s} {row['pattern']:>4s} {scope:4s} {ab or ''}  ppl {row['ppl']:10.3f}  "
               f"sparsity {row['measured_sparsity']:.4f}  {row['prune_s']:7.1f} s  peak "
               f"{row['peak_memory_bytes'] / 2**30:.2f} GiB  load {row['loadavg'][0]:.1f}{extra}", flush=True)
         _write(args, setup, num_layers, rows, quiet=True)  # a cut-off run keeps its rows
