@@ -13,7 +13,8 @@ shared. Recovery is CPU-sized: the recipes' 12 steps of 4 x 256 C4 tokens (`--st
 
 Baselines: ShortGPT, Minitron depth and Minitron width are cited from
 `results/structured.json` (same model, protocol and parameter count for the depth methods;
-its width row removes 41%, so Minitron width is also rerun here at MLP 1536 -> 1024, 19.7%), and
+its width row removes 41%, so Minitron width is also run here at MLP 1536 -> 1024, 19.7%, one
+transform on the structured table's C4 32 x 1024 draw, no recipe sets it), and
 LLM-Pruner element1 from `results/llm_pruner.json` (its table scores 8 windows, not 32, so it is
 rerun here on this protocol with `recipes/llm-pruner-element1.toml`). Rerun rows say so.
 
@@ -42,7 +43,10 @@ METHODS = [
     ("shortened-llama", "PPL, CPT", "shortened-ppl-cpt"),
     ("shortened-llama", "Taylor+, LoRA", "shortened-taylor-lora"),
     ("wanda-sp", "ratio 0.333, uniform", "wanda-sp"),
+    ("minitron-width", "MLP 1536 -> 1024, activation", "minitron-width-mlp1024"),
 ]
+# baselines at the matched count that no recipe sets: one transform on C4 32 x 1024 (run_recipe)
+SPECS = {"minitron-width-mlp1024": {"kind": "width", "score": "activation", "intermediate": 1024}}
 # depth baselines of results/structured.json, re-scored on this protocol by their recorded layers
 RESCORED = [("shortgpt", "block influence, 8 blocks", "shortgpt"),
             ("minitron-depth", "block search, 8 blocks", "minitron-depth")]
@@ -183,8 +187,9 @@ def merge(args) -> None:
                   recovery=next((p["recovery"] for p in parts if p["recovery"] != "none run"),
                                 "none run"),
                   wall_seconds=max(p["wall_seconds"] or 0 for p in parts),  # side by side
-                  parts=[{"file": p["file"], "date": p["date"], "wall_seconds": p["wall_seconds"],
-                          "machine": p["machine"]} for p in parts])
+                  parts=[q for p in parts for q in p.get("parts") or [  # earlier merges kept
+                      {"file": p["file"], "date": p["date"], "wall_seconds": p["wall_seconds"],
+                       "machine": p["machine"]}]])
     report.pop("file", None)
     write_results(args.out, report, markdown(report))
 
@@ -229,11 +234,12 @@ def main() -> None:
     from nnxprune.recipes import load_recipe
 
     for method, setting, name in [m for m in METHODS if m[2] in args.recipes]:
-        spec = None
-        r = load_recipe(RECIPES / f"{name}.toml")
-        key = json.dumps([r.pipeline.to_dict(), str(r.calibration)])
+        spec = SPECS.get(name)
+        r = None if spec else load_recipe(RECIPES / f"{name}.toml")
+        key = json.dumps(spec) if spec else json.dumps([r.pipeline.to_dict(), str(r.calibration)])
         if key not in pruned:
-            model, seconds, log, recipe, calib = run_recipe(loaded, name, spec, data_dir)
+            model, seconds, log, recipe, calib = run_recipe(loaded, None if spec else name, spec,
+                                                            data_dir)
             ppl = score_windows(model, windows, protocol, progress=False).ppl
             pruned[key] = (model, seconds, log, calib, ppl)
         model, seconds, log, calib, ppl = pruned[key]
@@ -241,7 +247,7 @@ def main() -> None:
         row = {"method": method, "setting": setting, "params": count_params(model), "ppl": ppl,
                "ppl_after": None, "prune_s": seconds, "layers": model.config.num_layers,
                "calibration": dict(zip(("dataset", "nsamples", "seqlen", "seed"), calib)),
-               "source": f"measured: recipes/{name}.toml" if name else f"measured: {spec}",
+               "source": f"measured: {spec}" if spec else f"measured: recipes/{name}.toml",
                "transforms": log}
         print(f"{method} ({setting}): {row['params']:,} params, ppl {ppl:.2f}, pruned in "
               f"{seconds:.0f} s", flush=True)
