@@ -1,13 +1,16 @@
 """`nnxprune prune RECIPE --stream`: prune a model larger than memory, one decoder layer at a time.
 
-The weights stay in their files (`nnxprune.io.layers`); the calibration activations of every
+The weights stay in their files (`nnxprune.io.layers`: an HF folder, a GGUF file, or an nnxprune
+checkpoint restored by Orbax one layer at a time, its masks kept on the layer so a method ANDs into
+them as in memory, `nnxprune.io.orbax_layers`); the calibration activations of every
 sample live on the host; each decoder layer is onloaded in the run dtype, its statistics
 collected, pruned by the method's own per-layer code (the code the in-memory transform runs),
 its outputs computed for the next layer, and then written out as its own safetensors shard and
 released (`nnxprune.calibration.streamed`). Methods that measure before they cut run analysis
 passes over the dense layers first (`nnxprune.streamed_passes`, `nnxprune.streamed_width`). The
 output is a Hugging Face folder in the input's dtype (a GGUF input gives float32, what it
-dequantizes to), masks folded into the kernels, written inside `atomic_dir`: it appears whole or
+dequantizes to), masks folded into the kernels, biases (FLAP's, from a checkpoint) under HF's
+`attention_bias` / `mlp_bias`, written inside `atomic_dir`: it appears whole or
 not at all.
 
 What streams (`STREAMS`; everything else is refused before any work, with this list):
@@ -142,11 +145,11 @@ def run_plan(steps, source, tokens, folder, ctx: Context, *, param_dtype=jnp.flo
         source = depth_streamed(step, source, tokens, ctx, index=0, **kw)
         index = 1
         if len(steps) == 1:
-            writer = HFLayerWriter(folder, source.config, dtype=source.dtype)
+            writer = HFLayerWriter(folder, source.config, dtype=source.dtype, biases=source.biases)
             return writer, copy_layers(source, writer, ctx, state=state, index=1)
         step = steps[1]
     out_config = step.check(source.config) if step.kind == "width" else source.config
-    writer = HFLayerWriter(folder, out_config, dtype=source.dtype)
+    writer = HFLayerWriter(folder, out_config, dtype=source.dtype, biases=source.biases)
     run = {"width": width_streamed, "owl": owl_streamed}.get(step.kind, prune_streamed)
     return writer, run(step, source, tokens, writer, ctx, index=index, **kw)
 

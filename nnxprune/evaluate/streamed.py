@@ -6,7 +6,8 @@ windows that fit `host_memory_bytes` when all of them would not), and
 
 1. the embedding rows of the windows are looked up (the embedding read once, then released);
 2. each decoder layer in order is onloaded from a lazy layer source
-   (`nnxprune.io.layers.LayerSource.layer`) in the run dtype, applied to every window a batch at a
+   (`nnxprune.io.layers.LayerSource.layer`: an HF folder, a GGUF file or an nnxprune checkpoint)
+   in the run dtype, its masks (a checkpoint's) folded into its kernels, applied to every window a batch at a
    time (one jitted program per layer shape, the call the in-memory model makes), and released;
 3. the final norm, the output head and the log-likelihood of each batch run as the in-memory
    scorer's tail does (`token_nll`'s `head_logprobs`), the NLL summed per batch in the same order.
@@ -37,7 +38,7 @@ import numpy as np
 
 from nnxprune import data as data_lib
 from nnxprune.errors import UserError
-from nnxprune.evaluate.layerwise import Head, score_layerwise
+from nnxprune.evaluate.layerwise import Head, folded, score_layerwise
 from nnxprune.evaluate.perplexity import PerplexityResult, result_of
 from nnxprune.evaluate.protocol import PerplexityProtocol
 
@@ -69,7 +70,8 @@ class SourcePieces:
         return np.array(jnp.asarray(rows, self.param_dtype), np.float32)  # a writable copy
 
     def layer(self, i: int):
-        return self.source.layer(i, self.param_dtype)
+        """Layer `i` onloaded, masks (an nnxprune checkpoint's) folded as `ModelPieces` folds them."""
+        return folded(self.source.layer(i, self.param_dtype))
 
     def head(self) -> Head:
         return Head(globals_model(self.source, self.param_dtype))

@@ -12,6 +12,8 @@ Layout of a checkpoint folder:
 It loads without knowing the shapes in advance: the JSON config builds the abstract target
 (`nnx.eval_shape`), masks are attached where the JSON lists them, then Orbax restores into it.
 Writes are atomic: everything goes to a temporary folder that is renamed into place.
+`checkpoint_layout` reads and validates the JSON alone; `io.orbax_layers` uses it (and
+`attach_saved`) to restore one decoder layer at a time without the rest (`--stream`).
 
 Damage is diagnosed, not crashed on: `nnxprune.json` records the size and CRC32 of every file
 under `state/` (`"files"`), checked before restoring, so a truncated, emptied or bit-flipped data
@@ -21,6 +23,7 @@ belongs) is named by field (`hf_config.validate_config`).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -200,10 +203,24 @@ def checkpoint_config(path: str | os.PathLike) -> LlamaConfig:
     return _config(path, read_meta(path))[0]
 
 
-def load_checkpoint(path: str | os.PathLike) -> Llama:
-    """Restores a model saved by `save_checkpoint`, shapes and masks from its JSON config."""
-    import orbax.checkpoint as ocp
+@dataclasses.dataclass(frozen=True)
+class CheckpointLayout:
+    """What a checkpoint's `nnxprune.json` says about its state, validated, no weight read: the
+    config (per-layer shapes), the weights' dtype, the module paths holding a `Mask` and a bias,
+    and `source_layers` as recorded (None when not; `load_checkpoint` checks it)."""
 
+    path: Path
+    config: LlamaConfig
+    dtype: Any
+    masked: frozenset
+    biased: frozenset
+    source_layers: Any
+
+
+def checkpoint_layout(path: str | os.PathLike, *, verify: bool = True) -> CheckpointLayout:
+    """The validated layout of the checkpoint at `path`; with `verify`, every file under state/
+    checked against the sizes and checksums recorded at save time (`verify_state`). Both
+    `load_checkpoint` and the lazy reader (`io.orbax_layers`) start here."""
     path = Path(path).absolute()
     meta = read_meta(path)
     cfg, dtype, masked = _config(path, meta)
@@ -212,19 +229,41 @@ def load_checkpoint(path: str | os.PathLike) -> Llama:
         raise UserError(f"{path / META_FILE}: 'biased' must be a list of module paths")
     if not (path / "state").is_dir():
         raise UserError(f"{path}: the checkpoint has no state/ folder (incomplete or damaged)")
-    if isinstance(meta.get("files"), dict):  # checkpoints from before the file list: Orbax alone
+    if verify and isinstance(meta.get("files"), dict):  # older checkpoints: Orbax alone
         verify_state(path, meta["files"])
+    return CheckpointLayout(path, cfg, dtype, frozenset(masked), frozenset(biased),
+                            meta.get("source_layers"))
 
-    def build():
-        model = Llama(cfg, param_dtype=dtype, rngs=nnx.Rngs(0))
-        for p, node in nnx.iter_graph(model):
-            if ".".join(map(str, p)) in masked:
-                node.set_mask(jnp.ones(_mask_shape(node), jnp.bool_))
-            if isinstance(node, Linear) and ".".join(map(str, p)) in biased:
-                node.set_bias(jnp.zeros((node.out_features,), node.kernel.dtype))
-        return model
 
-    abstract = nnx.eval_shape(build)
+def restore_error(path: Path, e: Exception) -> UserError:
+    """The one-line error of a failed Orbax restore (a mismatch with nnxprune.json, missing or
+    damaged files)."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return UserError(f"{path}: the saved state does not match the shapes in {META_FILE} or is "
+                     f"damaged ({type(e).__name__}: {first[:300]})")
+
+
+def attach_saved(module, masked, biased, prefix: str = ""):
+    """`module` (the model, or decoder layer `i` with `prefix` "layers.i.") with a placeholder
+    `Mask` on every path in `masked` and a zero bias on every Linear in `biased`: the structure
+    the saved state restores into. In place; returns `module`."""
+    for p, node in nnx.iter_graph(module):
+        name = prefix + ".".join(map(str, p))
+        if name in masked:
+            node.set_mask(jnp.ones(_mask_shape(node), jnp.bool_))
+        if isinstance(node, Linear) and name in biased:
+            node.set_bias(jnp.zeros((node.out_features,), node.kernel.dtype))
+    return module
+
+
+def load_checkpoint(path: str | os.PathLike) -> Llama:
+    """Restores a model saved by `save_checkpoint`, shapes and masks from its JSON config."""
+    import orbax.checkpoint as ocp
+
+    layout = checkpoint_layout(path)
+    path, cfg = layout.path, layout.config
+    abstract = nnx.eval_shape(lambda: attach_saved(
+        Llama(cfg, param_dtype=layout.dtype, rngs=nnx.Rngs(0)), layout.masked, layout.biased))
     graphdef, abstract_state = nnx.split(abstract)
     # onto this process's first device, whatever layout saved it (a multi-process save records its
     # mesh; without a target sharding Orbax refuses another topology)
@@ -235,11 +274,9 @@ def load_checkpoint(path: str | os.PathLike) -> Llama:
         with ocp.StandardCheckpointer() as ckptr:
             state = ckptr.restore(path / "state", abstract_state)
     except Exception as e:  # noqa: BLE001 - orbax / tensorstore: mismatch, missing or bad files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: the saved state does not match the shapes in {META_FILE} or is "
-                        f"damaged ({type(e).__name__}: {first[:300]})") from None
+        raise restore_error(path, e) from None
     model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))
-    layers = meta.get("source_layers")  # checkpoints before it was recorded: none dropped known
+    layers = layout.source_layers  # checkpoints before it was recorded: none dropped known
     if layers is not None:
         if (not isinstance(layers, list) or len(layers) != cfg.num_layers
                 or not all(isinstance(i, int) and i >= 0 for i in layers)):

@@ -1,8 +1,9 @@
 """Lazy layer sources and the layer-by-layer writer (DESIGN.md, principle 12).
 
-A model larger than memory is never built whole. A `LayerSource` keeps the weights in their files
-(safetensors read tensor by tensor, sharded or not; a GGUF file memory-mapped and dequantized one
-tensor at a time) and hands out the config, single HF-named tensors (the embedding, the final
+A model larger than memory is never built whole. A `LayerSource` (`io.layer_source`) keeps the
+weights in their files (safetensors read tensor by tensor, sharded or not; a GGUF file
+memory-mapped and dequantized one tensor at a time; an nnxprune checkpoint restored by Orbax one
+layer at a time, `io.orbax_layers`) and hands out the config, single HF-named tensors (the embedding, the final
 norm, the head) and decoder layer `i` materialized as the project's `DecoderLayer` in the run
 dtype, built from that layer's tensors alone. `HFLayerWriter` writes an HF folder the same way:
 one safetensors shard per decoder layer as soon as it is finished, one for the embedding, norm
@@ -29,74 +30,13 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from nnxprune.errors import UserError
-from nnxprune.models.llama import DecoderLayer, LlamaConfig
+from nnxprune.io.layer_source import _IGNORED, GLOBAL_KEYS, LayerSource
+from nnxprune.models.llama import LlamaConfig
 
-GLOBAL_KEYS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
-_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
-_IGNORED = re.compile(r".*rotary_emb\.inv_freq")
-
-
-def _dtype_name(dtype: Any) -> str:
-    return np.dtype(dtype).name
-
-
-class LayerSource:
-    """Weights that stay in their files until asked for. Subclasses give `config`, `path`,
-    `kind`, `dtype` (the checkpoint's weight dtype name) and `_read(keys)`."""
-
-    config: LlamaConfig
-    path: Path
-    kind: str
-    dtype: str
-
-    def keys(self) -> list[str]:
-        raise NotImplementedError
-
-    def _read(self, keys: list[str]) -> dict[str, np.ndarray]:
-        raise NotImplementedError
-
-    def tensor(self, key: str) -> np.ndarray:
-        """One tensor under its HF name and layout (`[out, in]` projections), as stored."""
-        if key not in self.keys():
-            raise UserError(f"{self.path}: no tensor {key!r}")
-        return self._read([key])[key]
-
-    def global_keys(self) -> list[str]:
-        """The embedding, final norm and (untied) head keys this checkpoint holds."""
-        return [k for k in GLOBAL_KEYS if k in self.keys()]
-
-    def layer(self, i: int, param_dtype=jnp.float32) -> DecoderLayer:
-        """Decoder layer `i` as a `DecoderLayer` with `param_dtype` parameters, read from its
-        own tensors only (every one must be there, with the shape the config implies)."""
-        from nnxprune.io.hf import hf_key_to_path
-
-        shape = self.config.layers[i]
-        abstract = nnx.eval_shape(lambda: DecoderLayer(self.config, shape, param_dtype=param_dtype,
-                                                       rngs=nnx.Rngs(0)))
-        graphdef, state = nnx.split(abstract)
-        wanted = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
-        prefix = f"model.layers.{i}."
-        keys = [k for k in self.keys() if k.startswith(prefix) and not _IGNORED.fullmatch(k)]
-        values = {}
-        for key, array in self._read(keys).items():
-            found = hf_key_to_path(key)
-            path = found[0][len(f"layers.{i}."):] if found else None
-            if path not in wanted:
-                raise UserError(f"{self.path}: tensor {key!r} has no place in a Llama layer")
-            array = array.T if found[1] else array
-            if array.shape != tuple(wanted[path].shape):
-                raise UserError(f"{self.path}: tensor {key!r} has shape {array.shape}, the config "
-                                f"implies {tuple(wanted[path].shape)}")
-            values[path] = jnp.asarray(array, dtype=wanted[path].dtype)
-        missing = sorted(set(wanted) - set(values))
-        if missing:
-            raise UserError(f"{self.path}: layer {i} misses {len(missing)} tensors, e.g. "
-                            f"{prefix}{missing[0]!r}")
-        return nnx.merge(graphdef, nnx.map_state(lambda p, v: values[".".join(map(str, p))], state))
-
+__all__ = ["GLOBAL_KEYS", "GGUFSource", "HFLayerWriter", "KeptLayers", "LayerSource",
+           "SafetensorsSource", "open_layers"]
 
 class SafetensorsSource(LayerSource):
     """An HF folder (config.json + safetensors, sharded or not), read tensor by tensor."""
@@ -177,10 +117,13 @@ class KeptLayers(LayerSource):
         self.config = dataclasses.replace(source.config, layers=tuple(
             source.config.layers[i] for i in self.keep))
         self.path, self.kind, self.dtype = source.path, source.kind, source.dtype
+        self.biases = source.bias_flags_of(self.keep)  # the kept layers' (a dropped one's gone)
         self._old: dict[str, str] = {}
         new_index = {old: new for new, old in enumerate(self.keep)}
         for key in source.keys():
             m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", key)
+            if key.endswith(".bias") and not self.biases[0 if ".self_attn." in key else 1]:
+                continue
             if m is None:
                 self._old[key] = key
             elif int(m.group(1)) in new_index:
@@ -193,10 +136,20 @@ class KeptLayers(LayerSource):
         found = self.source._read([self._old[k] for k in keys])
         return {k: found[self._old[k]] for k in keys}
 
+    def bias_flags_of(self, layers) -> tuple[bool, bool]:
+        return self.source.bias_flags_of([self.keep[i] for i in layers])
+
+    def layer(self, i: int, param_dtype=jnp.float32):
+        """Kept layer `i` as the source builds its layer `keep[i]` (masks and biases of a
+        checkpoint's layer included)."""
+        return self.source.layer(self.keep[i], param_dtype)
+
 
 def open_layers(name_or_path) -> LayerSource:
-    """The lazy layer source of `MODEL` (an HF folder, a GGUF file, or a card naming one)."""
+    """The lazy layer source of `MODEL` (an HF folder, a GGUF file, an nnxprune checkpoint, or a
+    card naming one)."""
     from nnxprune.io.load import _resolve, model_kind
+    from nnxprune.io.orbax_layers import OrbaxSource
 
     path, _ = _resolve(name_or_path)
     kind = model_kind(path)
@@ -204,8 +157,10 @@ def open_layers(name_or_path) -> LayerSource:
         return SafetensorsSource(path)
     if kind == "gguf":
         return GGUFSource(path)
-    raise UserError(f"{name_or_path}: layer-by-layer loading reads Hugging Face folders and GGUF "
-                    f"files; this is {'an nnxprune checkpoint' if kind else 'neither'}")
+    if kind == "checkpoint":
+        return OrbaxSource(path)
+    raise UserError(f"{name_or_path}: layer-by-layer loading reads Hugging Face folders, GGUF "
+                    f"files and nnxprune checkpoints; this is none of them")
 
 
 class HFLayerWriter:
@@ -213,8 +168,10 @@ class HFLayerWriter:
     `model-00001-of-NNNNN.safetensors`: one per decoder layer in order, the embedding, final
     norm and head last."""
 
-    def __init__(self, folder: str | Path, config: LlamaConfig, *, dtype: str = "float32"):
+    def __init__(self, folder: str | Path, config: LlamaConfig, *, dtype: str = "float32",
+                 biases: tuple[bool, bool] = (False, False)):
         self.folder, self.config, self.dtype = Path(folder), config, dtype
+        self.biases = tuple(bool(b) for b in biases)  # HF's (attention_bias, mlp_bias)
         self.shards = config.num_layers + 1
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
@@ -240,10 +197,12 @@ class HFLayerWriter:
         self.weight_map, self.total_size = dict(state["weight_map"]), int(state["total_size"])
 
     def write_layer(self, i: int, layer) -> None:
-        """Decoder layer `i` (masks folded, cast to the writer's dtype) as its own shard."""
+        """Decoder layer `i` (masks folded, cast to the writer's dtype) as its own shard; with
+        `biases`, a bias for every projection they cover (zeros where the layer has none)."""
         from nnxprune.io.hf import layer_hf_tensors
 
-        self._save(i, layer_hf_tensors(i, layer, jnp.dtype(self.dtype)))
+        self._save(i, layer_hf_tensors(i, layer, jnp.dtype(self.dtype),
+                                       biases=self.biases if any(self.biases) else None))
 
     def copy_layer(self, i: int, source: LayerSource) -> None:
         """Decoder layer `i` of `source` as its own shard, its tensors as stored (cast to the
@@ -271,7 +230,8 @@ class HFLayerWriter:
         index = {"metadata": {"total_size": self.total_size},
                  "weight_map": dict(sorted(self.weight_map.items()))}
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        hf_config = config_to_hf(self.config, allow_heterogeneous=True, dtype=self.dtype)
+        hf_config = config_to_hf(self.config, allow_heterogeneous=True, dtype=self.dtype,
+                                 attention_bias=self.biases[0], mlp_bias=self.biases[1])
         (self.folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(self.folder))
