@@ -54,10 +54,13 @@ rank = 2
 
 
 def assert_peak_rss(rep, report):
-    """The process's peak RSS in GB (`ru_maxrss`), in the JSON and the Markdown report."""
+    """The process's peak RSS in GB (`VmHWM`), in the JSON and the Markdown report. It is checked
+    against `ru_maxrss` read afterwards, within 1%: the kernel keeps the two high-water marks from
+    RSS counters synced at different times (a run here reported 0.8721 GB against 0.8718)."""
     import resource
 
-    assert 0.05 < rep["peak_rss_gb"] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    assert 0.05 < rep["peak_rss_gb"] <= peak_after * 1.01
     assert "device_peak_gb" in rep  # None on CPU
     assert f"{rep['peak_rss_gb']:.2f} GB" in report.with_suffix(".md").read_text()
 
