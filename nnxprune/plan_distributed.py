@@ -71,44 +71,31 @@ def _abstract(config, cfg, *, masks: bool):
 
 
 def train_step_memory(config, cfg, mesh, *, masks: bool = False) -> dict[str, int]:
-    """XLA's per-device memory of one recovery step of `cfg` on `config`, sharded over `mesh`
-    as the trainer shards it (the teacher of a distillation: the same config, frozen)."""
+    """XLA's per-device memory of one recovery step of `cfg` on `config`, split, sharded and
+    jitted by the trainer's own `_shardings` and `_jit_steps` (the teacher of a distillation:
+    the same config, frozen)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from nnxprune.models.llama import Llama
-    from nnxprune.recovery import sharding as sh
     from nnxprune.recovery.losses import strategy_for
-    from nnxprune.recovery.trainer import _split, build_steps, schedule
+    from nnxprune.recovery.trainer import _jit_steps, _shardings
 
     strategy = strategy_for(cfg)
     model, optimizer, wrt = _abstract(config, cfg, masks=masks)
-    parts = _split(model, wrt)
-    opt_gdef, opt_state = nnx.split(optimizer)
-    specs = sh.param_specs(model, mesh)
-    tr_sh = sh.state_shardings(parts.trainable, specs, mesh)
-    const_sh = sh.state_shardings(parts.const, specs, mesh)
-    opt_sh = sh.state_shardings(opt_state, specs, mesh)
-    teacher_gdef = teacher_state = teacher_sh = None
-    if strategy.needs_teacher:
-        teacher = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
-        teacher_gdef, teacher_state = nnx.split(teacher)
-        teacher_sh = sh.state_shardings(teacher_state, sh.param_specs(teacher, mesh), mesh)
+    teacher = (nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+               if strategy.needs_teacher else None)
+    layout = _shardings(model, optimizer, wrt, mesh, teacher)  # as the trainer places the state
+    parts = layout.parts
     # LoRA dropout keys are closed over by the step: a few bytes each, made concrete
     parts.keys = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), parts.keys)
-    train_step, _ = build_steps(parts, opt_gdef, strategy, teacher_gdef,
-                                compute_dtype=jnp.dtype(cfg.compute_dtype),
-                                grad_accum=cfg.grad_accum, seed=cfg.seed, sched=schedule(cfg))
-    rep = sh.replicated(mesh)
+    train_jit, _ = _jit_steps(layout, strategy, cfg, mesh)
     batch = jax.ShapeDtypeStruct((cfg.grad_accum, cfg.micro_batch, cfg.seqlen), jnp.int32)
     step = jax.ShapeDtypeStruct((), jnp.int32)
-    jitted = jax.jit(train_step, in_shardings=(tr_sh, opt_sh, const_sh, teacher_sh,
-                                               sh.batch_sharding(mesh, 3, leading=1), rep),
-                     out_shardings=(tr_sh, opt_sh, rep), donate_argnums=(0, 1))
     with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else mesh:
-        compiled = jitted.lower(parts.trainable, opt_state, parts.const, teacher_state, batch,
-                                step).compile()
+        compiled = train_jit.lower(parts.trainable, layout.opt_state, parts.const,
+                                   layout.teacher_state, batch, step).compile()
     return _analysis(compiled)
 
 

@@ -92,6 +92,7 @@ from nnxprune.data.domains import DomainSpec, parse_domains
 from nnxprune.data.grain_stream import StreamConfig
 from nnxprune.errors import UserError, nearest
 from nnxprune.graph.targets import layer_projection_names, select_projections
+from nnxprune.recovery import mesh_config
 
 KINDS = ("distill", "lora", "pretrain")
 PROMPT_TEMPLATES = ("", "alpaca")
@@ -216,30 +217,15 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
 
-    def __post_init__(self):
-        sizes = dataclasses.asdict(self)
-        for name, size in sizes.items():
-            if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
-                raise UserError(f"recovery.mesh.{name} must be a positive integer or -1, got {size!r}")
-        if sum(1 for s in sizes.values() if s == -1) > 1:
-            raise UserError("recovery.mesh: at most one axis can be -1")
+    def __post_init__(self):  # the rules every recipe mesh follows (recovery.mesh_config)
+        mesh_config.check_sizes(dataclasses.asdict(self), "recovery.mesh")
 
     def resolve(self, device_count: int) -> dict[str, int]:
         """Axis sizes for `device_count` devices (UserError when they do not divide it)."""
-        sizes = dataclasses.asdict(self)
-        fixed = math.prod(s for s in sizes.values() if s != -1)
-        if -1 in sizes.values():
-            if device_count % fixed:
-                raise UserError(f"recovery.mesh {self.describe()}: the fixed axes ({fixed} devices) "
-                                f"do not divide the {device_count} available devices")
-            sizes = {k: (device_count // fixed if v == -1 else v) for k, v in sizes.items()}
-        elif fixed != device_count:
-            raise UserError(f"recovery.mesh {self.describe()} needs {fixed} devices but "
-                            f"{device_count} are available (set one axis to -1 to fill)")
-        return sizes
+        return mesh_config.resolve(dataclasses.asdict(self), device_count, "recovery.mesh")
 
     def describe(self) -> str:
-        return "(" + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items()) + ")"
+        return mesh_config.describe(dataclasses.asdict(self))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

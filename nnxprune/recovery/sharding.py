@@ -164,11 +164,14 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, *, leading: int = 0) -> NamedShard
 def put(tree, shardings, *, copy: bool = False):
     """Host or single-device arrays onto their shardings, in one process or many. In a
     multi-process run every process holds the whole value (the same program on the same data)
-    and contributes the shards its devices own. `copy` forces fresh buffers (for donation)."""
+    and contributes the shards its devices own (an array already global, as a stream's batch,
+    stays as it is). `copy` forces fresh buffers (for donation)."""
     if jax.process_count() == 1:
         return jax.device_put(tree, shardings, may_alias=False if copy else None)
 
     def one(x, s):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # global already
+            return x
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
     return jax.tree.map(one, tree, shardings)
@@ -184,6 +187,16 @@ def describe_specs(state, specs: Mapping[tuple, P]) -> dict[str, str]:
     for kp, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         path = path_of(kp)
         out[".".join(map(str, path))] = str(_lookup(path, np.shape(leaf), specs))
+    return out
+
+
+def placement(state) -> dict[str, str]:
+    """`{"layers.0.mlp.up_proj.kernel": "PartitionSpec('fsdp', 'tensor')", ...}`: where each array
+    of a placed `state` lives ("?" for one without a NamedSharding)."""
+    out = {}
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        spec = getattr(getattr(leaf, "sharding", None), "spec", None)
+        out[".".join(map(str, path_of(kp)))] = str(spec) if spec is not None else "?"
     return out
 
 

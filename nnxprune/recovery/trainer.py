@@ -106,18 +106,9 @@ def _cast(tree, dtype):
     return jax.tree.map(f, tree)
 
 
-def _place(tree, shardings, *, copy: bool = False):
-    """Puts host or single-device arrays onto their (possibly multi-host) shardings. `copy`
-    forces fresh buffers: donated state must not alias the model's (or a teacher's) arrays."""
-    if jax.process_count() == 1:
-        return jax.device_put(tree, shardings, may_alias=False if copy else None)
-
-    def put(x, s):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # global already (a stream)
-            return x
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
-    return jax.tree.map(put, tree, shardings)
+# host or single-device arrays onto their (possibly multi-host) shardings; `copy=True` for donated
+# state (it must not alias the model's or a teacher's arrays)
+_place = sh.put
 
 
 # -- the step --------------------------------------------------------------------------------------
@@ -248,43 +239,74 @@ class _Session:
         return {k: v / len(heldout) for k, v in sums.items()}
 
 
+@dataclasses.dataclass
+class _Layout:
+    """The split model and optimizer, and the NamedSharding of every part (`_shardings`)."""
+
+    parts: _Parts
+    opt_gdef: Any
+    opt_state: Any
+    trainable_sh: Any
+    const_sh: Any
+    opt_sh: Any
+    teacher_gdef: Any = None
+    teacher_state: Any = None
+    teacher_sh: Any = None
+
+
+def _shardings(model, optimizer, wrt, mesh, teacher=None) -> _Layout:
+    """Splits `model` (trainable by `wrt` / dropout keys / the rest), `optimizer` and a frozen
+    `teacher`, each sharded by the channel-space rules (optimizer state by path). The trainer and
+    the memory plan without hardware (`plan_distributed`) both place the state by this."""
+    parts = _split(model, wrt)
+    opt_gdef, opt_state = nnx.split(optimizer)
+    specs = sh.param_specs(model, mesh)
+    out = _Layout(parts, opt_gdef, opt_state, *(sh.state_shardings(s, specs, mesh)
+                                                for s in (parts.trainable, parts.const, opt_state)))
+    if teacher is not None:
+        out.teacher_gdef, out.teacher_state = nnx.split(teacher)
+        out.teacher_sh = sh.state_shardings(out.teacher_state, sh.param_specs(teacher, mesh), mesh)
+    return out
+
+
+def _jit_steps(layout: _Layout, strategy: LossStrategy, cfg: RecoveryConfig, mesh):
+    """`(train_jit, eval_jit)`: the steps of `layout` jitted with its shardings, the train step
+    donating the trainable and optimizer state."""
+    train_step, eval_step = build_steps(
+        layout.parts, layout.opt_gdef, strategy, layout.teacher_gdef,
+        compute_dtype=jnp.dtype(cfg.compute_dtype), grad_accum=cfg.grad_accum, seed=cfg.seed,
+        sched=schedule(cfg))
+    rep, tr, opt = sh.replicated(mesh), layout.trainable_sh, layout.opt_sh
+    const, teacher = layout.const_sh, layout.teacher_sh
+    train_jit = jax.jit(train_step, in_shardings=(tr, opt, const, teacher,
+                                                  sh.batch_sharding(mesh, 3, leading=1), rep),
+                        out_shardings=(tr, opt, rep), donate_argnums=(0, 1))
+    eval_jit = jax.jit(eval_step, in_shardings=(tr, const, teacher, sh.batch_sharding(mesh, 2)),
+                       out_shardings=rep)
+    return train_jit, eval_jit
+
+
 def _session(model, teacher, strategy: LossStrategy, cfg: RecoveryConfig, wrt, mesh) -> _Session:
     """Builds the optimizer, splits and places the state by the channel-space rules (optimizer
     state by path) and jits the steps."""
     optimizer = nnx.Optimizer(model, make_tx(cfg), wrt=wrt)
-    parts = _split(model, wrt)
-    opt_gdef, opt_state = nnx.split(optimizer)
-    specs = sh.param_specs(model, mesh)
-    tr_sh = sh.state_shardings(parts.trainable, specs, mesh)
-    const_sh = sh.state_shardings(parts.const, specs, mesh)
-    opt_sh = sh.state_shardings(opt_state, specs, mesh)
-    trainable = _place(parts.trainable, tr_sh, copy=True)  # donated to the step
-    opt_state = _place(opt_state, opt_sh, copy=True)
-    const = _place(parts.const, const_sh)
+    layout = _shardings(model, optimizer, wrt, mesh, teacher if strategy.needs_teacher else None)
+    parts = layout.parts
+    trainable = _place(parts.trainable, layout.trainable_sh, copy=True)  # donated to the step
+    opt_state = _place(layout.opt_state, layout.opt_sh, copy=True)
+    const = _place(parts.const, layout.const_sh)
     parts.trainable = parts.const = None  # the steps keep only the placed copies alive
     parts.keys = _place(parts.keys, sh.state_shardings(parts.keys, {}, mesh))
-    teacher_gdef, teacher_state, teacher_sh = None, None, None
-    if strategy.needs_teacher:
-        teacher_gdef, teacher_state = nnx.split(teacher)
-        teacher_sh = sh.state_shardings(teacher_state, sh.param_specs(teacher, mesh), mesh)
-        teacher_state = _place(teacher_state, teacher_sh)
-
-    train_step, eval_step = build_steps(parts, opt_gdef, strategy, teacher_gdef,
-                                        compute_dtype=jnp.dtype(cfg.compute_dtype),
-                                        grad_accum=cfg.grad_accum, seed=cfg.seed,
-                                        sched=schedule(cfg))
-    rep = sh.replicated(mesh)
-    batch_sh = sh.batch_sharding(mesh, 3, leading=1)
-    eval_batch_sh = sh.batch_sharding(mesh, 2)
-    train_jit = jax.jit(train_step, in_shardings=(tr_sh, opt_sh, const_sh, teacher_sh, batch_sh, rep),
-                        out_shardings=(tr_sh, opt_sh, rep), donate_argnums=(0, 1))
-    eval_jit = jax.jit(eval_step, in_shardings=(tr_sh, const_sh, teacher_sh, eval_batch_sh),
-                       out_shardings=rep)
+    teacher_state = None
+    if layout.teacher_state is not None:
+        teacher_state = _place(layout.teacher_state, layout.teacher_sh)
+    train_jit, eval_jit = _jit_steps(layout, strategy, cfg, mesh)
     return _Session(state={"trainable": trainable, "opt": opt_state},
-                    shardings={"trainable": tr_sh, "opt": opt_sh},
+                    shardings={"trainable": layout.trainable_sh, "opt": layout.opt_sh},
                     const=const, teacher_state=teacher_state,
-                    train_jit=train_jit, eval_jit=eval_jit, batch_sh=batch_sh,
-                    eval_batch_sh=eval_batch_sh)
+                    train_jit=train_jit, eval_jit=eval_jit,
+                    batch_sh=sh.batch_sharding(mesh, 3, leading=1),
+                    eval_batch_sh=sh.batch_sharding(mesh, 2))
 
 
 @dataclasses.dataclass
@@ -397,7 +419,7 @@ def train(model, cfg: RecoveryConfig, *, tokenizer=None, windows: data_lib.Token
         logs.close()
 
     trainable = session.state["trainable"]
-    placement = {"params": _placement(trainable), "optimizer": _placement(session.state["opt"])}
+    placement = {"params": sh.placement(trainable), "optimizer": sh.placement(session.state["opt"])}
     # the trained state back into the model object (multi-process: gathered, whole in each process)
     nnx.update(model, keeper.final(trainable, finished=end == cfg.steps))  # keep_best: the best
     pairs_lib.detach(model)  # distillation's projections are never part of the student
@@ -421,11 +443,3 @@ def train(model, cfg: RecoveryConfig, *, tokenizer=None, windows: data_lib.Token
         resumed_from=start if restored is not None else None, lora_paths=lora_paths,
         lora_merged=merged, metrics_path=str(logs.metrics) if logs.metrics else None,
         plot_path=str(logs.plot) if logs.plot and logs.plot.exists() else None, placement=placement)
-
-
-def _placement(state) -> dict[str, str]:
-    out = {}
-    for kp, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        spec = getattr(getattr(leaf, "sharding", None), "spec", None)
-        out[".".join(map(str, sh.path_of(kp)))] = str(spec) if spec is not None else "?"
-    return out

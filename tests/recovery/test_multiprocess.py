@@ -3,12 +3,10 @@ each, collectives over gloo) and run `nnxprune train` (distillation, LoRA). Thei
 process 0's metrics.jsonl equal a 1-process run on the same global batch; one checkpoint is
 written by Orbax from both processes and a 1-process run restores it; only process 0 prints and
 writes; a killed process makes the other exit with one line instead of hanging. Every wait is
-bounded and every process is killed at the end, whatever happened."""
+bounded and every process is killed at the end, whatever happened (the harness:
+`tests/multiprocess_harness.py`)."""
 
-import contextlib
 import json
-import os
-import re
 import signal
 import socket
 import subprocess
@@ -17,6 +15,7 @@ import time
 from pathlib import Path
 
 import jax
+import multiprocess_harness as mh
 import numpy as np
 import pytest
 import test_cli
@@ -25,7 +24,6 @@ from test_cli import assert_user_error, run
 from nnxprune import multihost
 
 tiny_folder = test_cli.tiny_folder  # a tiny Llama (hidden 32, 2 layers, vocab 320) + tokenizer
-REPO = Path(__file__).resolve().parents[2]
 TEXT = ("The tower is 324 metres tall, about the same height as an 81-storey building. It was the "
         "tallest man-made structure in the world for 41 years.\n") * 60
 RECIPE = """
@@ -51,77 +49,6 @@ TWO = ["--set", "recovery.mesh.fsdp=2"]  # 2 processes: mesh data=2 x fsdp=2 (we
 # size. Hence rtol 3e-5 on losses and metrics; the weights, which move by lr per step, get an
 # absolute 1e-5 (lr 3e-3 x 3 steps x a few 1e-4 of relative gradient difference at most).
 RTOL, WEIGHTS_ATOL = 3e-5, 1e-5
-TIMEOUT = 600  # seconds for a 2-process run (about 50 s alone on 2 cores; 300 s seen under load)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _launched(cwd: Path, argv, extra=None):
-    """Two `nnxprune ... --distributed` processes (process i gets `extra[i]` too, if given);
-    yields them; kills what is left at the end."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in multihost.ENV.values()}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-               OPENBLAS_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
-    procs = []
-    try:
-        for i in range(2):
-            with open(cwd / f"p{i}.out", "w") as out, open(cwd / f"p{i}.err", "w") as err:
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "nnxprune.cli", *map(str, argv), "--distributed",
-                     "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                     "--process-id", str(i), *map(str, (extra or {}).get(i, []))],
-                    cwd=cwd, env=env, stdout=out, stderr=err))
-        yield procs
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=10)
-
-
-def _outputs(cwd: Path, i: int) -> tuple[str, str]:
-    return (cwd / f"p{i}.out").read_text(), (cwd / f"p{i}.err").read_text()
-
-
-def _two_processes(cwd: Path, argv, meanwhile=lambda: None) -> list[tuple[str, str]]:
-    """Runs both to the end (bounded), calling `meanwhile` while they run (the 1-process twin
-    uses the cores they leave idle); returns their (stdout, stderr); both must exit 0."""
-    t0 = time.monotonic()
-    with _launched(cwd, argv) as procs:
-        meanwhile()
-        codes = [p.wait(timeout=max(TIMEOUT - (time.monotonic() - t0), 1)) for p in procs]
-    outs = [_outputs(cwd, i) for i in range(2)]
-    assert codes == [0, 0], (codes, *(_no_stack(err)[-3000:] for _, err in outs))
-    return outs
-
-
-def _no_stack(text: str) -> str:
-    """stderr without the frames of a C++ stack trace (JAX's fatal errors print one)."""
-    return "\n".join(line for line in text.splitlines() if not line.startswith("    @ "))
-
-
-# gloo's C++ prints "[Gloo] Rank R is connected to N peer ranks. Expected number of connected peer
-# ranks is : E" from several threads at once, a piece at a time (`std::cout << a << b ...`), so the
-# pieces of two messages interleave ("[Gloo] Rank [Gloo] Rank 2 is connected to 33 is ..."). Its
-# constant pieces are removed wherever they are; what is left of gloo is digits and blanks.
-_GLOO_PIECES = ("[Gloo] Rank ", " is connected to ",
-                " peer ranks. Expected number of connected peer ranks is : ")
-
-
-def _own_lines(text: str) -> list[str]:
-    """What nnxprune printed: gloo's connection messages (above) and XLA's warnings left out."""
-    for piece in _GLOO_PIECES:
-        text = text.replace(piece, " ")
-    return [line for line in text.splitlines() if line.strip()
-            and not line.replace(" ", "").isdigit() and not re.match(r"[WIEF]\d{4} ", line)]
 
 
 def _metrics(path: Path) -> list[dict]:
@@ -155,7 +82,7 @@ def _check_run(tmp_path: Path, outs, kind: str) -> tuple[dict, dict]:
     """What every 2-process run must show against its 1-process twin."""
     (out0, err0), (out1, err1) = outs
     assert f"recovery  {kind}" in out0 and "wrote     out2" in out0 and "process 0 of 2" in out0
-    assert _own_lines(out1) == [], out1  # process 1 prints nothing of its own
+    assert mh.own_lines(out1) == [], out1  # process 1 prints nothing of its own
     assert "recovery" not in err1 and "wrote" not in err1
     two, one = json.loads((tmp_path / "rep2.json").read_text()), json.loads(
         (tmp_path / "rep1.json").read_text())
@@ -186,8 +113,8 @@ def _one_process(capsys, tmp_path: Path, argv) -> None:
 def test_distillation_on_two_processes_equals_one(capsys, tiny_folder, tmp_path):
     recipe = _setup(tmp_path, DISTILL)
     argv = ["train", tiny_folder, "--recipe", recipe, "--teacher", tiny_folder, "--no-progress"]
-    outs = _two_processes(tmp_path, [*argv, "--out", "out2", "--json", "rep2.json", *TWO],
-                          lambda: _one_process(capsys, tmp_path, argv))
+    two = mh.nnxprune([*argv, "--out", "out2", "--json", "rep2.json", *TWO])
+    outs = mh.two_processes(tmp_path, two, lambda: _one_process(capsys, tmp_path, argv))
     two, one = _check_run(tmp_path, outs, "distill")
     assert two["recovery"]["losses"][0] > 1.0  # CE + KD: a real loss, not the 0 of self-distill
 
@@ -195,8 +122,8 @@ def test_distillation_on_two_processes_equals_one(capsys, tiny_folder, tmp_path)
 def test_lora_on_two_processes_equals_one(capsys, tiny_folder, tmp_path):
     recipe = _setup(tmp_path, LORA)
     argv = ["train", tiny_folder, "--recipe", recipe, "--no-progress"]
-    outs = _two_processes(tmp_path, [*argv, "--out", "out2", "--json", "rep2.json", *TWO],
-                          lambda: _one_process(capsys, tmp_path, argv))
+    two = mh.nnxprune([*argv, "--out", "out2", "--json", "rep2.json", *TWO])
+    outs = mh.two_processes(tmp_path, two, lambda: _one_process(capsys, tmp_path, argv))
     two, _ = _check_run(tmp_path, outs, "lora")
     assert two["recovery"]["lora_merged"] == 2 * 3
     steps = tmp_path / "rep2.train" / "checkpoints"  # the resumable ones, also from both processes
@@ -227,10 +154,10 @@ def test_a_killed_process_stops_the_other_with_one_line(tiny_folder, tmp_path, v
     recipe = _setup(tmp_path, DISTILL.replace("steps = 3", "steps = 10000"))
     argv = ["train", tiny_folder, "--recipe", recipe, "--teacher", tiny_folder, "--no-progress",
             "--out", "out2", *TWO]
-    with _launched(tmp_path, argv) as procs:
-        deadline = time.monotonic() + TIMEOUT
-        while "recovery  distill" not in _outputs(tmp_path, 0)[0]:  # both joined, working
-            assert procs[0].poll() is None and procs[1].poll() is None, _outputs(tmp_path, 0)
+    with mh.launched(tmp_path, mh.nnxprune(argv)) as procs:
+        deadline = time.monotonic() + mh.TIMEOUT
+        while "recovery  distill" not in mh.outputs(tmp_path, 0)[0]:  # both joined, working
+            assert procs[0].poll() is None and procs[1].poll() is None, mh.outputs(tmp_path, 0)
             assert time.monotonic() < deadline, "the run did not start"
             time.sleep(0.2)
         procs[victim].send_signal(signal.SIGKILL)
@@ -238,9 +165,9 @@ def test_a_killed_process_stops_the_other_with_one_line(tiny_folder, tmp_path, v
         code = procs[survivor].wait(timeout=60)
         waited = time.monotonic() - t0
         port = _port_of(procs[0])
-    err = _outputs(tmp_path, survivor)[1]
+    err = mh.outputs(tmp_path, survivor)[1]
     assert code == multihost.EXIT_PEER_LOST, err[-3000:]
-    lines = _own_lines(err)  # XLA's own log lines (W..., E...) aside
+    lines = mh.own_lines(err)  # XLA's own log lines (W..., E...) aside
     assert len(lines) == 1 and lines[0].startswith(
         "nnxprune train: error: another process of this --distributed run stopped "
         f"(process {victim} sent no heartbeat for "), err[-3000:]
@@ -285,13 +212,10 @@ def test_a_coordinator_port_in_use_is_one_line(tiny_folder, tmp_path):
         taken.bind(("::", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = {k: v for k, v in os.environ.items() if k not in multihost.ENV.values()}
-        env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
         proc = subprocess.run(
             [sys.executable, "-m", "nnxprune.cli", "train", str(tiny_folder), "--recipe", str(recipe),
              "--out", "out2", "--distributed", "--coordinator", f"127.0.0.1:{port}",
              "--num-processes", "2", "--process-id", "0"],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+            cwd=tmp_path, env=mh.environment(), capture_output=True, text=True, timeout=120)
     assert_user_error(proc.returncode, proc.stderr, f"cannot serve on port {port}", "in use")
     assert not (tmp_path / "out2").exists()

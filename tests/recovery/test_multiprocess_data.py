@@ -1,8 +1,8 @@
-"""Streamed training data (`[recovery.stream]`) on two real processes (the harness of
-`test_multiprocess.py`: localhost, 2 forced CPU devices each, gloo): each process reads only the
-rows of the global batch its devices hold, the losses and metrics equal a 1-process run on the
-same data, and the checkpoint holds every row's position (gathered from both processes), from
-which a 1-process stream continues exactly."""
+"""Streamed training data (`[recovery.stream]`) on two real processes (the harness
+`tests/multiprocess_harness.py`: localhost, 2 forced CPU devices each, gloo): each process reads
+only the rows of the global batch its devices hold, the losses and metrics equal a 1-process run
+on the same data, and the checkpoint holds every row's position (gathered from both processes),
+from which a 1-process stream continues exactly."""
 
 import json
 import os
@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import test_cli
-from test_multiprocess import RTOL, TWO, _assert_same_metrics, _metrics, _one_process, _two_processes
+from multiprocess_harness import nnxprune, two_processes
+from test_multiprocess import RTOL, TWO, _assert_same_metrics, _metrics, _one_process
 
 from nnxprune.data import grain_stream, sources
 from nnxprune.io.load import load_model
@@ -42,8 +43,8 @@ def test_two_processes_read_their_rows_and_train_as_one(capsys, tiny_folder, tmp
     recipe = tmp_path / "r.toml"
     recipe.write_text(RECIPE.replace("DATA", str(tmp_path / "wiki.txt")))
     argv = ["train", tiny_folder, "--recipe", recipe, "--no-progress"]
-    _two_processes(tmp_path, [*argv, "--out", "out2", "--json", "rep2.json", *TWO],
-                   lambda: _one_process(capsys, tmp_path, argv))
+    two_processes(tmp_path, nnxprune([*argv, "--out", "out2", "--json", "rep2.json", *TWO]),
+                  lambda: _one_process(capsys, tmp_path, argv))
     two, one = (json.loads((tmp_path / f"rep{n}.json").read_text()) for n in (2, 1))
     assert two["recovery"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
     # process 0 read 2 of the 4 rows of each micro-batch (its devices' share); the 1-process run 4

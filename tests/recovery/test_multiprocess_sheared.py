@@ -10,10 +10,13 @@ import json
 import time
 from pathlib import Path
 
+import multiprocess_harness as mh
 import numpy as np
 import test_cli
 import test_multiprocess as tm
 from test_cli import run
+
+from nnxprune import multihost
 
 tiny_folder = test_cli.tiny_folder  # a tiny Llama (hidden 32, 4 heads, 2 KV heads, MLP 64)
 SHEARED = """
@@ -55,10 +58,10 @@ def test_sheared_pruning_on_two_processes_equals_one(capsys, tiny_folder, tmp_pa
         code, _, err = run(capsys, *argv, "--out", tmp_path / "out1", "--json", tmp_path / "rep1.json")
         assert code == 0, err
 
-    (out0, err0), (out1, err1) = tm._two_processes(
-        tmp_path, [*argv, "--out", "out2", "--json", "rep2.json"], one_process)
+    (out0, err0), (out1, err1) = mh.two_processes(
+        tmp_path, mh.nnxprune([*argv, "--out", "out2", "--json", "rep2.json"]), one_process)
     assert "process 0 of 2" in out0 and "pruned    " in out0 and "wrote     out2" in out0
-    assert tm._own_lines(out1) == [] and tm._own_lines(err1) == [], (out1, err1)
+    assert mh.own_lines(out1) == [] and mh.own_lines(err1) == [], (out1, err1)
     two = json.loads((tmp_path / "rep2.json").read_text())
     one = json.loads((tmp_path / "rep1.json").read_text())
     s2, s1 = _sheared(two), _sheared(one)
@@ -95,7 +98,7 @@ def _assert_same_weights(path_a: Path, path_b: Path) -> None:
 
 
 def _error_lines(text: str) -> list[str]:
-    return [line for line in tm._own_lines(text) if line.strip()]
+    return [line for line in mh.own_lines(text) if line.strip()]
 
 
 def test_bad_input_in_one_process_stops_both_with_one_line(tiny_folder, tmp_path):
@@ -103,17 +106,17 @@ def test_bad_input_in_one_process_stops_both_with_one_line(tiny_folder, tmp_path
     process 0, already loading and pruning, stops too, naming process 1 and its reason."""
     argv = [*_prune_argv(tmp_path, tiny_folder), "--out", "out2", "--json", "rep2.json"]
     missing = tmp_path / "no-such-folder"
-    with tm._launched(tmp_path, argv, extra={1: ["--data-dir", missing]}) as procs:
-        code1 = procs[1].wait(timeout=tm.TIMEOUT)
+    with mh.launched(tmp_path, mh.nnxprune(argv), extra={1: ["--data-dir", missing]}) as procs:
+        code1 = procs[1].wait(timeout=mh.TIMEOUT)
         t0 = time.monotonic()
-        code0 = procs[0].wait(timeout=tm.TIMEOUT)
+        code0 = procs[0].wait(timeout=mh.TIMEOUT)
         waited = time.monotonic() - t0
-    (out0, err0), (out1, err1) = tm._outputs(tmp_path, 0), tm._outputs(tmp_path, 1)
+    (out0, err0), (out1, err1) = mh.outputs(tmp_path, 0), mh.outputs(tmp_path, 1)
     reason = f"data directory {missing} (from --data-dir) does not exist"
     assert code1 == 2 and _error_lines(err1) == [f"nnxprune prune: error: {reason}"], err1[-3000:]
     assert code0 == 2 and _error_lines(err0) == [
         f"nnxprune prune: error: process 1 of this --distributed run stopped: {reason}"], err0[-3000:]
-    assert waited < 2 * tm.multihost.HEARTBEAT_SECONDS, waited  # noticed by the watchdog, no hang
-    assert "process 0 of 2" in out0 and tm._own_lines(out1) == []  # both had joined
+    assert waited < 2 * multihost.HEARTBEAT_SECONDS, waited  # noticed by the watchdog, no hang
+    assert "process 0 of 2" in out0 and mh.own_lines(out1) == []  # both had joined
     assert not (tmp_path / "out2").exists() and not (tmp_path / "rep2.json").exists()
     assert not [p.name for p in tmp_path.iterdir() if "tmp" in p.name]
