@@ -107,6 +107,9 @@ class Recipe:
         predicted = self.pipeline.check(config)
         if self.recovery is not None:  # mesh, batch, LoRA targets: before any work
             self.recovery.check(predicted)
+            from nnxprune.recovery.sheared_handoff import check_recipe  # the same domains
+
+            check_recipe(self.pipeline, self.recovery)
             if self.recovery.kind == "distill":  # the teacher is the unpruned model
                 self.recovery.check_teacher(predicted, config)
         return predicted

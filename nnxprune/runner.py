@@ -39,6 +39,8 @@ from nnxprune.measure import (
 )
 from nnxprune.recipes import Recipe
 from nnxprune.recovery.run import check_data as check_recovery_data
+from nnxprune.recovery import sheared_handoff as handoff
+from nnxprune.recovery.sheared_domains import check_data as check_pruning_domains
 from nnxprune.recovery.run import default_train_dir, recover, training_windows
 from nnxprune.transforms import Context
 
@@ -155,6 +157,7 @@ def _preflight(recipe: Recipe, name: str | None, out, report_path, data_dir, *, 
     if recipe.eval is not None:
         data_lib.check_available(recipe.eval.dataset, recipe.eval.split, data_dir)
     _check_calibration_source(recipe, data_dir)
+    check_pruning_domains(recipe.pipeline, data_dir)  # a sheared step's domains, if any
     if recipe.lm_eval is not None:  # unknown tasks or a missing include_path fail here
         from nnxprune.evaluate import lmeval
 
@@ -247,7 +250,7 @@ def _prune(recipe: Recipe, model, ctx: Context, predicted, report: dict[str, Any
     return model, teacher
 
 
-def _save(model, out, recipe: Recipe, loaded, dense_config, echo) -> None:
+def _save(model, out, recipe: Recipe, loaded, dense_config, echo, extra=None) -> None:
     """The pruned model as an nnxprune checkpoint, with where it came from. In a multi-process
     run the model is first spread over every device (FSDP by the recovery rules), so that Orbax
     writes one checkpoint from all processes, each its shards."""
@@ -257,7 +260,7 @@ def _save(model, out, recipe: Recipe, loaded, dense_config, echo) -> None:
         sh.place_model(model, sh.make_mesh({"data": 1, "fsdp": jax.device_count(), "tensor": 1}))
     provenance = {"recipe": recipe.to_dict(), "recipe_path": recipe.path, "source": loaded.source,
                   "source_model": source_label(loaded), "source_sha256": source_hash(loaded.path),
-                  "source_config": dense_config.to_dict()}
+                  "source_config": dense_config.to_dict(), **(extra or {})}
     save_checkpoint(model, out, tokenizer=loaded.tokenizer, provenance=provenance)
     if multihost.joined():  # whole again in every process, for the report's views
         nnx.update(model, multihost.local_copy(nnx.state(model)))
@@ -312,11 +315,14 @@ def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_pat
         report["pruned"].update(_ppl(model_obj, tokenizer, recipe, data_dir, progress))
         echo(f"pruned    ppl {report['pruned']['ppl']:.4f}")
     if recipe.recovery is not None:
-        t1 = time.perf_counter()
+        t1 = time.perf_counter()  # a pruning stage's final domain weights seed the recovery's
+        cfg, seeded = handoff.seed_from_report(recipe.recovery, report["transforms"])
         report["recovery"] = recover(
-            model_obj, recipe.recovery, tokenizer=tokenizer, teacher=teacher, data_dir=data_dir,
+            model_obj, cfg, tokenizer=tokenizer, teacher=teacher, data_dir=data_dir,
             windows=windows,
             log_dir=train_dir or default_train_dir(out, report_path), progress=progress, echo=echo)
+        if seeded:
+            report["recovery"]["initial_weights_from"] = seeded
         del teacher
         report["seconds"]["recovery"] = time.perf_counter() - t1
         report["recovered"] = {"params": count_params(model_obj),
@@ -328,7 +334,8 @@ def run_recipe(recipe: Recipe, *, model: str | None, out: str | None, report_pat
         final = "recovered" if recipe.recovery is not None else "pruned"
         report[final]["lm_eval"] = _lm_eval(model_obj, loaded, recipe.lm_eval, echo, final)
     if out is not None:
-        _save(model_obj, out, recipe, loaded, dense_config, echo)
+        _save(model_obj, out, recipe, loaded, dense_config, echo,  # the pruning stage's output:
+              extra=handoff.provenance(report["transforms"]) if recipe.recovery is None else None)
         report["checkpoint"] = str(out)
     report["seconds"]["total"] = time.perf_counter() - t0
     report.update(memory_peaks())  # after the save: the whole run's peak

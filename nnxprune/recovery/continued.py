@@ -8,6 +8,12 @@ the reference losses on an unpruned `reference_model` (for the domains whose rec
 returns the `TrainResult`, whose `domains` entry has the per-domain held-out losses, excess losses
 and weights at every evaluation.
 
+Initial weights: `initial_weights` (Sheared LLaMA's pruning stage's final weights, its report's
+`domains.final_weights`) when given and the run uses dynamic loading over the same domains, as the
+reference's `continue_pretrain.sh` starts from the pruning stage's final proportions
+(`recovery.sheared_handoff`); otherwise (no domains in the pruning stage, or `dynamic = false`
+here) the recipe's `weight` per domain, normalized, as before.
+
 Example:
     >>> cfg = RecoveryConfig.from_dict({"kind": "pretrain", "steps": 50, "batch_size": 4,
     ...     "seqlen": 128, "eval_every": 10, "eval_batches": 1,
@@ -29,6 +35,7 @@ from flax import nnx
 from nnxprune import data as data_lib
 from nnxprune.data.domains import load_domain_windows
 from nnxprune.errors import UserError
+from nnxprune.recovery import sheared_handoff as handoff
 from nnxprune.recovery.config import RecoveryConfig
 from nnxprune.recovery.losses import forward, next_token_ce
 from nnxprune.recovery.trainer import TrainResult, train
@@ -52,12 +59,14 @@ def domain_losses(model, heldout: dict[str, list[np.ndarray]], *,
 
 def continued_pretraining(model, cfg: RecoveryConfig, tokenizer, data_dir=None, *,
                           reference_model=None, teacher=None, windows=None, log_dir=None,
-                          progress: bool = False, echo=None) -> TrainResult:
+                          progress: bool = False, echo=None,
+                          initial_weights: dict[str, float] | None = None) -> TrainResult:
     """Trains `model` in place on `cfg.domains` (see the module docstring); everything that can
     fail on bad input fails before any tokenizing or training."""
     if not cfg.domains:
         raise UserError("continued pretraining needs [recovery.domains.NAME] tables")
     cfg.check(model.config)
+    cfg, seeded = handoff.seed(cfg, initial_weights, "the pruning stage")
     if reference_model is not None and reference_model.config.vocab_size != model.config.vocab_size:
         raise UserError(f"the reference model's vocabulary ({reference_model.config.vocab_size}) "
                         f"differs from the model's ({model.config.vocab_size})")
@@ -79,4 +88,6 @@ def continued_pretraining(model, cfg: RecoveryConfig, tokenizer, data_dir=None, 
                    data_dir=data_dir, log_dir=log_dir, progress=progress, echo=echo)
     for name in measured:
         result.domains["reference_from"][name] = "reference model"
+    if seeded:
+        result.domains["initial_weights_from"] = seeded
     return result

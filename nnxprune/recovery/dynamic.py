@@ -17,7 +17,10 @@ first (`eval_first = true`) and updates after every evaluation, the first includ
 
 Initial weights: the recipe's `weight` per domain, normalized (the reference passes the
 RedPajama proportions, or the pruning stage's final ones, as `proportion`; the default here is
-uniform). Reference losses (`recovery.scaling_law`): a domain's `reference_loss` from the recipe,
+uniform), or, after a Sheared pruning stage that loaded the same domains dynamically, that
+stage's final weights (`recovery.sheared_handoff`). The pruning stage drives this same loader
+(`recovery.sheared_domains`: an update every `update_every` steps, no step-0 evaluation, as the
+reference's `pruning.sh`). Reference losses (`recovery.scaling_law`): a domain's `reference_loss` from the recipe,
 or the loss a scaling-law fit in the recipe predicts for the target size, as the paper and the
 reference scripts' `target_loss` do. Dynamic loading without a reference for every domain is
 refused unless the recipe opts in to `reference = "initial-loss"` (the model's own loss at the
@@ -193,6 +196,16 @@ class DomainLoader:
         self.history = list(state["history"])
 
     # -- evaluation and the weight update ---------------------------------------------------
+    def fill_references(self, evaluate_fn: Callable[[list], dict[str, float]]) -> dict[str, float]:
+        """Measures (`evaluate_fn(batches)`) the held-out loss of every domain whose reference is
+        still missing and makes it the reference, without touching the weights or the history
+        (Sheared's pruning stage with `reference = "initial-loss"`: it evaluates before its first
+        step, where the reference's pruning has no step-0 evaluation). Returns what it measured."""
+        missing = [n for n in self.names if self.reference[n] is None]
+        measured = {n: float(evaluate_fn(self.heldout[n])["ce"]) for n in missing}
+        self.reference.update(measured)
+        return measured
+
     def evaluate(self, evaluate_fn: Callable[[list], dict[str, float]], step: int) -> dict:
         """Each domain's held-out metrics by `evaluate_fn(batches)`; fills missing reference
         losses (at the first evaluation), updates the weights when dynamic, records the history.

@@ -31,6 +31,7 @@ from nnxprune.io.checkpoint import is_checkpoint, read_meta, save_checkpoint
 from nnxprune.io.load import load_model, peek_config, source_label
 from nnxprune.measure import count_params, measured_sparsity, memory_peaks
 from nnxprune.recovery import sharding as sh
+from nnxprune.recovery import sheared_handoff as handoff
 from nnxprune.recovery.teacher_correction import correct_teacher
 from nnxprune.recovery.trainer import train
 
@@ -187,6 +188,7 @@ def run_train(model_name: str, recipe, *, out=None, report_path=None, teacher: s
     data_dir, teacher_name = _preflight(model_name, recipe, out=out, report_path=report_path,
                                         teacher=teacher, train_dir=train_dir, data_dir=data_dir,
                                         overwrite=overwrite)
+    cfg, seeded = handoff.seed_from_checkpoint(cfg, model_name)  # Sheared's domain weights
     t0 = time.perf_counter()
     loaded = load_model(model_name)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -215,6 +217,8 @@ def run_train(model_name: str, recipe, *, out=None, report_path=None, teacher: s
     report["recovery"] = recover(model, cfg, tokenizer=tokenizer, teacher=teacher_model,
                                  data_dir=data_dir, log_dir=log_dir, progress=progress, echo=echo,
                                  windows=windows)
+    if seeded:
+        report["recovery"]["initial_weights_from"] = seeded
     del teacher_model
     report["after"] = {"params": count_params(model), "sparsity": measured_sparsity(model)["overall"]}
     if recipe.eval is not None:

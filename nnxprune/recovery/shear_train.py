@@ -29,6 +29,11 @@ devices' shards; the trained weights and gates come back whole into every proces
 Every step reports the LM loss, the Lagrangian, each structure's expected size and sparsity, its
 target and multipliers, and the expected total parameter count.
 
+Over data domains (`train_masks(..., domains=PruningDomains)`, `recovery.sheared_domains`) the
+batches come from recovery's dynamic batch loading: each example's domain is drawn by the current
+weights, and every `update_every` steps (the reference's 50) each domain's held-out loss under the
+deterministic gates at the current expected sizes moves the weights (`recovery.dynamic`).
+
 Example:
     >>> cfg = ShearConfig(steps=300, batch_size=8, seqlen=256)
     >>> result = train_masks(model, l0, cfg, windows.train)
@@ -104,7 +109,8 @@ class ShearConfig:
 
 @dataclasses.dataclass
 class ShearResult:
-    """Per-step statistics of the pruning stage and its speed."""
+    """Per-step statistics of the pruning stage and its speed (with domains, the dynamic batch
+    loading report: `PruningDomains.report()`)."""
 
     history: list[dict[str, float]]
     tokens: int
@@ -112,6 +118,7 @@ class ShearResult:
     compile_seconds: float
     tokens_per_second: float
     mesh: dict[str, int]
+    domains: dict[str, Any] | None = None
 
 
 def multiplier(cfg: ShearConfig) -> optax.Schedule:
@@ -189,27 +196,43 @@ def build_step(parts: _Split, tx, cfg: ShearConfig) -> Callable:
     return train_step
 
 
-def train_masks(model, l0: L0Module, cfg: ShearConfig, train_windows: np.ndarray, *,
-                mesh: dict[str, int] | None = None, progress: bool = True,
-                on_step: Callable[[int, dict[str, float]], None] | None = None) -> ShearResult:
-    """Runs the pruning stage on `model` and `l0` in place (module docstring).
+def build_eval(parts: _Split) -> Callable:
+    """`eval_ce(params, const, tokens [B, T]) -> next-token CE` of the model under deterministic
+    gates at the current expected sizes (`sheared_domains.current_gates`, the reference's
+    evaluation during pruning)."""
+    from nnxprune.recovery.sheared_domains import current_gates
 
-    `train_windows [N, seqlen]` are packed token windows; `mesh` the (data, fsdp, tensor) sizes
-    (default `sharding.auto_sizes` of the micro-batch: the weights spread over every device).
-    `on_step(step, stats)` sees every step's statistics.
-    """
-    from tqdm.auto import tqdm
+    def eval_ce(params, const, tokens):
+        model = nnx.merge(parts.model_gdef, params["weights"], const["model"])
+        l0 = nnx.merge(parts.l0_gdef, params["masks"], params["lambdas"], const["l0"])
+        return next_token_ce(_logits(model, masked_hidden(model, current_gates(l0), tokens)), tokens)
 
-    cfg.check()
+    return eval_ce
+
+
+def _mesh_sizes(cfg: ShearConfig, mesh: dict[str, int] | None) -> dict[str, int]:
     sizes = dict(mesh or sh.auto_sizes(cfg.batch_size // cfg.grad_accum))
     sizes = {a: int(sizes.get(a, 1)) for a in sh.AXES}
     split = sizes["data"] * sizes["fsdp"]
     if (cfg.batch_size // cfg.grad_accum) % split:
         raise UserError(f"sheared micro-batch {cfg.batch_size // cfg.grad_accum} is not divisible "
                         f"by the {split} devices of the (data, fsdp) axes")
-    if train_windows.shape[1] != cfg.seqlen:
-        raise UserError(f"windows have {train_windows.shape[1]} tokens, sheared seqlen is {cfg.seqlen}")
-    the_mesh = sh.make_mesh(sizes)
+    return sizes
+
+
+@dataclasses.dataclass
+class _Compiled:
+    params: Any
+    opt_state: Any
+    const: Any
+    step: Callable  # jitted build_step
+    eval: Callable  # jitted build_eval
+    batch_sh: Any  # [A, B/A, T] training batches
+    heldout_sh: Any  # [B, T] held-out batches
+
+
+def _compile(model, l0: L0Module, cfg: ShearConfig, the_mesh) -> _Compiled:
+    """The state placed on the mesh by the recovery rules, and the jitted step and evaluation."""
     parts = _split(model, l0)
     tx = make_tx(cfg)
     opt_state = tx.init(parts.params)
@@ -217,22 +240,57 @@ def train_masks(model, l0: L0Module, cfg: ShearConfig, train_windows: np.ndarray
     p_sh = sh.state_shardings(parts.params, specs, the_mesh)
     o_sh = sh.state_shardings(opt_state, specs, the_mesh)
     c_sh = sh.state_shardings(parts.const, specs, the_mesh)
-    params, opt_state = sh.put(parts.params, p_sh, copy=True), sh.put(opt_state, o_sh, copy=True)
-    const = sh.put(parts.const, c_sh, copy=True)
     rep = sh.replicated(the_mesh)
     batch_sh = sh.batch_sharding(the_mesh, 3, leading=1)
+    heldout_sh = sh.batch_sharding(the_mesh, 2)
     step_jit = jax.jit(build_step(parts, tx, cfg), in_shardings=(p_sh, o_sh, c_sh, batch_sh, rep),
                        out_shardings=(p_sh, o_sh, rep), donate_argnums=(0, 1))
-    iterator = data_lib.train_iterator(train_windows, batch_size=cfg.batch_size,
-                                       grad_accum=cfg.grad_accum, seed=cfg.seed)
+    eval_jit = jax.jit(build_eval(parts), in_shardings=(p_sh, c_sh, heldout_sh), out_shardings=rep)
+    return _Compiled(params=sh.put(parts.params, p_sh, copy=True),
+                     opt_state=sh.put(opt_state, o_sh, copy=True),
+                     const=sh.put(parts.const, c_sh, copy=True), step=step_jit, eval=eval_jit,
+                     batch_sh=batch_sh, heldout_sh=heldout_sh)
+
+
+def train_masks(model, l0: L0Module, cfg: ShearConfig, train_windows: np.ndarray | None, *,
+                mesh: dict[str, int] | None = None, progress: bool = True,
+                on_step: Callable[[int, dict[str, float]], None] | None = None,
+                domains=None) -> ShearResult:
+    """Runs the pruning stage on `model` and `l0` in place (module docstring).
+
+    `train_windows [N, seqlen]` are packed token windows; `mesh` the (data, fsdp, tensor) sizes
+    (default `sharding.auto_sizes` of the micro-batch: the weights spread over every device).
+    `on_step(step, stats)` sees every step's statistics. `domains` (a
+    `sheared_domains.PruningDomains`) replaces `train_windows` with dynamic batch loading: the
+    batches are drawn by its current domain weights, which it updates after its due steps from
+    each domain's held-out loss (`ShearResult.domains` is its report).
+    """
+    from tqdm.auto import tqdm
+
+    cfg.check()
+    sizes = _mesh_sizes(cfg, mesh)
+    if domains is None and train_windows.shape[1] != cfg.seqlen:
+        raise UserError(f"windows have {train_windows.shape[1]} tokens, sheared seqlen is {cfg.seqlen}")
+    run = _compile(model, l0, cfg, sh.make_mesh(sizes))
+    params, opt_state = run.params, run.opt_state
+    iterator = domains if domains is not None else data_lib.train_iterator(
+        train_windows, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed)
+
+    def evaluate(batches):  # one domain's held-out batches, the current params
+        ce = float(np.mean([float(run.eval(params, run.const, sh.put(b, run.heldout_sh)))
+                            for b in batches]))
+        return {"ce": ce, "loss": ce}
+
+    if domains is not None:
+        domains.start(evaluate)
     history, seconds, compile_s = [], 0.0, 0.0
     bar = tqdm(total=cfg.steps, desc="sheared pruning", unit="step", leave=False,
                disable=not (progress and multihost.is_primary()))  # process 0's bar alone
     for step in range(cfg.steps):
         interrupt.stop_if_requested()  # a safe point: between steps
-        batch = sh.put(next(iterator), batch_sh)
+        batch = sh.put(next(iterator), run.batch_sh)
         t0 = time.perf_counter()
-        params, opt_state, stats = step_jit(params, opt_state, const, batch,
+        params, opt_state, stats = run.step(params, opt_state, run.const, batch,
                                             jnp.asarray(step, jnp.int32))
         stats = {k: float(v) for k, v in stats.items()}
         dt = time.perf_counter() - t0
@@ -240,6 +298,8 @@ def train_masks(model, l0: L0Module, cfg: ShearConfig, train_windows: np.ndarray
         if not np.isfinite(stats["loss"]):
             raise FloatingPointError(f"sheared loss is not finite at step {step + 1}: {stats}")
         history.append({"step": step + 1, **stats, "seconds": dt})
+        if domains is not None and domains.due(step + 1):
+            domains.update(evaluate, step + 1)  # the weights of the next batches
         if on_step is not None:
             on_step(step + 1, stats)
         bar.update(1)
@@ -253,4 +313,4 @@ def train_masks(model, l0: L0Module, cfg: ShearConfig, train_windows: np.ndarray
     return ShearResult(history=history, tokens=tokens, seconds=seconds + compile_s,
                        compile_seconds=compile_s,
                        tokens_per_second=timed / seconds if seconds > 0 else float("nan"),
-                       mesh=sizes)
+                       mesh=sizes, domains=domains.report() if domains is not None else None)
