@@ -44,19 +44,31 @@ def test_sparsity_comparisons():
 
 
 def test_sparsellm_jobs_put_eight_rounds_last_and_specs_check():
-    args = SimpleNamespace(variants="4,best,8", scopes="all", patterns="0.7,0.8", batch_size=8)
+    args = SimpleNamespace(variants="4,best,8", scopes="all", patterns="0.7,0.8", batch_size=8,
+                           alphas="", betas="", no_sparsegpt=False)
     jobs = bench_sllm._jobs(args)
-    assert jobs == [("sparsegpt", None, "0.7", "all"), ("sparsellm", "4", "0.7", "all"),
-                    ("sparsellm", "best", "0.7", "all"), ("sparsegpt", None, "0.8", "all"),
-                    ("sparsellm", "4", "0.8", "all"), ("sparsellm", "best", "0.8", "all"),
-                    ("sparsellm", "8", "0.7", "all"), ("sparsellm", "8", "0.8", "all")]
-    for method, variant, pattern, scope in jobs:
-        t = from_dict(bench_sllm.spec_for(method, variant, pattern, scope, 30, args))
+    assert jobs == [("sparsegpt", None, "0.7", "all", None), ("sparsellm", "4", "0.7", "all", None),
+                    ("sparsellm", "best", "0.7", "all", None), ("sparsegpt", None, "0.8", "all", None),
+                    ("sparsellm", "4", "0.8", "all", None), ("sparsellm", "best", "0.8", "all", None),
+                    ("sparsellm", "8", "0.7", "all", None), ("sparsellm", "8", "0.8", "all", None)]
+    for method, variant, pattern, scope, ab in jobs:
+        t = from_dict(bench_sllm.spec_for(method, variant, pattern, scope, 30, args, ab))
         t.check(CFG)
         if variant in ("4", "best"):
             assert [t.rounds(i, 30) for i in (0, 1, 28, 29)] == [4, 1, 1, 1]
             assert t.keep_best == (variant == "best")
         elif variant == "8":
             assert t.rounds(1, 30) == 8 and not t.keep_best
+    # the paper's protocol: an alpha x beta grid on the first half of the layers
+    grid = SimpleNamespace(variants="4", scopes="half", patterns="0.8", batch_size=8,
+                           alphas="0.1,10", betas="1", no_sparsegpt=True)
+    jobs = bench_sllm._jobs(grid)
+    assert jobs == [("sparsellm", "4", "0.8", "half", (0.1, 1.0)),
+                    ("sparsellm", "4", "0.8", "half", (10.0, 1.0))]
+    t = from_dict(bench_sllm.spec_for(*jobs[1][:4], 30, grid, jobs[1][4]))
+    t.check(CFG)
+    assert (t.alpha, t.beta, t.fraction) == (10.0, 1.0, 0.5)
+    with pytest.raises(SystemExit, match="must be > 0"):
+        bench_sllm._jobs(SimpleNamespace(**(vars(grid) | {"alphas": "0"})))
     with pytest.raises(SystemExit, match="unknown"):
         bench_sllm._jobs(SimpleNamespace(variants="16", scopes="all", patterns="0.7"))

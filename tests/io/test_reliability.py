@@ -135,6 +135,9 @@ def test_umask_is_respected(tmp_path):
 # -- interrupts ------------------------------------------------------------------------------------
 _KILL_DURING_SAVE = textwrap.dedent("""
     import os, signal, sys, time
+    # as a fresh shell would start it: a run under nohup inherits SIGHUP ignored, and nnxprune
+    # leaves a non-default disposition alone (interrupt.handled)
+    signal.signal(signal.{sig}, signal.SIG_DFL)
     sys.path.insert(0, {tests!r})
     from conftest import randomize_params
     from flax import nnx
