@@ -48,6 +48,13 @@ class Context:
                      seed=c.seed, source=str(drawn.source))
         return self.tokens
 
+    def required_tokens(self, who: str = "this method"):
+        """`calibration_tokens()`, or one UserError naming `who` when the recipe has none."""
+        tokens = self.calibration_tokens()
+        if tokens is None:
+            raise UserError(f"{who} needs calibration data: add a [calibration] section")
+        return tokens
+
     def log(self, kind: str, **entry: Any) -> None:
         """Appends a record of what a transform did to `report["transforms"]`."""
         self.report.setdefault("transforms", []).append({"kind": kind, **entry})

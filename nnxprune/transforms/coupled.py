@@ -229,9 +229,7 @@ class LLMPruner(Transform):
         """The score's statistics over the model as it is now, and what the pass reports."""
         if not score.needs_calibration():
             return None, {}
-        tokens = ctx.calibration_tokens()
-        if tokens is None:
-            raise UserError(f"score {self.score!r} needs calibration data: add a [calibration] section")
+        tokens = ctx.required_tokens(f"score {self.score!r}")
         if isinstance(score, GradientScore):
             if self.mode == "channel":  # every parameter: the embedding, norms and head too
                 grads = hidden_gradient_pass(model, tokens, second_order=score.second_order)

@@ -151,9 +151,7 @@ class Depth(Transform):
 
     def __call__(self, model, ctx: Context):
         self.check(model.config)
-        tokens = ctx.calibration_tokens()
-        if tokens is None:
-            raise UserError("depth pruning needs calibration data: add a [calibration] section")
+        tokens = ctx.required_tokens("depth pruning")
         if self.method == "block_influence":
             drop = self.drop_lowest(block_influences(model, tokens, batch_size=self.batch_size,
                                                      progress=ctx.progress), ctx)

@@ -178,9 +178,7 @@ class FLAP(Transform):
 
     def __call__(self, model, ctx: Context):
         self.check(model.config)
-        tokens = ctx.calibration_tokens()
-        if tokens is None:
-            raise UserError("flap needs calibration data: add a [calibration] section")
+        tokens = ctx.required_tokens("flap")
         stats = collect_statistics(model, tokens, (InputMoments(),), batch_size=self.batch_size,
                                    progress=ctx.progress, desc=f"flap ({self.metric})")
         self.prune(model, stats, ctx, calibration_tokens=int(np.asarray(tokens).size))

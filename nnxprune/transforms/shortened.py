@@ -140,9 +140,7 @@ class Shortened(Transform):
 
     def __call__(self, model, ctx: Context):
         self.check(model.config)
-        tokens = ctx.calibration_tokens()
-        if tokens is None:
-            raise UserError("shortened needs calibration data: add a [calibration] section")
+        tokens = ctx.required_tokens("shortened")
         if self.criterion == "taylor":
             scores = taylor_block_scores(model, tokens, batch_size=self.batch_size)
         else:

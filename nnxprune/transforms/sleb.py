@@ -173,9 +173,7 @@ class SLEB(Transform):
 
     def __call__(self, model, ctx: Context):
         self.check(model.config)
-        tokens = ctx.calibration_tokens()
-        if tokens is None:
-            raise UserError("sleb needs calibration data: add a [calibration] section")
+        tokens = ctx.required_tokens("sleb")
         removed, history = sleb_search(model, tokens, self.count,
                                        early_barrier=self.early_barrier,
                                        latter_barrier=self.latter_barrier,

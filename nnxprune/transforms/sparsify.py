@@ -53,10 +53,7 @@ def record(ctx: Context, kind: str, per_matrix: dict[str, float], **extra) -> No
 
 
 def calibration_tokens(ctx: Context) -> np.ndarray:
-    tokens = ctx.calibration_tokens()
-    if tokens is None:
-        raise UserError("this method needs calibration data: add a [calibration] section")
-    return tokens
+    return ctx.required_tokens()
 
 
 def by_layer(selected: list[tuple[int, str]]) -> dict[int, list[str]]:

@@ -104,9 +104,7 @@ class WandaSP(Transform):
 
     def __call__(self, model, ctx: Context):
         self.check(model.config)
-        tokens = ctx.calibration_tokens()
-        if tokens is None:
-            raise UserError("wanda_sp needs calibration data: add a [calibration] section")
+        tokens = ctx.required_tokens("wanda_sp")
         score = get_score(self.score)
         kept: dict[str, list[int]] = {}
 
