@@ -111,6 +111,30 @@ def test_masks_stay_on_the_layer_and_cast_to_the_run_dtype(checkpoints):
     np.testing.assert_array_equal(np.asarray(up.kernel[...]), np.asarray(whole.astype(jnp.bfloat16)))
 
 
+@pytest.mark.parametrize("kind,dtype", [("bf16", jnp.float32), ("masked", jnp.bfloat16)])
+def test_loader_dtype_casts_a_checkpoint_as_the_streamed_source_does(kind, dtype, checkpoints):
+    """`load_model(CKPT, param_dtype=...)` (the CLI's --dtype) returns every weight and bias in that
+    dtype, masks boolean, values those of the streamed source read in the same dtype."""
+    from nnxprune.io.load import load_model
+
+    model = load_model(checkpoints / kind, param_dtype=dtype, with_tokenizer=False).model
+    stored = load_checkpoint(checkpoints / kind)  # param_dtype=None: as saved
+    assert stored.layers[0].mlp.up_proj.kernel[...].dtype != dtype
+    flat = nnx.to_flat_state(nnx.state(model))
+    floats = [(p, v[...]) for p, v in flat if jnp.issubdtype(v[...].dtype, jnp.floating)]
+    assert floats and all(a.dtype == dtype for _, a in floats)
+    assert all(v[...].dtype == jnp.bool_ for p, v in flat if "mask" in str(p))
+    source = OrbaxSource(checkpoints / kind)
+    for i in range(model.config.num_layers):
+        ours = nnx.to_flat_state(nnx.state(model.layers[i]))
+        streamed = nnx.to_flat_state(nnx.state(source.layer(i, dtype)))
+        for (path, a), (_, b) in zip(ours, streamed):
+            assert a[...].dtype == b[...].dtype, path
+            np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
+    with pytest.raises(ValueError, match="floating dtype"):
+        load_checkpoint(checkpoints / kind, param_dtype=jnp.int8)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_streamed_eval_equals_in_memory(kind, checkpoints):
     """Bit for bit: the same NLL as the in-memory evaluator on the loaded checkpoint."""

@@ -256,8 +256,12 @@ def attach_saved(module, masked, biased, prefix: str = ""):
     return module
 
 
-def load_checkpoint(path: str | os.PathLike) -> Llama:
-    """Restores a model saved by `save_checkpoint`, shapes and masks from its JSON config."""
+def load_checkpoint(path: str | os.PathLike, param_dtype=None) -> Llama:
+    """Restores a model saved by `save_checkpoint`, shapes and masks from its JSON config.
+
+    `param_dtype` (e.g. `jnp.float32`): the dtype of every floating-point array after loading
+    (weights and biases; masks stay boolean), as the other formats' loaders take it; None keeps
+    the dtype the checkpoint was saved in."""
     import orbax.checkpoint as ocp
 
     layout = checkpoint_layout(path)
@@ -275,6 +279,12 @@ def load_checkpoint(path: str | os.PathLike) -> Llama:
             state = ckptr.restore(path / "state", abstract_state)
     except Exception as e:  # noqa: BLE001 - orbax / tensorstore: mismatch, missing or bad files
         raise restore_error(path, e) from None
+    if param_dtype is not None:
+        dtype = jnp.dtype(param_dtype)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"load_checkpoint: param_dtype must be a floating dtype, got {dtype}")
+        state = jax.tree.map(
+            lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
     model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))
     layers = layout.source_layers  # checkpoints before it was recorded: none dropped known
     if layers is not None:

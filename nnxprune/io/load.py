@@ -270,7 +270,9 @@ def source_label(loaded: Loaded) -> str:
 
 def load_model(name_or_path: str | os.PathLike, *, param_dtype=jnp.float32,
                with_tokenizer: bool = True) -> Loaded:
-    """Loads `MODEL` (checkpoint, HF folder, GGUF file or card name) and its tokenizer."""
+    """Loads `MODEL` (checkpoint, HF folder, GGUF file or card name) and its tokenizer, every
+    floating-point parameter in `param_dtype` (a checkpoint saved in another dtype is cast; masks
+    stay boolean)."""
     from nnxprune.io import checkpoint, hf
 
     path, label = _resolve(name_or_path)
@@ -282,7 +284,7 @@ def load_model(name_or_path: str | os.PathLike, *, param_dtype=jnp.float32,
         raise UserError(f"{path}: not a GGUF file (*.gguf) or a model folder")
     tokenizer = load_tokenizer(path, kind) if with_tokenizer else None  # before the weights
     if kind == "checkpoint":
-        model = checkpoint.load_checkpoint(path)
+        model = checkpoint.load_checkpoint(path, param_dtype=param_dtype)
     elif kind == "hf":
         model = hf.load_hf_folder(path, param_dtype=param_dtype)
     else:
