@@ -21,6 +21,15 @@ sparsity run right after its SparseGPT row; the `8` rows come last (the longest)
 
 Writes benchmarks/results/sparsellm.json (`rows`: method, rounds (4, 8 or "best"; absent for
 SparseGPT), sparsity, scope, ppl, prune_s, ...) and sparsellm.md (or next to --out).
+
+`--paper-protocol` runs the SparseLLM paper's setting instead (Bai et al., 2024, Sec. 5: the first
+half of the decoder layers, 32 calibration samples of 2048 tokens, alpha and beta chosen from a
+grid): the 4-round schedule over `--alphas` x `--betas` (default {0.1, 1, 10}^2) at 80%, the pair
+with the lowest perplexity at 70% and 90%, and SparseGPT on the same layers at each sparsity. Its
+rows (`scope: "first_half"`) go under the key `paper_protocol` of --out, the file's other keys
+kept, its table into sparsellm_paper_protocol.md; `--resume` keeps the rows already there.
+
+    python benchmarks/sparsellm.py --paper-protocol --resume      # ~3 h on 2 cores
 """
 
 from __future__ import annotations
@@ -197,8 +206,13 @@ def main(argv=None) -> int:
     p.add_argument("--no-sparsegpt", action="store_true", help="SparseLLM rows only")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows an earlier run of the same settings wrote to --out")
+    p.add_argument("--paper-protocol", action="store_true",
+                   help="the paper's setting (module docstring): first half of the layers, 32 x "
+                        "2048, alpha x beta grid at 80%%, the best pair at 70/90%%")
     add_pruning_args(p, "sparsellm.json")
     args = p.parse_args(argv)
+    if args.paper_protocol:
+        return paper_protocol(args)
 
     jobs = _jobs(args)
     setup = prepare_pruning(args)
@@ -221,6 +235,130 @@ def main(argv=None) -> int:
               f"{row['peak_memory_bytes'] / 2**30:.2f} GiB  load {row['loadavg'][0]:.1f}{extra}", flush=True)
         _write(args, setup, num_layers, rows, quiet=True)  # a cut-off run keeps its rows
     _write(args, setup, num_layers, rows)
+    return 0
+
+
+PAPER_SETTINGS = {"scopes": "half", "variants": "4", "nsamples": 32, "seqlen": 2048}
+PAPER_GRID = "0.1,1,10"
+PAPER_KEY = "paper_protocol"
+
+
+def best_pair(rows, pattern: str = "0.8") -> tuple[float, float] | None:
+    """The (alpha, beta) of the SparseLLM row with the lowest perplexity at `pattern`."""
+    grid = [r for r in rows if r["method"] == "sparsellm" and r["pattern"] == pattern]
+    if not grid:
+        return None
+    best = min(grid, key=lambda r: r["ppl"])
+    return (float(best["spec"]["alpha"]), float(best["spec"]["beta"]))
+
+
+def paper_jobs(args, rows) -> list[tuple]:
+    """The paper protocol's jobs given the rows measured so far: SparseGPT and the alpha x beta grid
+    at 80%; once the grid is complete, SparseGPT and the best pair at 70% and 90%."""
+    grid = _grid(args)
+    jobs = [("sparsegpt", None, "0.8", "half", None)] + [
+        ("sparsellm", "4", "0.8", "half", ab) for ab in grid]
+    done = {_key(*r["key"]) for r in rows}
+    if all(_key(*j) in done for j in jobs):
+        ab = best_pair(rows)
+        for pattern in ("0.7", "0.9"):
+            jobs += [("sparsegpt", None, pattern, "half", None), ("sparsellm", "4", pattern, "half", ab)]
+    return jobs
+
+
+def paper_summary(rows) -> dict:
+    """Per sparsity: SparseGPT's perplexity, the best pair's, and whether SparseLLM is below (the
+    paper's ordering); the 80% grid as {alpha: {beta: ppl}}."""
+    ab = best_pair(rows)
+    by = {(r["method"], r["pattern"], None if r["method"] == "sparsegpt" else
+           (float(r["spec"]["alpha"]), float(r["spec"]["beta"]))): r["ppl"] for r in rows}
+    out = {"best_pair": None if ab is None else {"alpha": ab[0], "beta": ab[1]}, "by_sparsity": {},
+           "grid_80": {}}
+    for r in rows:
+        if r["method"] == "sparsellm" and r["pattern"] == "0.8":
+            out["grid_80"].setdefault(f"{r['spec']['alpha']:g}", {})[f"{r['spec']['beta']:g}"] = r["ppl"]
+    for pattern in ("0.7", "0.8", "0.9"):
+        sg, sl = by.get(("sparsegpt", pattern, None)), by.get(("sparsellm", pattern, ab))
+        if sg is not None and sl is not None:
+            out["by_sparsity"][pattern] = {"sparsegpt": sg, "sparsellm": sl,
+                                           "sparsellm_below_sparsegpt": sl < sg,
+                                           "relative": sl / sg - 1}
+    return out
+
+
+def _paper_write(args, setup, num_layers, rows, quiet=False) -> None:
+    import json
+
+    from nnxprune.io import atomic
+    from nnxprune.transforms.sparsellm import first_layers
+
+    k = first_layers(num_layers, 0.5)
+    for r in rows:
+        r.update(scope="first_half", pruned_layers=f"0-{k - 1} of {num_layers}")
+    section = pruning_report("sparsellm-paper-protocol", args, setup, variants=VARIANTS,
+                             dense=setup.dense_row, rows=rows, summary=paper_summary(rows),
+                             setting=(f"Bai et al. 2024's protocol: the first {k} of {num_layers} "
+                                      f"decoder layers pruned, the rest dense; c4 {args.nsamples} x "
+                                      f"{args.seqlen}; SparseLLM's 4-round schedule with alpha, beta "
+                                      f"over {args.alphas or PAPER_GRID} x {args.betas or PAPER_GRID} "
+                                      "at 80%, the best pair by perplexity at 70% and 90%; "
+                                      "SparseGPT on the same layers"))
+    path = Path(args.out)
+    whole = json.loads(path.read_text()) if path.exists() else {}
+    whole[PAPER_KEY] = section
+    s = section["summary"]
+    betas = sorted({b for v in s["grid_80"].values() for b in v}, key=float)
+    md = [f"SparseLLM paper protocol on {args.model}: {section['setting']}. {setup.protocol.describe()}; "
+          f"dense {setup.dense_row['ppl']:.2f}.", "", "Perplexity at 80%:", "",
+          "| alpha \\ beta | " + " | ".join(betas) + " |", "|---" * (len(betas) + 1) + "|"]
+    for a in sorted(s["grid_80"], key=float):
+        md.append(f"| {a} | " + " | ".join(f"{s['grid_80'][a].get(b, float('nan')):.2f}" for b in betas) + " |")
+    md += ["", "| sparsity | SparseGPT | SparseLLM (best pair) | SparseLLM / SparseGPT - 1 |",
+           "|---|---|---|---|"]
+    for pattern, v in s["by_sparsity"].items():
+        md.append(f"| {float(pattern):.0%} | {v['sparsegpt']:.2f} | {v['sparsellm']:.2f} | "
+                  f"{v['relative']:+.1%} |")
+    md.append("")
+    md.append(f"Best pair at 80%: {s['best_pair']}.")
+    if not quiet:
+        print("\n".join(md))
+    atomic.write_json(path, whole)
+    atomic.write_text(path.with_name(path.stem + "_paper_protocol.md"), "\n".join(md) + "\n")
+
+
+def paper_protocol(args) -> int:
+    """`--paper-protocol` (module docstring)."""
+    import json
+
+    for k, v in PAPER_SETTINGS.items():
+        setattr(args, k, v)
+    args.alphas, args.betas = args.alphas or PAPER_GRID, args.betas or PAPER_GRID
+    _grid(args)  # bad values end here, before the model loads
+    setup = prepare_pruning(args)
+    num_layers = setup.loaded.model.config.num_layers
+    rows, path = [], Path(args.out)
+    if args.resume and path.exists():
+        old = json.loads(path.read_text()).get(PAPER_KEY)
+        if old is not None:
+            same = (old.get("model") == args.model and old.get("variants") == VARIANTS
+                    and old.get("protocol") == setup.protocol.to_dict()
+                    and all(old["calibration"].get(k) == getattr(args, k)
+                            for k in ("nsamples", "seqlen", "seed")))
+            if not same:
+                raise SystemExit(f"--resume: {path}'s {PAPER_KEY} was written with other settings")
+            rows = old["rows"]
+    while True:
+        done = {_key(*r["key"]) for r in rows}
+        todo = [j for j in paper_jobs(args, rows) if _key(*j) not in done]
+        if not todo:
+            break
+        method, variant, pattern, scope, ab = todo[0]
+        row = _row(setup, method, variant, pattern, scope, num_layers, args, ab)
+        rows.append(row)
+        print(f"{method:9s} {pattern:>4s} {ab or ''}  ppl {row['ppl']:10.3f}  {row['prune_s']:7.1f} s  "
+              f"load {row['loadavg'][0]:.1f}", flush=True)
+        _paper_write(args, setup, num_layers, rows, quiet=True)
+    _paper_write(args, setup, num_layers, rows)
     return 0
 
 

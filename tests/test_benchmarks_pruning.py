@@ -72,3 +72,34 @@ def test_sparsellm_jobs_put_eight_rounds_last_and_specs_check():
         bench_sllm._jobs(SimpleNamespace(**(vars(grid) | {"alphas": "0"})))
     with pytest.raises(SystemExit, match="unknown"):
         bench_sllm._jobs(SimpleNamespace(variants="16", scopes="all", patterns="0.7"))
+
+
+def _fake_row(method, pattern, ab, ppl):
+    spec = {"kind": method} | ({"alpha": ab[0], "beta": ab[1]} if ab else {})
+    return {"method": method, "pattern": pattern, "spec": spec, "ppl": ppl,
+            "key": [method, None if method == "sparsegpt" else "4", pattern, "half",
+                    None if ab is None else list(ab)]}
+
+
+def test_sparsellm_paper_protocol_grid_then_best_pair_at_70_and_90():
+    args = SimpleNamespace(alphas="0.1,1,10", betas="0.1,1,10")
+    first = bench_sllm.paper_jobs(args, [])
+    assert first[0] == ("sparsegpt", None, "0.8", "half", None) and len(first) == 10
+    assert {j[4] for j in first[1:]} == {(a, b) for a in (0.1, 1.0, 10.0) for b in (0.1, 1.0, 10.0)}
+    rows = [_fake_row("sparsegpt", "0.8", None, 1000.0)]
+    ppl = {(0.1, 0.1): 1200.0, (1.0, 10.0): 900.0}
+    rows += [_fake_row("sparsellm", "0.8", j[4], ppl.get(j[4], 1100.0)) for j in first[1:-1]]
+    assert bench_sllm.paper_jobs(args, rows) == first  # the grid is not complete: no 70/90% yet
+    rows.append(_fake_row("sparsellm", "0.8", first[-1][4], ppl.get(first[-1][4], 1100.0)))
+    assert bench_sllm.best_pair(rows) == (1.0, 10.0)
+    assert bench_sllm.paper_jobs(args, rows)[10:] == [
+        ("sparsegpt", None, "0.7", "half", None), ("sparsellm", "4", "0.7", "half", (1.0, 10.0)),
+        ("sparsegpt", None, "0.9", "half", None), ("sparsellm", "4", "0.9", "half", (1.0, 10.0))]
+    rows += [_fake_row("sparsegpt", "0.7", None, 100.0), _fake_row("sparsellm", "0.7", (1.0, 10.0), 150.0),
+             _fake_row("sparsegpt", "0.9", None, 9000.0), _fake_row("sparsellm", "0.9", (1.0, 10.0), 6000.0)]
+    s = bench_sllm.paper_summary(rows)
+    assert s["best_pair"] == {"alpha": 1.0, "beta": 10.0}
+    assert s["grid_80"]["1"]["10"] == 900.0 and s["grid_80"]["0.1"]["0.1"] == 1200.0
+    assert [s["by_sparsity"][p]["sparsellm_below_sparsegpt"] for p in ("0.7", "0.8", "0.9")] == [
+        False, True, True]
+    assert s["by_sparsity"]["0.8"]["relative"] == pytest.approx(900 / 1000 - 1)
