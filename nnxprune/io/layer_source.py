@@ -56,12 +56,20 @@ class LayerSource:
 
     def layer(self, i: int, param_dtype=jnp.float32) -> DecoderLayer:
         """Decoder layer `i` as a `DecoderLayer` with `param_dtype` parameters, read from its
-        own tensors only (every one must be there, with the shape the config implies)."""
+        own tensors only (every one must be there, with the shape the config implies; with
+        `biases`, the bias of every projection they cover too, as `load_hf_folder` places them)."""
         from nnxprune.io.hf import hf_key_to_path
+        from nnxprune.models.llama import projections
 
         shape = self.config.layers[i]
-        abstract = nnx.eval_shape(lambda: DecoderLayer(self.config, shape, param_dtype=param_dtype,
-                                                       rngs=nnx.Rngs(0)))
+
+        def build():
+            layer = DecoderLayer(self.config, shape, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+            for lin in projections(layer, attention=self.biases[0], mlp=self.biases[1]):
+                lin.set_bias(jnp.zeros((lin.out_features,), param_dtype))
+            return layer
+
+        abstract = nnx.eval_shape(build)
         graphdef, state = nnx.split(abstract)
         wanted = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
         prefix = f"model.layers.{i}."

@@ -39,16 +39,20 @@ __all__ = ["GLOBAL_KEYS", "GGUFSource", "HFLayerWriter", "KeptLayers", "LayerSou
            "SafetensorsSource", "open_layers"]
 
 class SafetensorsSource(LayerSource):
-    """An HF folder (config.json + safetensors, sharded or not), read tensor by tensor."""
+    """An HF folder (config.json + safetensors, sharded or not), read tensor by tensor; with
+    `attention_bias` / `mlp_bias` set, a bias for every projection they cover (`biases`)."""
 
     kind = "hf"
 
     def __init__(self, folder: str | Path):
         from nnxprune.io.hf import _safetensors_files, read_hf_config
+        from nnxprune.io.hf_config import hf_bias_flags
         from safetensors import safe_open
 
         self.path = Path(folder)
-        self.config = read_hf_config(self.path / "config.json")
+        self.config = read_hf_config(self.path / "config.json", allow_bias=True)
+        # HF's attention_bias / mlp_bias (a FLAP export): every covered projection's bias is read
+        self.biases = hf_bias_flags(json.loads((self.path / "config.json").read_text(encoding="utf-8")))
         self._file: dict[str, Path] = {}
         sizes: dict[str, int] = {}
         for file in _safetensors_files(self.path):

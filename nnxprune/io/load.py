@@ -226,7 +226,8 @@ def _resolve(name_or_path) -> tuple[Path, str]:
 def peek_config(name_or_path: str | os.PathLike):
     """`MODEL`'s `LlamaConfig` without loading any weight (a checkpoint's nnxprune.json, a
     folder's config.json, a GGUF header; a hub card fetches its config.json only), or None when
-    that cannot be had cheaply (a hub card not yet downloaded while offline)."""
+    that cannot be had cheaply (a hub card not yet downloaded while offline). HF's bias switches
+    are accepted: they change no shape, and the weight readers place the biases."""
     from nnxprune.io import checkpoint, hf
 
     path = Path(name_or_path)
@@ -234,7 +235,7 @@ def peek_config(name_or_path: str | os.PathLike):
         card = read_card(str(name_or_path))
         if card.source.get("kind") == "hub" and card.config:
             try:
-                return config_from_hf(card.config)
+                return config_from_hf(card.config, allow_bias=True)
             except KeyError as e:
                 raise UserError(f"model card {card.path}: [config]: missing key {e}") from None
             except (ValueError, TypeError, ZeroDivisionError) as e:
@@ -247,16 +248,16 @@ def peek_config(name_or_path: str | os.PathLike):
                                             revision=card.source.get("revision")))
             except Exception:  # noqa: BLE001 - offline or unreachable: checked after loading
                 return None
-            return hf.read_hf_config(path)
+            return hf.read_hf_config(path, allow_bias=True)
     path, _ = _resolve(name_or_path)
     if checkpoint.is_checkpoint(path):
         return checkpoint.checkpoint_config(path)
     if hf.is_hf_folder(path):
-        return hf.read_hf_config(path / "config.json")
+        return hf.read_hf_config(path / "config.json", allow_bias=True)
     if path.is_file() and path.suffix == ".gguf":
         return _gguf_config(path)
     if path.is_dir() and (path / "config.json").is_file():  # a config alone: --check before
-        return hf.read_hf_config(path / "config.json")      # the weights are downloaded
+        return hf.read_hf_config(path / "config.json", allow_bias=True)  # weights not yet downloaded
     return None
 
 
@@ -268,11 +269,12 @@ def source_label(loaded: Loaded) -> str:
     return str(Path(loaded.path).resolve())
 
 
-def load_model(name_or_path: str | os.PathLike, *, param_dtype=jnp.float32,
+def load_model(name_or_path: str | os.PathLike, *, param_dtype=None,
                with_tokenizer: bool = True) -> Loaded:
     """Loads `MODEL` (checkpoint, HF folder, GGUF file or card name) and its tokenizer, every
     floating-point parameter in `param_dtype` (a checkpoint saved in another dtype is cast; masks
-    stay boolean)."""
+    stay boolean). None: a checkpoint keeps the dtype it was saved in, HF and GGUF weights load
+    as float32. The CLI always passes its --dtype (default float32)."""
     from nnxprune.io import checkpoint, hf
 
     path, label = _resolve(name_or_path)
@@ -283,15 +285,16 @@ def load_model(name_or_path: str | os.PathLike, *, param_dtype=jnp.float32,
     if kind is None:
         raise UserError(f"{path}: not a GGUF file (*.gguf) or a model folder")
     tokenizer = load_tokenizer(path, kind) if with_tokenizer else None  # before the weights
+    dtype = jnp.float32 if param_dtype is None else param_dtype  # HF and GGUF
     if kind == "checkpoint":
         model = checkpoint.load_checkpoint(path, param_dtype=param_dtype)
     elif kind == "hf":
-        model = hf.load_hf_folder(path, param_dtype=param_dtype)
+        model = hf.load_hf_folder(path, param_dtype=dtype)
     else:
         cfg = _gguf_config(path)
         from nnxprune.io.gguf import iter_gguf_tensors
 
-        model = hf.model_from_tensors(cfg, iter_gguf_tensors(path), param_dtype=param_dtype,
+        model = hf.model_from_tensors(cfg, iter_gguf_tensors(path), param_dtype=dtype,
                                       source=str(path))
     return Loaded(model=model, tokenizer=tokenizer, source=label, kind=kind, path=path)
 
