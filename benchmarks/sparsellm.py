@@ -244,8 +244,9 @@ PAPER_KEY = "paper_protocol"
 
 
 def best_pair(rows, pattern: str = "0.8") -> tuple[float, float] | None:
-    """The (alpha, beta) of the SparseLLM row with the lowest perplexity at `pattern`."""
-    grid = [r for r in rows if r["method"] == "sparsellm" and r["pattern"] == pattern]
+    """The (alpha, beta) of the SparseLLM row with the lowest perplexity at `pattern` (as the
+    job key spells it, "0.8"; a row's own `pattern` reads "80%")."""
+    grid = [r for r in rows if r["method"] == "sparsellm" and r["key"][2] == pattern]
     if not grid:
         return None
     best = min(grid, key=lambda r: r["ppl"])
@@ -270,12 +271,12 @@ def paper_summary(rows) -> dict:
     """Per sparsity: SparseGPT's perplexity, the best pair's, and whether SparseLLM is below (the
     paper's ordering); the 80% grid as {alpha: {beta: ppl}}."""
     ab = best_pair(rows)
-    by = {(r["method"], r["pattern"], None if r["method"] == "sparsegpt" else
+    by = {(r["method"], r["key"][2], None if r["method"] == "sparsegpt" else
            (float(r["spec"]["alpha"]), float(r["spec"]["beta"]))): r["ppl"] for r in rows}
     out = {"best_pair": None if ab is None else {"alpha": ab[0], "beta": ab[1]}, "by_sparsity": {},
            "grid_80": {}}
     for r in rows:
-        if r["method"] == "sparsellm" and r["pattern"] == "0.8":
+        if r["method"] == "sparsellm" and r["key"][2] == "0.8":
             out["grid_80"].setdefault(f"{r['spec']['alpha']:g}", {})[f"{r['spec']['beta']:g}"] = r["ppl"]
     for pattern in ("0.7", "0.8", "0.9"):
         sg, sl = by.get(("sparsegpt", pattern, None)), by.get(("sparsellm", pattern, ab))

@@ -76,7 +76,7 @@ def test_sparsellm_jobs_put_eight_rounds_last_and_specs_check():
 
 def _fake_row(method, pattern, ab, ppl):
     spec = {"kind": method} | ({"alpha": ab[0], "beta": ab[1]} if ab else {})
-    return {"method": method, "pattern": pattern, "spec": spec, "ppl": ppl,
+    return {"method": method, "pattern": f"{float(pattern):.0%}", "spec": spec, "ppl": ppl,
             "key": [method, None if method == "sparsegpt" else "4", pattern, "half",
                     None if ab is None else list(ab)]}
 
