@@ -113,12 +113,16 @@ def _resumed_rows(args, setup) -> dict:
     if not path.exists():
         return {}
     old = json.loads(path.read_text())
-    same = (old.get("model") == args.model and old.get("variants") == VARIANTS
-            and old.get("protocol") == setup.protocol.to_dict()
-            and all(old["calibration"].get(k) == getattr(args, k) for k in ("nsamples", "seqlen", "seed")))
-    if not same:
+    if not _same_settings(old, args, setup):
         raise SystemExit(f"--resume: {path} was written with other settings; use another --out")
     return {_key(*r["key"]): r for r in old["rows"] if "key" in r}
+
+
+def _same_settings(old: dict, args, setup) -> bool:
+    """Whether an earlier report was written with this run's model, variants, protocol and draw."""
+    return (old.get("model") == args.model and old.get("variants") == VARIANTS
+            and old.get("protocol") == setup.protocol.to_dict()
+            and all(old["calibration"].get(k) == getattr(args, k) for k in ("nsamples", "seqlen", "seed")))
 
 
 def _key(method, variant, pattern, scope, ab=None) -> tuple:
@@ -341,11 +345,7 @@ def paper_protocol(args) -> int:
     if args.resume and path.exists():
         old = json.loads(path.read_text()).get(PAPER_KEY)
         if old is not None:
-            same = (old.get("model") == args.model and old.get("variants") == VARIANTS
-                    and old.get("protocol") == setup.protocol.to_dict()
-                    and all(old["calibration"].get(k) == getattr(args, k)
-                            for k in ("nsamples", "seqlen", "seed")))
-            if not same:
+            if not _same_settings(old, args, setup):
                 raise SystemExit(f"--resume: {path}'s {PAPER_KEY} was written with other settings")
             rows = old["rows"]
     while True:
